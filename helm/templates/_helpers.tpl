@@ -1,0 +1,50 @@
+{{/* Names and labels only. Derived run values live in _run.tpl, checks in _validate.tpl. */}}
+
+{{- define "ddpm.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The resource-name prefix, and this release's folder on the volume. 40 characters at most, so that
+"<fullname>-tensorboard" and the Indexed Job's pod hostnames "<fullname>-train-<index>" stay valid DNS labels.
+*/}}
+{{- define "ddpm.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "ddpm.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "ddpm.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ddpm.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "ddpm.labels" -}}
+helm.sh/chart: {{ include "ddpm.chart" . }}
+{{ include "ddpm.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Object names. */}}
+{{- define "ddpm.configName" -}}{{ include "ddpm.fullname" . }}-config{{- end }}
+{{- define "ddpm.claimName" -}}{{ .Values.storage.existingClaim | default (printf "%s-data" (include "ddpm.fullname" .)) }}{{- end }}
+{{- define "ddpm.trainName" -}}{{ include "ddpm.fullname" . }}-train{{- end }}
+{{- define "ddpm.workersName" -}}{{ include "ddpm.fullname" . }}-workers{{- end }}
+{{- define "ddpm.tensorboardName" -}}{{ include "ddpm.fullname" . }}-tensorboard{{- end }}
+{{- define "ddpm.pushName" -}}{{ include "ddpm.fullname" . }}-push{{- end }}
+
+{{- define "ddpm.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}

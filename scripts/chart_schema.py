@@ -1,0 +1,265 @@
+"""Write helm/values.schema.json: the chart's own values, the trainer's TrainingConfig and the Kubernetes types.
+
+Generated rather than hand-written so it cannot drift from its two sources of truth:
+- `config` is `TrainingConfig.model_json_schema()` (trainer/config.py), so a new trainer field is settable with
+  `--set config.<field>=...` as soon as this runs (`make chart-schema`); tests/test_chart.py fails when the
+  committed file is stale.
+- Kubernetes-typed values (affinity, tolerations, resources, env, imagePullSecrets) reuse the strict Kubernetes
+  JSON schemas shipped by kubernetes-validate for KUBERNETES_VERSION, so a typo inside them fails at install too.
+
+Every object has `additionalProperties: false`, so `helm install --set gpuz=8` fails instead of being ignored.
+
+Usage: python scripts/chart_schema.py [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_PATH = ROOT / "helm" / "values.schema.json"
+KUBERNETES_VERSION = "1.37.0"  # the one version the tests validate rendered manifests against, too
+
+# Kubernetes definitions the values refer to, by their OpenAPI names.
+K8S = "io.k8s.api.core.v1."
+K8S_TYPES = ["Affinity", "Toleration", "EnvVar", "ResourceRequirements", "LocalObjectReference"]
+
+# `helm --set config.learning_rate=3e-4` gives the string "3e-4" (helm only parses integers and booleans), which
+# the trainer's pydantic model converts; so number fields also take a string that spells a number.
+NUMBER_STRING = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
+
+DNS_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def ref(name: str) -> dict:
+    return {"$ref": f"#/$defs/{name}"}
+
+
+def obj(properties: dict, required: list[str] | None = None, description: str | None = None) -> dict:
+    schema: dict = {"type": "object", "additionalProperties": False, "properties": properties}
+    if required:
+        schema["required"] = required
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def string(description: str, **extra) -> dict:
+    return {"type": "string", "description": description, **extra}
+
+
+def integer(description: str, **extra) -> dict:
+    return {"type": "integer", "description": description, **extra}
+
+
+def boolean(description: str) -> dict:
+    return {"type": "boolean", "description": description}
+
+
+QUANTITY = {
+    "description": "a Kubernetes quantity, e.g. 16Gi",
+    "oneOf": [{"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?|[mkMGTPE]|[eE][0-9]+)?$"}, {"type": "integer", "minimum": 0}],
+}
+
+
+def container_resources(description: str) -> dict:
+    return {**ref(K8S + "ResourceRequirements"), "description": description}
+
+
+def chart_values(config_schema: dict) -> dict:
+    """The chart's values, one entry per key of values.yaml."""
+    return obj(
+        {
+            "nameOverride": string("overrides the chart name in resource names", pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$"),
+            "fullnameOverride": string("overrides the resource-name prefix and the folder on the volume",
+                                       pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$", maxLength=40),
+            "image": obj(
+                {
+                    "repository": string("image repository", minLength=1),
+                    "tag": string("image tag; empty: the chart's appVersion"),
+                    "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"], "description": "image pull policy"},
+                },
+                required=["repository", "tag", "pullPolicy"],
+            ),
+            "imagePullSecrets": {"type": "array", "items": ref(K8S + "LocalObjectReference")},
+            "backend": {"enum": ["job", "pytorchjob", "trainjob"], "description": "how the training pods are run"},
+            "gpus": integer("total GPUs for the run", minimum=1),
+            "gpusPerNode": integer("GPUs on each node", minimum=1),
+            "config": config_schema,
+            "backoffLimit": integer("failed pods the run survives (preemptions not counted)", minimum=0),
+            "terminationGracePeriodSeconds": integer("seconds between SIGTERM and SIGKILL", minimum=1),
+            "masterPort": integer("torchrun rendezvous port (backend job)", minimum=1, maximum=65535),
+            "kubeflow": obj(
+                {
+                    "runtimeName": string("(Cluster)TrainingRuntime of the TrainJob", minLength=1),
+                    "runtimeKind": {"enum": ["ClusterTrainingRuntime", "TrainingRuntime"]},
+                },
+                required=["runtimeName", "runtimeKind"],
+            ),
+            "resources": container_resources("CPU and memory of each training pod (the chart adds nvidia.com/gpu)"),
+            "shm": obj({"sizeLimit": QUANTITY}, required=["sizeLimit"]),
+            "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
+            "tolerations": {"type": "array", "items": ref(K8S + "Toleration")},
+            "affinity": ref(K8S + "Affinity"),
+            "priorityClassName": string("PriorityClass of the training pods"),
+            "extraEnv": {"type": "array", "items": ref(K8S + "EnvVar")},
+            "podAnnotations": {"type": "object", "additionalProperties": {"type": "string"}},
+            "podLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "securityContext": obj(
+                {
+                    "runAsUser": integer("uid of every container; never 0", minimum=1),
+                    "runAsGroup": integer("gid of every container", minimum=0),
+                    "fsGroup": integer("group owning the mounted volume", minimum=0),
+                },
+                required=["runAsUser", "runAsGroup", "fsGroup"],
+            ),
+            "storage": obj(
+                {
+                    "existingClaim": string("existing PersistentVolumeClaim to use", pattern=r"^([a-z0-9]([-.a-z0-9]*[a-z0-9])?)?$"),
+                    "size": QUANTITY,
+                    "storageClass": string("StorageClass of the created claim; empty: the default"),
+                    "accessModes": {
+                        "type": "array", "minItems": 1, "uniqueItems": True,
+                        "items": {"enum": ["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod", "ReadOnlyMany"]},
+                    },
+                    "keep": boolean("keep the created claim on helm uninstall"),
+                },
+                required=["existingClaim", "size", "storageClass", "accessModes", "keep"],
+            ),
+            "tensorboard": obj(
+                {
+                    "enabled": boolean("run TensorBoard"),
+                    "port": integer("TensorBoard Service port", minimum=1, maximum=65535),
+                    "resources": container_resources("resources of the TensorBoard container"),
+                },
+                required=["enabled", "port"],
+            ),
+            "push": obj(
+                {
+                    "enabled": boolean("push the pipeline to the Hub when training completes"),
+                    "tokenSecret": string("existing Secret with the Hub token", pattern=r"^([a-z0-9]([-.a-z0-9]*[a-z0-9])?)?$"),
+                    "tokenSecretKey": string("key of the token in that Secret", minLength=1),
+                    "pollSeconds": integer("seconds between checks for the completion marker", minimum=1),
+                    "backoffLimit": integer("retries of the push Job", minimum=0),
+                    "resources": container_resources("resources of the push container"),
+                },
+                required=["enabled", "tokenSecret", "tokenSecretKey"],
+            ),
+            "testImage": string("image of the helm test pod (needs sh and wget)", minLength=1),
+            # Helm adds this key to the values of every chart; it must be allowed.
+            "global": {"type": "object"},
+        },
+        required=["image", "backend", "gpus", "gpusPerNode", "config", "storage", "tensorboard", "push", "securityContext"],
+    )
+
+
+def _loosen_numbers(node):
+    """Let every `"type": "number"` also take a string spelling a number (see NUMBER_STRING)."""
+    if isinstance(node, dict):
+        if node.get("type") == "number":
+            node["type"] = ["number", "string"]
+            node["pattern"] = NUMBER_STRING
+        for value in node.values():
+            _loosen_numbers(value)
+    elif isinstance(node, list):
+        for value in node:
+            _loosen_numbers(value)
+
+
+def _drop_keys(node, keys):
+    if isinstance(node, dict):
+        for key in keys:
+            node.pop(key, None)
+        for value in node.values():
+            _drop_keys(value, keys)
+    elif isinstance(node, list):
+        for value in node:
+            _drop_keys(value, keys)
+
+
+def config_schema() -> dict:
+    sys.path.insert(0, str(ROOT))
+    from trainer.config import TrainingConfig
+
+    schema = copy.deepcopy(TrainingConfig.model_json_schema())
+    # "title" repeats the field name; "format: path" is pydantic's own, not a JSON Schema format.
+    for prop in schema["properties"].values():
+        prop.pop("title", None)
+    _drop_keys(schema, ["format"])
+    _loosen_numbers(schema)
+    schema["properties"]["output_dir"]["description"] = (
+        "run folder; default: /data/<fullname>/output on the volume (must be under /data/)"
+    )
+    schema["properties"]["output_dir"].pop("default", None)
+    result = {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "the trainer's TrainingConfig (trainer/config.py); unset fields keep the trainer's defaults",
+        "properties": schema["properties"],
+    }
+    if "$defs" in schema:  # nested models, should TrainingConfig ever get any
+        raise SystemExit("TrainingConfig has nested models; teach scripts/chart_schema.py to merge their $defs")
+    return result
+
+
+def kubernetes_defs() -> dict:
+    import kubernetes_validate
+
+    path = (Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+            / f"v{KUBERNETES_VERSION}-local-strict" / "_definitions.json")
+    all_defs = json.loads(path.read_text())["$defs"]
+    wanted: dict = {}
+
+    def visit(name: str) -> None:
+        if name in wanted:
+            return
+        definition = copy.deepcopy(all_defs[name])
+        wanted[name] = definition
+        text = json.dumps(definition)
+        for target in re.findall(r'"\$ref": "[^"#]*#/\$defs/([^"]+)"', text):
+            visit(target)
+
+    for name in K8S_TYPES:
+        visit(K8S + name)
+    text = json.dumps(wanted)
+    text = re.sub(r'"\$ref": "[^"#]*#/\$defs/', '"$ref": "#/$defs/', text)
+    return dict(sorted(json.loads(text).items()))
+
+
+def build() -> dict:
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "ddpm chart values",
+        "$comment": "Generated by scripts/chart_schema.py (make chart-schema); do not edit by hand.",
+    }
+    schema.update(chart_values(config_schema()))
+    schema["$defs"] = kubernetes_defs()
+    return schema
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, sort_keys=False) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the committed schema is out of date")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        if SCHEMA_PATH.read_text() != text:
+            print(f"{SCHEMA_PATH.relative_to(ROOT)} is out of date: run `make chart-schema`", file=sys.stderr)
+            return 1
+        return 0
+    SCHEMA_PATH.write_text(text)
+    print(f"wrote {SCHEMA_PATH.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
