@@ -213,14 +213,16 @@ def load_config(
     env_values.env_vars = {k.lower(): v for k, v in environ.items()}  # read the given mapping, not os.environ
     layers.append(("env", {k: v for k, v in env_values().items() if k in FIELDS}))
 
+    previous = ""
     for arg in unknown_args or []:
         if arg.startswith("-"):
             flag = arg.lstrip("-").split("=", 1)[0]
             problems.append(f"unknown flag {arg.split('=', 1)[0]}{_suggest(flag.replace('-', '_'))}")
-        else:
+        elif not (previous.startswith("-") and "=" not in previous):  # not the value of an unknown flag
             problems.append(f"unexpected argument '{arg}' (flags take the form --field VALUE)")
+        previous = arg
     if cli_source is not None and parsed is not None:
-        cli_values = cli_source(parsed_args=parsed)
+        cli_values = cli_source(parsed_args=parsed)()
         layers.append(("cli", {k: v for k, v in cli_values.items() if k in FIELDS and v is not None}))
 
     merged: dict[str, Any] = {}
@@ -238,6 +240,12 @@ def load_config(
             field = ".".join(str(p) for p in err["loc"])
             given = f" (got {err['input']!r} from {sources.get(field, '?')})" if "input" in err else ""
             problems.append(f"{field}: {err['msg']}{given}")
+        # Still run the cross-field checks, with the invalid fields at their defaults, to report everything at once.
+        bad = {str(err["loc"][0]) for err in e.errors() if err["loc"]}
+        try:
+            problems += cross_field_problems(TrainingConfig(**{k: v for k, v in merged.items() if k not in bad}))
+        except ValidationError:
+            pass
     if config is not None:
         problems += cross_field_problems(config)
     if problems:

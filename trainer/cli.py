@@ -1,0 +1,106 @@
+"""`ddpm` command line: parsing and exit codes only; the work lives in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from trainer.config import ConfigError, TrainingConfig, build_cli_parser, config_yaml, load_config
+from trainer.distributed import EXIT_CONFIG, EXIT_DIVERGED, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
+
+EPILOG = """Config sources, lowest to highest: defaults < --config FILE (or $DDPM_CONFIG_FILE) < DDPM_<FIELD> env < --<field> VALUE.
+Exit codes: 0 done, 2 bad configuration/input, 3 diverged (non-finite losses), 75 preempted (checkpoint saved; retry)."""
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="ddpm", description="Train unconditional DDPMs.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cli_sources = {}
+    for name, help_text in (("train", "train a model (resumes automatically)"),
+                            ("config", "print the effective config and where each value comes from")):
+        sub = commands.add_parser(name, help=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        cli_sources[name] = build_cli_parser(sub)
+
+    sample = commands.add_parser("sample", help="sample images from any DDPMPipeline folder")
+    sample.add_argument("--model", required=True, type=Path, help="a DDPMPipeline folder (save_pretrained output)")
+    sample.add_argument("--num-images", "--num_images", dest="num_images", type=int, default=16)
+    sample.add_argument("--num_inference_steps", "--num-inference-steps", dest="num_inference_steps", type=int, default=50)
+    sample.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32)
+    sample.add_argument("--out", required=True, type=Path, help="folder for the PNGs and grid.png")
+    return parser, cli_sources
+
+
+def _load(args, unknown, cli_sources) -> tuple[TrainingConfig, dict]:
+    return load_config(args, unknown, cli_sources[args.command])
+
+
+def cmd_train(config: TrainingConfig) -> int:
+    from trainer.loop import Diverged, Preempted, train
+
+    try:
+        train(config)
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_PREEMPTED
+    except Diverged as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    return EXIT_OK
+
+
+def cmd_sample(args) -> int:
+    import torch
+    from diffusers import DDPMPipeline
+
+    from trainer.sampling import eval_scheduler, sample_images, save_images, to_grid
+
+    if not (args.model / "model_index.json").is_file():
+        raise ConfigError([f"--model {args.model} is not a DDPMPipeline folder (no model_index.json)"])
+    if args.num_images < 1:
+        raise ConfigError([f"--num-images must be at least 1, got {args.num_images}"])
+    pipeline = DDPMPipeline.from_pretrained(args.model)
+    pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
+    scheduler = eval_scheduler(args.scheduler, pipeline.scheduler.config)
+    images = sample_images(pipeline.unet, scheduler, range(args.num_images), seed=args.seed,
+                           num_inference_steps=args.num_inference_steps, batch_size=args.batch_size)
+    paths = save_images(images, args.out)
+    to_grid(images).save(args.out / "grid.png")
+    print(f"wrote {len(paths)} images and {args.out / 'grid.png'}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, cli_sources = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    try:
+        if args.command == "sample":
+            if unknown:
+                parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            return cmd_sample(args)
+        config, sources = _load(args, unknown, cli_sources)
+        if args.command == "config":
+            sys.stdout.write(config_yaml(config, sources))
+            return EXIT_OK
+        return cmd_train(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as e:
+        from trainer.data import DataError
+
+        if isinstance(e, DataError):
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        raise
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

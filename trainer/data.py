@@ -1,0 +1,170 @@
+"""Training images: a Hub dataset, an image folder, or the built-in set; the tutorial's preprocessing; the DataLoader.
+
+Random horizontal flips are not done here: the training step draws them per global batch from the seed and the
+step (trainer.diffusion), so data loading is deterministic and resume/world-size changes cannot alter them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from trainer.builtin_data import ButterflyImages
+from trainer.config import TrainingConfig
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataError(Exception):
+    """The dataset cannot be used; the message says what to do."""
+
+
+@dataclass
+class ImageSource:
+    """An indexable set of images: `load(i)` returns a PIL image (or raises for a corrupt file)."""
+
+    name: str
+    length: int
+    load: Callable[[int], Image.Image]
+    skipped: list[str] = field(default_factory=list)  # unreadable entries, with the reason
+    indices: list[int] | None = None  # the readable entries (None: all)
+
+    def __len__(self) -> int:
+        return self.length if self.indices is None else len(self.indices)
+
+
+def _hf_source(name: str, dataset) -> ImageSource:
+    from datasets import Image as ImageFeature
+
+    column = next((c for c, f in dataset.features.items() if isinstance(f, ImageFeature)), None)
+    if column is None:
+        raise DataError(f"dataset {name} has no image column (features: {list(dataset.features)})")
+    raw = dataset.cast_column(column, ImageFeature(decode=False))  # decode ourselves, so bad files are caught
+
+    def load(i: int) -> Image.Image:
+        item = raw[i][column]
+        data = item.get("bytes")
+        image = Image.open(io.BytesIO(data)) if data else Image.open(item["path"])
+        image.load()
+        return image
+
+    def describe(i: int) -> str:
+        item = raw[i][column]
+        return item.get("path") or f"row {i}"
+
+    source = ImageSource(name, len(raw), load)
+    _drop_unreadable(source, describe)
+    return source
+
+
+def _drop_unreadable(source: ImageSource, describe: Callable[[int], str]) -> None:
+    """Decode every image once; unreadable ones are skipped and counted (never a crash, never silent)."""
+    good = []
+    for i in range(source.length):
+        try:
+            source.load(i)
+            good.append(i)
+        except Exception as e:  # PIL raises many types for corrupt data
+            source.skipped.append(f"{describe(i)}: {type(e).__name__}: {e}")
+    source.indices = good
+
+
+def load_image_source(config: TrainingConfig) -> ImageSource:
+    if config.dataset_name == "builtin:butterflies":
+        images = ButterflyImages(config.builtin_num_images, config.image_size)
+        return ImageSource(config.dataset_name, len(images), images.__getitem__)
+
+    import datasets
+
+    if config.dataset_name == "imagefolder":
+        folder = Path(config.train_data_dir)
+        if not folder.is_dir():
+            raise DataError(f"train_data_dir {folder} does not exist or is not a folder; mount or copy images there")
+        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*")):
+            raise DataError(f"train_data_dir {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+        source = _hf_source(f"imagefolder:{folder}", dataset)
+    else:
+        try:
+            dataset = datasets.load_dataset(config.dataset_name, split="train")
+        except Exception as e:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+            hint = (
+                "the Hub is not reachable (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set); "
+                if offline
+                else "check the id and your network/HF_TOKEN; "
+            )
+            raise DataError(
+                f"cannot load Hub dataset '{config.dataset_name}': {type(e).__name__}: {e}\n"
+                f"  {hint}download it where you have network (it lands in HF_HOME's cache), or copy the images "
+                f"into a folder and use dataset_name: imagefolder with train_data_dir, or use builtin:butterflies"
+            ) from e
+        source = _hf_source(config.dataset_name, dataset)
+
+    if not len(source):
+        raise DataError(f"dataset {source.name} has no readable images ({len(source.skipped)} unreadable)")
+    return source
+
+
+def build_transform(config: TrainingConfig) -> transforms.Compose:
+    """The tutorial's preprocessing (minus the flip, see module doc), after .convert('RGB')."""
+    size = config.image_size
+    resize = (
+        [transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR), transforms.CenterCrop(size)]
+        if config.center_crop
+        else [transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BILINEAR)]
+    )
+    return transforms.Compose([*resize, transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    def __init__(self, source: ImageSource, transform: Callable):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        index = i if self.source.indices is None else self.source.indices[i]
+        return self.transform(self.source.load(index).convert("RGB"))
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a pod's CPU limit)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def default_num_workers(local_world_size: int) -> int:
+    """Split this pod's CPUs between its local processes, keeping one core per process for the step itself."""
+    return max(0, min(8, available_cpus() // max(1, local_world_size) - 1))
+
+
+def build_dataloader(config: TrainingConfig, dataset: TrainDataset, local_world_size: int) -> torch.utils.data.DataLoader:
+    workers = config.dataloader_num_workers
+    if workers is None:
+        workers = default_num_workers(local_world_size)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.train_batch_size,
+        shuffle=True,  # Accelerate swaps in a SeedableRandomSampler: same order on every rank, per epoch
+        drop_last=True,  # every global batch is full, so it is the same images whatever the world size
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+    )

@@ -1,0 +1,52 @@
+"""The DDPM training objective as a pure function of (model, scheduler, clean images, seed, step).
+
+Noise, timesteps and flips are drawn for the whole global batch from a generator seeded by (seed, micro_step),
+then each rank takes its slice. So a run's randomness does not depend on the world size, on how the batch is
+split, or on where it was resumed; and no global RNG is touched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, step) over the 63-bit seed space
+
+
+def step_generator(seed: int, micro_step: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((seed * _MIX + micro_step) % (2**63 - 1))
+
+
+def training_loss(
+    unet,
+    scheduler: DDPMScheduler,
+    clean: torch.Tensor,
+    *,
+    seed: int,
+    micro_step: int,
+    rank: int = 0,
+    world_size: int = 1,
+    random_flip: bool = True,
+) -> torch.Tensor:
+    """MSE between the UNet's output and the target of scheduler.config.prediction_type (noise for epsilon)."""
+    batch, device = clean.shape[0], clean.device
+    gen = step_generator(seed, micro_step, device)
+    shape = (batch * world_size, *clean.shape[1:])
+    mine = slice(rank * batch, (rank + 1) * batch)
+    flips = torch.rand(shape[0], generator=gen, device=device)[mine] < 0.5
+    noise = torch.randn(shape, generator=gen, device=device, dtype=clean.dtype)[mine]
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (shape[0],), generator=gen, device=device)[mine]
+    if random_flip:
+        clean = torch.where(flips[:, None, None, None], clean.flip(-1), clean)
+
+    noisy = scheduler.add_noise(clean, noise, timesteps)
+    prediction = unet(noisy, timesteps, return_dict=False)[0]
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "sample":
+        target = clean
+    else:
+        target = scheduler.get_velocity(clean, noise, timesteps)
+    return F.mse_loss(prediction.float(), target.float())

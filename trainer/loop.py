@@ -1,0 +1,276 @@
+"""train(config): set up from the config, then the step loop. Every rank runs this same code."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+
+from trainer import checkpoint, outputs
+from trainer.checkpoint import TrainState
+from trainer.config import TrainingConfig, config_yaml
+from trainer.data import TrainDataset, build_dataloader, build_transform, load_image_source
+from trainer.diffusion import training_loss
+from trainer.distributed import Preemption, local_world_size
+from trainer.model import build_ema, build_noise_scheduler, build_unet, count_parameters
+from trainer.sampling import eval_scheduler, sample_images, shard, to_grid
+from trainer.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class Preempted(Exception):
+    """SIGTERM was handled: a checkpoint was written and the process should exit with EXIT_PREEMPTED."""
+
+
+class Diverged(Exception):
+    """Too many consecutive non-finite losses; the newest checkpoint predates them."""
+
+
+def build_accelerator(config: TrainingConfig) -> Accelerator:
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(config.output_dir), logging_dir=str(config.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.process_group_timeout_seconds))],
+        step_scheduler_with_optimizer=False,  # we step the LR schedule once per optimizer update ourselves
+    )
+
+
+def skip_update_if_nonfinite(optimizer, bad: torch.Tensor) -> None:
+    """Skip the update on device (fused AdamW reads `found_inf`, as under AMP): no host sync."""
+    optimizer.optimizer.found_inf = bad.float()
+
+
+@contextmanager
+def ema_weights(model, ema):
+    """Temporarily swap the EMA weights into `model` (for sampling and saving)."""
+    if ema is None:
+        yield model
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield model
+    finally:
+        ema.restore(model.parameters())
+
+
+def train(config: TrainingConfig, stream=None) -> TrainState:
+    accelerator = build_accelerator(config)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(config.seed)  # weight init only: noise, flips and data order have their own seeded streams
+
+    # --- output_dir: every rank checks, rank 0 writes -------------------------------------------------------
+    clear = outputs.check_output_dir(config)
+    unet = build_unet(config)
+    if accelerator.is_main_process:
+        if clear:
+            outputs.clear_output_dir(config)
+        checkpoint.remove_incomplete(config.output_dir)
+    accelerator.wait_for_everyone()
+    outputs.preflight(config, checkpoint.checkpoint_bytes_estimate(count_parameters(unet), config.use_ema))
+    if accelerator.is_main_process:
+        outputs.write_resolved_config(config)
+
+    # --- data, model, optimizer ---------------------------------------------------------------------------
+    source = load_image_source(config)
+    dataloader = build_dataloader(config, TrainDataset(source, build_transform(config)), local_world_size())
+    noise_scheduler = build_noise_scheduler(config)
+    ema = build_ema(config, unet)
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=True,
+    )
+    unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
+    if steps_per_epoch == 0:
+        raise outputs.ConfigError([
+            f"the dataset ({len(source)} images) is smaller than one global batch "
+            f"({config.train_batch_size} x {world} processes); lower train_batch_size"
+        ])
+    total_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    # Counted in optimizer updates: warmup N means N updates whatever the accumulation and world size.
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer=optimizer.optimizer,
+        num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps,
+    )
+    accelerator.register_for_checkpointing(lr_scheduler)
+
+    # --- resume ----------------------------------------------------------------------------------------------
+    state = TrainState()
+    resume = checkpoint.resolve_resume(config)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        state.load_state_dict(json.loads((resume / checkpoint.STATE_FILE).read_text()))
+
+    accelerator.init_trackers("train")
+    tracker = Tracker(accelerator, total_steps, state.global_step, stream)
+    global_batch = config.global_batch_size(world)
+    tracker.message(
+        f"dataset {source.name}: {len(source)} images"
+        + (f", skipped {len(source.skipped)} unreadable: " + "; ".join(source.skipped[:5]) if source.skipped else "")
+    )
+    tracker.message(
+        f"global batch {global_batch} = {config.train_batch_size} per process x {config.gradient_accumulation_steps} "
+        f"accumulation x {world} processes | {steps_per_epoch} steps/epoch | {total_steps} total steps "
+        f"({num_epochs} epochs) | UNet {count_parameters(unet):,} parameters | {accelerator.device} {config.mixed_precision}"
+    )
+    tracker.message(
+        f"resumed from {resume} at step {state.global_step} epoch {state.global_step // steps_per_epoch}"
+        if resume else "starting fresh at step 0 (no checkpoint to resume)"
+    )
+    tracker.text("config", "```yaml\n" + config_yaml(config) + "```")
+    if source.skipped:
+        tracker.text("data/skipped", "\n".join(source.skipped))
+
+    def evaluate(epoch: int) -> Path | None:
+        """Every rank samples its share of the grid (EMA weights); rank 0 saves it."""
+        model = accelerator.unwrap_model(unet)
+        model.eval()
+        with ema_weights(model, ema), accelerator.autocast():
+            mine = shard(config.eval_batch_size, rank, world)
+            images = sample_images(model, eval_scheduler(config.eval_scheduler, noise_scheduler.config), mine,
+                                   seed=config.seed, num_inference_steps=config.num_inference_steps)
+        model.train()
+        images = accelerator.gather(images)[: config.eval_batch_size]
+        if not accelerator.is_main_process:
+            return None
+        grid = to_grid(images)
+        path = Path(config.output_dir) / "samples" / f"{epoch:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        tracker.image("samples", grid, state.global_step)
+        tracker.message(f"saved sample grid {path}")
+        return path
+
+    def save_model() -> None:
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(unet)
+            with ema_weights(model, ema):
+                outputs.save_pipeline(config, model, noise_scheduler)
+            tracker.message(f"saved pipeline to {config.output_dir}")
+        accelerator.wait_for_everyone()
+
+    def save_checkpoint() -> None:
+        path = checkpoint.save_checkpoint(accelerator, state, config.output_dir, config.checkpoints_total_limit)
+        tracker.message(f"saved checkpoint {path} (step {state.global_step})")
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    preemption = Preemption(config.preemption_grace_seconds).install()
+    stats = torch.zeros(4, device=accelerator.device)  # finite loss sum, finite count, grad-norm sum, non-finite
+    consecutive_bad = torch.zeros((), device=accelerator.device)
+    worst_bad = torch.zeros((), device=accelerator.device)
+    last_grid, last_checkpoint_step = None, state.global_step if resume else -1
+    start_epoch = state.global_step // steps_per_epoch
+    skip = (state.global_step % steps_per_epoch) * config.gradient_accumulation_steps
+    unet.train()
+    try:
+        for epoch in range(start_epoch, num_epochs if state.global_step < total_steps else start_epoch):
+            state.epoch = epoch
+            dataloader.set_epoch(epoch)
+            first = skip if epoch == start_epoch else 0
+            batches = accelerator.skip_first_batches(dataloader, first) if first else dataloader
+            for i, clean in enumerate(batches, start=first):
+                with accelerator.accumulate(unet):
+                    loss = training_loss(unet, noise_scheduler, clean, seed=config.seed,
+                                         micro_step=epoch * len(dataloader) + i, rank=rank, world_size=world,
+                                         random_flip=config.random_flip)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
+                        bad = ~torch.isfinite(grad_norm)
+                        skip_update_if_nonfinite(optimizer, bad)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                finite = torch.isfinite(loss.detach())
+                stats[0] += torch.where(finite, loss.detach(), 0.0)
+                stats[1] += finite
+                if not accelerator.sync_gradients:
+                    continue
+
+                if ema is not None:
+                    ema.step(accelerator.unwrap_model(unet).parameters())
+                lr_scheduler.step()
+                state.global_step += 1
+                tracker.step()
+                stats[2] += torch.where(bad, 0.0, grad_norm)
+                stats[3] += bad
+                consecutive_bad = (consecutive_bad + 1) * bad
+                worst_bad = torch.maximum(worst_bad, consecutive_bad)
+                step = state.global_step
+
+                stop = preemption.requested if world == 1 else False
+                if step % config.logging_steps == 0 or step == total_steps:
+                    flag = torch.tensor([float(preemption.requested)], device=accelerator.device)
+                    values = accelerator.reduce(torch.cat([stats, worst_bad[None], flag]), "sum").tolist()  # the sync
+                    updates = config.logging_steps if step % config.logging_steps == 0 else step % config.logging_steps
+                    state.nonfinite_total += int(values[3] / world)
+                    tracker.log(step, epoch, {
+                        "loss": values[0] / max(values[1], 1.0),
+                        "lr": lr_scheduler.get_last_lr()[0],
+                        "grad_norm": values[2] / world / max(updates - values[3] / world, 1.0),
+                        "nonfinite_steps": values[3] / world,
+                    }, images_per_step=config.global_batch_size(world))
+                    stats.zero_()
+                    worst_bad.zero_()
+                    if values[4] / world >= config.max_nonfinite_steps:
+                        raise Diverged(
+                            f"{int(values[4] / world)} consecutive non-finite losses by step {step} "
+                            f"(max_nonfinite_steps {config.max_nonfinite_steps}); lower learning_rate or check the data. "
+                            f"Weights were not updated by them; the newest checkpoint is intact."
+                        )
+                    stop = values[5] > 0
+                if stop:
+                    save_checkpoint()
+                    raise Preempted(f"preempted at step {step}: checkpoint saved, exiting to be retried")
+                if step % config.checkpointing_steps == 0:
+                    save_checkpoint()
+                    last_checkpoint_step = step
+                if step >= total_steps:
+                    break
+
+            done = state.global_step >= total_steps
+            if (epoch + 1) % config.save_image_epochs == 0 or done:
+                last_grid = evaluate(epoch) or last_grid
+            if (epoch + 1) % config.save_model_epochs == 0 and not done:
+                save_model()
+            if done:
+                break
+
+        # --- the end: final checkpoint, pipeline, model card, then the marker the push Job waits for --------
+        if last_checkpoint_step != state.global_step:
+            save_checkpoint()
+        if last_grid is None and accelerator.is_main_process:
+            grids = sorted((Path(config.output_dir) / "samples").glob("*.png"))
+            last_grid = grids[-1] if grids else None
+        save_model()
+        if accelerator.is_main_process:
+            outputs.write_model_card(config, last_grid, state.global_step)
+            outputs.write_complete_marker(config, state.global_step, state.epoch)
+            tracker.message(
+                f"done: {state.global_step} steps.\n"
+                f"  samples:     {Path(config.output_dir) / 'samples'}\n"
+                f"  pipeline:    {config.output_dir} (DDPMPipeline.from_pretrained)\n"
+                f"  tensorboard: tensorboard --logdir {config.logging_dir}"
+            )
+        accelerator.wait_for_everyone()
+    finally:
+        preemption.uninstall()
+        tracker.close()
+    return state
