@@ -44,6 +44,12 @@ checked each value on its own). Included by configmap.yaml, which every install 
 {{- end }}
 {{- end }}
 
+{{- range $v.extraEnv }}
+{{- if and (hasKey . "value") (regexMatch "(?i)(TOKEN|SECRET|PASSWORD|API_?KEY)" .name) }}
+{{- $problems = append $problems (printf "extraEnv %s has a literal value: credentials must come from a Secret (valueFrom.secretKeyRef), never from values" .name) }}
+{{- end }}
+{{- end }}
+
 {{- if and (eq $v.backend "trainjob") $v.priorityClassName }}
 {{- $problems = append $problems "priorityClassName cannot be set on a TrainJob (its runtime patches do not allow it): set it in the TrainingRuntime, or use backend job or pytorchjob" }}
 {{- end }}

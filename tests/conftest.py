@@ -1,0 +1,41 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A run small enough for a few seconds on CPU: 16 px, ~3M-parameter UNet, short DDIM grids.
+TINY = [
+    "--model_preset", "small", "--image_size", "16", "--train_batch_size", "4", "--builtin_num_images", "32",
+    "--eval_batch_size", "4", "--num_inference_steps", "2", "--lr_warmup_steps", "2", "--dataloader_num_workers", "0",
+]
+
+
+def clean_env(**extra) -> dict:
+    """The test process env without DDPM_* variables (a stray one would be rejected as unknown), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DDPM_")}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def ddpm(*args, env=None, check=True, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real CLI (`python -m trainer`) as a subprocess; stdout is a pipe, so not a TTY."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", *map(str, args)], capture_output=True, text=True,
+        env=env or clean_env(), cwd=kwargs.pop("cwd", REPO), **kwargs,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ddpm {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def tiny_args():
+    return list(TINY)

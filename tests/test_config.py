@@ -1,0 +1,95 @@
+import pytest
+import yaml
+
+from conftest import clean_env, ddpm
+from trainer.cli import build_parser
+from trainer.config import ConfigError, TrainingConfig, load_config
+
+
+def load(argv, environ=None):
+    parser, sources = build_parser()
+    args, unknown = parser.parse_known_args(["train", *argv])
+    return load_config(args, unknown, sources["train"], environ=environ or {})
+
+
+def test_tutorial_fields_are_kept():
+    tutorial = {"image_size", "train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
+                "learning_rate", "lr_warmup_steps", "save_image_epochs", "save_model_epochs", "mixed_precision",
+                "output_dir", "push_to_hub", "hub_model_id", "hub_private_repo", "overwrite_output_dir", "seed"}
+    assert tutorial <= set(TrainingConfig.model_fields)
+
+
+def test_precedence_default_file_env_cli(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train_batch_size: 8\nlearning_rate: 0.002\nseed: 1\nnum_epochs: 3\n")
+    env = {"DDPM_CONFIG_FILE": str(cfg), "DDPM_LEARNING_RATE": "0.003", "DDPM_SEED": "2"}
+    config, sources = load(["--seed", "3"], env)
+    assert (config.train_batch_size, config.learning_rate, config.seed, config.num_epochs) == (8, 0.003, 3, 3)
+    assert config.image_size == 128
+    assert sources["image_size"] == "default"
+    assert sources["train_batch_size"] == "file"
+    assert sources["learning_rate"] == "env"
+    assert sources["seed"] == "cli"
+
+
+def test_config_flag_beats_env_file(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("seed: 10\n")
+    b.write_text("seed: 20\n")
+    config, _ = load(["--config", str(b)], {"DDPM_CONFIG_FILE": str(a)})
+    assert config.seed == 20
+
+
+def test_all_problems_reported_at_once_with_suggestions(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lerning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load(["--train_bach_size", "3", "--num_epochs", "0", "--model_preset", "small", "--image_size", "30"],
+             {"DDPM_CONFIG_FILE": str(cfg), "DDPM_SEEED": "1"})
+    text = str(e.value)
+    assert "unknown key 'lerning_rate'" in text and "did you mean 'learning_rate'" in text
+    assert "DDPM_SEEED (did you mean 'seed'?)" in text
+    assert "--train_bach_size (did you mean 'train_batch_size'?)" in text
+    assert "num_epochs" in text and "greater than 0" in text
+    assert "image_size 30 must be a multiple of 8" in text  # cross-field check runs despite the other errors
+    assert len(e.value.problems) == 5
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model_preset", "tutorial", "--image_size", "48"], "multiple of 32"),
+    (["--mixed_precision", "fp16"], "fp16 needs a CUDA GPU"),
+    (["--dataset_name", "imagefolder"], "needs train_data_dir"),
+    (["--resume_from_checkpoint", "/nonexistent/ckpt"], "not a checkpoint folder"),
+])
+def test_cross_field_checks(argv, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load(argv)
+
+
+def test_push_without_model_id_uses_output_dir_name():
+    config, _ = load(["--push_to_hub", "true", "--output_dir", "runs/my-butterflies"])
+    assert config.hub_repo_id == "my-butterflies"
+
+
+def test_cli_exit_2_and_nothing_written(tmp_path):
+    out = tmp_path / "out"
+    proc = ddpm("train", "--output_dir", out, "--imgae_size", "32", "--learning_rate", "abc", check=False,
+                env=clean_env(DDPM_NUM_EPOCH="2"))
+    assert proc.returncode == 2
+    assert "--imgae_size (did you mean 'image_size'?)" in proc.stderr
+    assert "DDPM_NUM_EPOCH (did you mean 'num_epochs'?)" in proc.stderr
+    assert "learning_rate" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_config_command_prints_sources(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("image_size: 64\n")
+    proc = ddpm("config", "--config", cfg, "--seed", "7", env=clean_env(DDPM_EVAL_BATCH_SIZE="9"))
+    lines = {line.split(":")[0]: line for line in proc.stdout.splitlines()}
+    assert lines["image_size"].endswith("# file") and "64" in lines["image_size"]
+    assert lines["seed"].endswith("# cli") and "7" in lines["seed"]
+    assert lines["eval_batch_size"].endswith("# env") and "9" in lines["eval_batch_size"]
+    assert lines["num_epochs"].endswith("# default")
+    assert yaml.safe_load(proc.stdout)["image_size"] == 64  # still valid YAML
