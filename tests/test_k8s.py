@@ -1,0 +1,75 @@
+"""k8s/: plain manifests equal to the chart's default render, kept in sync by `make k8s`; and YAML lint."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+KUBERNETES_VERSION = "1.37.0"
+
+
+def tool(name: str) -> str:
+    """A tool from PATH or next to this Python (the venv's bin); missing is a failure, not a skip."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.fail(f"{name} not found on PATH or in {Path(sys.executable).parent}; run `make tools`")
+    return found
+
+
+def kustomization_objects() -> list[dict]:
+    kustomization = yaml.safe_load((ROOT / "k8s" / "kustomization.yaml").read_text())
+    docs = []
+    for resource in kustomization["resources"]:
+        docs += [d for d in yaml.safe_load_all((ROOT / "k8s" / resource).read_text()) if d]
+    return docs
+
+
+def test_k8s_is_in_sync_with_the_chart():
+    tool("helm")
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "render_k8s.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_k8s_objects_equal_the_default_render():
+    out = subprocess.run([tool("helm"), "template", "ddpm", str(ROOT / "helm"), "--skip-tests"],
+                         capture_output=True, text=True, check=True).stdout
+    rendered = [d for d in yaml.safe_load_all(out) if d]
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    assert sorted(kustomization_objects(), key=key) == sorted(rendered, key=key)
+
+
+def test_k8s_objects_validate_strictly():
+    docs = kustomization_objects()
+    assert {d["kind"] for d in docs} >= {"ConfigMap", "PersistentVolumeClaim", "Service", "Job", "Deployment"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_yaml_lint():
+    targets = ["k8s", "helm/values.yaml", "helm/Chart.yaml", ".yamllint.yaml"]
+    result = subprocess.run([tool("yamllint"), "--strict", "-c", ".yamllint.yaml", *targets],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rendered_chart_is_clean_yaml(tmp_path):
+    """The templates' whitespace handling: every backend renders without yamllint findings."""
+    for backend in ("job", "pytorchjob", "trainjob"):
+        out = subprocess.run(
+            [tool("helm"), "template", "ddpm", str(ROOT / "helm"), "--set", f"backend={backend}", "--set", "gpus=16",
+             "--set", "push.enabled=true", "--set", "push.tokenSecret=hf", "--set", "config.hub_model_id=me/m",
+             "--set", "tolerations[0].operator=Exists"],
+            capture_output=True, text=True, check=True).stdout
+        path = tmp_path / f"{backend}.yaml"
+        path.write_text(out)
+        result = subprocess.run([tool("yamllint"), "--strict", "-c", str(ROOT / ".yamllint.yaml"), str(path)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, f"{backend}:\n{result.stdout}"
