@@ -44,3 +44,22 @@ test: tools
 
 clean:
 	rm -rf $(VENV) $(TOOLS) runs
+
+# ---- Kubernetes (helm/, k8s/, Dockerfile) ---------------------------------------------------------------------
+.PHONY: chart-schema k8s chart-lint dockerfile-lint
+
+# helm/values.schema.json from TrainingConfig (trainer/config.py) and the Kubernetes schemas; run after adding a
+# config field (tests/test_chart.py fails while it is stale).
+chart-schema: venv
+	$(BIN)/python scripts/chart_schema.py
+
+# k8s/: the chart's default render as plain manifests for `kubectl apply -k k8s/`; run after changing the chart.
+k8s: tools
+	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python scripts/render_k8s.py
+
+# The chart and Dockerfile checks alone (helm lint/template matrix, schemas, security, hadolint, yamllint).
+chart-lint: tools
+	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q tests/test_chart.py tests/test_k8s.py tests/test_dockerfile.py
+
+dockerfile-lint: venv
+	$(BIN)/hadolint --failure-threshold style Dockerfile
