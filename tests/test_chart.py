@@ -584,3 +584,31 @@ def test_token_reaches_only_the_push_container():
         if "HF_TOKEN" in env_of(c)
     ]
     assert holders == [f"Job/{RELEASE}-push/push"]
+
+
+def test_every_value_is_documented_helm_docs_style():
+    """Each value in values.yaml has a `# --` comment (on itself or on the object it belongs to)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, str, bool]] = []  # (indent, key, documented) of the enclosing keys
+    undocumented = []
+    entries = []
+    for number, line in enumerate(lines):
+        match = re.match(r"^(\s*)([A-Za-z][\w.-]*):(.*)$", line)
+        if not match:
+            continue
+        indent, key, rest = len(match.group(1)), match.group(2), match.group(3).strip()
+        previous = number - 1
+        while previous >= 0 and lines[previous].strip().startswith("#") and not lines[previous].strip().startswith("# --"):
+            previous -= 1
+        documented = previous >= 0 and lines[previous].strip().startswith("# --")
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        inherited = any(doc for _, _, doc in stack)
+        path = ".".join([k for _, k, _ in stack] + [key])
+        entries.append((number, indent, path, documented or inherited, rest))
+        stack.append((indent, key, documented or inherited))
+    for i, (number, indent, path, ok, rest) in enumerate(entries):
+        has_children = i + 1 < len(entries) and entries[i + 1][1] > indent and not rest
+        if not ok and not has_children:
+            undocumented.append(path)
+    assert not undocumented, f"values without a `# --` comment: {undocumented}"
