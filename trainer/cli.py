@@ -23,6 +23,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         sub = commands.add_parser(name, help=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         cli_sources[name] = build_cli_parser(sub)
 
+    launch = commands.add_parser(
+        "launch", help="container entrypoint: torchrun from PET_*/JOB_COMPLETION_INDEX env, then `ddpm train`",
+        description="Runs `torchrun ... -m trainer train ARGS`; extra arguments go to `ddpm train`.")
+    launch.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments for ddpm train")
+
     sample = commands.add_parser("sample", help="sample images from any DDPMPipeline folder")
     sample.add_argument("--model", required=True, type=Path, help="a DDPMPipeline folder (save_pretrained output)")
     sample.add_argument("--num-images", "--num_images", dest="num_images", type=int, default=16)
@@ -52,6 +57,16 @@ def cmd_train(config: TrainingConfig) -> int:
     return EXIT_OK
 
 
+def cmd_launch(train_args: list[str]) -> int:
+    from trainer.launch import launch
+
+    # Validate once here (same sources as the workers will see) so a bad config fails fast with exit 2.
+    parser, cli_sources = build_parser()
+    args, unknown = parser.parse_known_args(["train", *train_args])
+    config, _ = load_config(args, unknown, cli_sources["train"])
+    return launch(train_args, config.preemption_grace_seconds)
+
+
 def cmd_sample(args) -> int:
     import torch
     from diffusers import DDPMPipeline
@@ -77,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser, cli_sources = build_parser()
     args, unknown = parser.parse_known_args(argv)
     try:
+        if args.command == "launch":
+            return cmd_launch(args.train_args + unknown)
         if args.command == "sample":
             if unknown:
                 parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -155,6 +156,12 @@ def default_num_workers(local_world_size: int) -> int:
     return max(0, min(8, available_cpus() // max(1, local_world_size) - 1))
 
 
+def _worker_init(worker_id: int) -> None:
+    # SIGTERM is the main process's to handle (finish the step, checkpoint); a worker dying on it would crash
+    # the step instead. A signal sent to the whole process group (Ctrl-C, pkill) must not kill workers first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_dataloader(config: TrainingConfig, dataset: TrainDataset, local_world_size: int) -> torch.utils.data.DataLoader:
     workers = config.dataloader_num_workers
     if workers is None:
@@ -167,4 +174,5 @@ def build_dataloader(config: TrainingConfig, dataset: TrainDataset, local_world_
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
+        worker_init_fn=_worker_init,
     )
