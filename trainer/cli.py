@@ -23,6 +23,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         sub = commands.add_parser(name, help=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         cli_sources[name] = build_cli_parser(sub)
 
+    push = commands.add_parser(
+        "push", help="upload the finished run (pipeline, model card, last sample grid) to the Hub",
+        description="Uploads output_dir's pipeline, model card, resolved config and last sample grid to the Hub repo "
+                    "hub_model_id (created if needed, private per hub_private_repo). The token is read from $HF_TOKEN "
+                    "only. Safe to run again.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli_sources["push"] = build_cli_parser(push)
+    push.add_argument("--dry-run", action="store_true", help="list what would be uploaded; contact nothing")
+    push.add_argument("--include-checkpoints", action="store_true", help="also upload checkpoints/ (full training state)")
+    push.add_argument("--include-logs", action="store_true", help="also upload logs/ (TensorBoard)")
+    push.add_argument("--max-attempts", type=int, default=5, metavar="N",
+                      help="tries of the upload when the Hub fails transiently (connection, 429, 5xx); default 5")
+    push.add_argument("--retry-delay", type=float, default=2.0, metavar="SECONDS",
+                      help="wait before the first retry; doubles after each (exponential backoff); default 2")
+
     launch = commands.add_parser(
         "launch", help="container entrypoint: torchrun from PET_*/JOB_COMPLETION_INDEX env, then `ddpm train`",
         description="Runs `torchrun ... -m trainer train ARGS`; extra arguments go to `ddpm train`.")
@@ -67,6 +81,18 @@ def cmd_launch(train_args: list[str]) -> int:
     return launch(train_args, config.preemption_grace_seconds)
 
 
+def cmd_push(config: TrainingConfig, args) -> int:
+    from trainer.hub import PushOptions, push
+
+    problems = [f"--max-attempts must be at least 1, got {args.max_attempts}"] if args.max_attempts < 1 else []
+    problems += [f"--retry-delay must be >= 0, got {args.retry_delay}"] if args.retry_delay < 0 else []
+    if problems:
+        raise ConfigError(problems)
+    return push(config, PushOptions(dry_run=args.dry_run, include_checkpoints=args.include_checkpoints,
+                                    include_logs=args.include_logs, max_attempts=args.max_attempts,
+                                    retry_delay_s=args.retry_delay))
+
+
 def cmd_sample(args) -> int:
     import torch
     from diffusers import DDPMPipeline
@@ -102,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             sys.stdout.write(config_yaml(config, sources))
             return EXIT_OK
+        if args.command == "push":
+            return cmd_push(config, args)
         return cmd_train(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
