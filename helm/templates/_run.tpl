@@ -115,6 +115,9 @@ The training pod spec for the `job` and `pytorchjob` backends. Call with (dict "
 {{- define "ddpm.trainPodSpec" -}}
 {{- $root := .root -}}
 restartPolicy: {{ .restartPolicy }}
+{{- /* No Service env vars: a Service named <release>-* (this release's TensorBoard, for release `ddpm`) would inject
+DDPM_*_SERVICE_HOST/_PORT variables, which the trainer reads as config and rejects. */}}
+enableServiceLinks: false
 terminationGracePeriodSeconds: {{ $root.Values.terminationGracePeriodSeconds }}
 {{- with $root.Values.priorityClassName }}
 priorityClassName: {{ . }}
