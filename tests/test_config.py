@@ -93,3 +93,11 @@ def test_config_command_prints_sources(tmp_path):
     assert lines["eval_batch_size"].endswith("# env") and "9" in lines["eval_batch_size"]
     assert lines["num_epochs"].endswith("# default")
     assert yaml.safe_load(proc.stdout)["image_size"] == 64  # still valid YAML
+
+
+def test_kubernetes_service_link_variables_are_not_config():
+    env = {"DDPM_TENSORBOARD_SERVICE_HOST": "10.0.0.1", "DDPM_TENSORBOARD_SERVICE_PORT": "6006",
+           "DDPM_TENSORBOARD_PORT": "tcp://10.0.0.1:6006", "DDPM_TENSORBOARD_PORT_6006_TCP_ADDR": "10.0.0.1",
+           "DDPM_WORKERS_SERVICE_PORT_HTTP": "80", "DDPM_SEED": "3"}
+    config, _ = load(["--image_size", "32"], env)
+    assert config.seed == 3

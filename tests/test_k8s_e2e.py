@@ -335,11 +335,6 @@ def cluster(hub, tmp_path):
             proc.wait()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "trainer bug, not the chart: on a machine without CUDA the torchrun ranks never form a process group. "
-    "trainer/loop.py build_accelerator makes Accelerator() without cpu=True, and accelerate 1.15 only picks "
-    "MULTI_CPU/gloo when cpu=True or ACCELERATE_USE_CPU is set, so each pod trains alone as rank 0 of 1 and both "
-    "write the shared output_dir. Remove this marker with the fix (the test then passes, ~40 s)."))
 def test_rendered_pods_train_together_then_the_push_job_uploads(cluster, hub):
     train_job, push_job = cluster.job("train"), cluster.job("push")
     nodes = train_job["spec"]["completions"]

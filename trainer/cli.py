@@ -47,6 +47,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     sample.add_argument("--num-images", "--num_images", dest="num_images", type=int, default=16)
     sample.add_argument("--num_inference_steps", "--num-inference-steps", dest="num_inference_steps", type=int, default=50)
     sample.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim")
+    sample.add_argument("--eta", type=float, default=1.0, help="DDIM noise: 1 stochastic, 0 deterministic")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32)
     sample.add_argument("--out", required=True, type=Path, help="folder for the PNGs and grid.png")
@@ -107,7 +108,7 @@ def cmd_sample(args) -> int:
     pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
     scheduler = eval_scheduler(args.scheduler, pipeline.scheduler.config)
     images = sample_images(pipeline.unet, scheduler, range(args.num_images), seed=args.seed,
-                           num_inference_steps=args.num_inference_steps, batch_size=args.batch_size)
+                           num_inference_steps=args.num_inference_steps, eta=args.eta, batch_size=args.batch_size)
     paths = save_images(images, args.out)
     to_grid(images).save(args.out / "grid.png")
     print(f"wrote {len(paths)} images and {args.out / 'grid.png'}")

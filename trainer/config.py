@@ -11,6 +11,7 @@ import argparse
 import difflib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,6 +113,9 @@ class TrainingConfig(BaseSettings):
     # --- evaluation ------------------------------------------------------------------------------
     eval_scheduler: Literal["ddim", "ddpm"] = Field("ddim", description="sampler for the sample grids")
     num_inference_steps: int = Field(50, gt=0, description="sampler steps for the sample grids")
+    ddim_eta: float = Field(
+        1.0, ge=0, le=1, description="DDIM noise: 1 stochastic (forgiving early in training), 0 deterministic"
+    )
 
     # --- logging ---------------------------------------------------------------------------------
     logging_steps: int = Field(10, gt=0, description="optimizer updates between status lines / scalars")
@@ -157,6 +161,11 @@ RUN_IDENTITY_FIELDS = (
     "prediction_type", "lr_scheduler", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
     "use_ema",
 )
+
+
+# Kubernetes injects "service link" variables for every Service in the namespace: a Service named ddpm-tensorboard
+# gives DDPM_TENSORBOARD_SERVICE_HOST, DDPM_TENSORBOARD_PORT_6006_TCP... They are not config and must not be rejected.
+_SERVICE_LINK = re.compile(r"^DDPM_[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)$")
 
 
 def _suggest(name: str, choices=FIELDS) -> str:
@@ -205,7 +214,7 @@ def load_config(
                 layers.append(("file", {k: v for k, v in known.items() if k in FIELDS}))
 
     for var in sorted(environ):
-        if var.upper().startswith(ENV_PREFIX) and var.upper() != CONFIG_FILE_ENV:
+        if var.upper().startswith(ENV_PREFIX) and var.upper() != CONFIG_FILE_ENV and not _SERVICE_LINK.match(var):
             field = var[len(ENV_PREFIX):].lower()
             if field not in FIELDS:
                 problems.append(f"unknown environment variable {var}{_suggest(field)}")

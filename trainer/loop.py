@@ -37,6 +37,7 @@ class Diverged(Exception):
 
 def build_accelerator(config: TrainingConfig) -> Accelerator:
     return Accelerator(
+        cpu=not torch.cuda.is_available(),  # Accelerate sets up gloo for several CPU processes only when told
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with="tensorboard",
@@ -146,7 +147,8 @@ def train(config: TrainingConfig, stream=None) -> TrainState:
         with ema_weights(model, ema), accelerator.autocast():
             mine = shard(config.eval_batch_size, rank, world)
             images = sample_images(model, eval_scheduler(config.eval_scheduler, noise_scheduler.config), mine,
-                                   seed=config.seed, num_inference_steps=config.num_inference_steps)
+                                   seed=config.seed, num_inference_steps=config.num_inference_steps,
+                                   eta=config.ddim_eta)
         model.train()
         images = accelerator.gather(images)[: config.eval_batch_size]
         if not accelerator.is_main_process:

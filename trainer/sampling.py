@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 from diffusers.utils import make_image_grid
 from PIL import Image
 
@@ -27,10 +27,14 @@ def shard(num_images: int, rank: int, world_size: int) -> range:
 
 
 @torch.no_grad()
-def sample_images(unet, scheduler, indices: range, *, seed: int, num_inference_steps: int, batch_size: int = 64) -> torch.Tensor:
+def sample_images(
+    unet, scheduler, indices: range, *, seed: int, num_inference_steps: int, eta: float = 1.0, batch_size: int = 64
+) -> torch.Tensor:
     """uint8 images (len(indices), H, W, 3) on the UNet's device, in chunks of at most batch_size."""
-    pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)
+    ddim = isinstance(scheduler, DDIMScheduler)
+    pipeline = (DDIMPipeline if ddim else DDPMPipeline)(unet=unet, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
+    extra = {"eta": eta} if ddim else {}
     chunks = []
     for start in range(indices.start, indices.stop, batch_size):
         part = range(start, min(start + batch_size, indices.stop))
@@ -39,6 +43,7 @@ def sample_images(unet, scheduler, indices: range, *, seed: int, num_inference_s
             generator=image_generators(seed, part),
             num_inference_steps=num_inference_steps,
             output_type="np",
+            **extra,
         ).images
         chunks.append(torch.from_numpy((images * 255).round().astype(np.uint8)))
     empty = torch.empty(0, unet.config.sample_size, unet.config.sample_size, 3, dtype=torch.uint8)

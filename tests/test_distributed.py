@@ -1,0 +1,112 @@
+"""Two real ranks (torchrun, gloo on CPU) against one: sharding, batch-split invariance, rank-0-only outputs,
+the LR schedule under accumulation, sharded sample grids, exact resume (issue 3)."""
+
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, TINY, clean_env
+from helpers import assert_same_run, free_port, run_train, run_until, scalar_series, weights
+
+STEPS = 6
+COMMON = [*TINY, "--max_train_steps", str(STEPS), "--logging_steps", "1", "--learning_rate", "1e-3",
+          "--gradient_accumulation_steps", "2", "--lr_scheduler", "linear", "--lr_warmup_steps", "3",
+          "--checkpointing_steps", "3", "--save_image_epochs", "100", "--eval_batch_size", "5"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    made = {}
+    for name, nproc, batch in (("one", 1, 8), ("two", 2, 4), ("control", 1, 4)):
+        out = root / name
+        made[name] = (out, run_train(nproc, [*COMMON, "--train_batch_size", str(batch), "--output_dir", out]))
+    return made
+
+
+def test_shards_are_disjoint_and_form_the_same_global_batches(tmp_path):
+    for nproc, batch in ((1, 8), (2, 4)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+               "tests/dist_shards.py", str(tmp_path), str(batch)]
+        subprocess.run(cmd, check=True, cwd=REPO, env=clean_env(), capture_output=True)
+    import json
+
+    one = json.loads((tmp_path / "rank0-of-1.json").read_text())
+    r0, r1 = (json.loads((tmp_path / f"rank{r}-of-2.json").read_text()) for r in (0, 1))
+    for epoch in range(2):
+        mine0 = {i for b in r0[epoch] for i in b}
+        mine1 = {i for b in r1[epoch] for i in b}
+        assert not mine0 & mine1, "each rank reads a disjoint shard"
+        assert len(r0[epoch]) == len(r1[epoch]) == len(one[epoch]) == 5
+        for k in range(5):
+            assert r0[epoch][k] + r1[epoch][k] == one[epoch][k], "same images in each global batch"
+    assert one[0] != one[1], "a new order every epoch"
+
+
+def test_two_ranks_match_one_rank_with_the_same_global_batch(runs):
+    losses = {name: scalar_series(out / "logs", "loss") for name, (out, _) in runs.items()}
+    steps = range(1, STEPS + 1)
+    same = max(abs(losses["one"][s] - losses["two"][s]) for s in steps)
+    other = max(abs(losses["one"][s] - losses["control"][s]) for s in steps)
+    assert same < 1e-5, f"loss curves of 2x4 and 1x8 differ by {same}"
+    assert other > 100 * same, "control: a different global batch must differ far more"
+
+    final = f"checkpoints/checkpoint-{STEPS}/model.safetensors"
+    w = {name: weights(out / final) for name, (out, _) in runs.items()}
+    diff = max((w["one"][k] - w["two"][k]).abs().max().item() for k in w["one"])
+    control = max((w["one"][k] - w["control"][k]).abs().max().item() for k in w["one"])
+    assert diff < 1e-5 and control > 100 * diff, (diff, control)
+
+
+def test_global_batch_is_reported(runs):
+    _, proc = runs["two"]
+    assert "global batch 16 = 4 per process x 2 accumulation x 2 processes" in proc.stdout
+    assert proc.stdout.count("global batch") == 1, "only rank 0 prints"
+
+
+def test_lr_schedule_counts_optimizer_updates(runs):
+    # linear warmup over 3 updates to 1e-3, then linear decay to 0 at update 6: accumulation and world size
+    # must not stretch or shrink it (diffusers #3954, #8384).
+    expected = {s: 1e-3 * (s / 3 if s < 3 else (STEPS - s) / (STEPS - 3)) for s in range(1, STEPS + 1)}
+    for name in ("one", "two"):
+        lr = scalar_series(runs[name][0] / "logs", "lr")
+        assert {s: pytest.approx(v, rel=1e-5, abs=1e-12) for s, v in expected.items()} == {s: lr[s] for s in expected}
+
+
+def test_only_rank0_writes_shared_files(runs):
+    one, two = runs["one"][0], runs["two"][0]
+    files_one = {p.relative_to(one).as_posix() for p in one.rglob("*") if p.is_file()}
+    files_two = {p.relative_to(two).as_posix() for p in two.rglob("*") if p.is_file()}
+    extra = {f"checkpoints/checkpoint-{s}/random_states_1.pkl" for s in (3, 6)}  # rank 1's own RNG state
+    strip = lambda files: {f for f in files if "events.out" not in f}
+    assert strip(files_two) == strip(files_one) | extra
+    assert len([f for f in files_two if "events.out" in f]) == 1, "one TensorBoard writer"
+
+
+def test_sample_grid_is_identical_for_any_world_size(tmp_path):
+    # lr 1e-12 leaves the weights bit-identical, so both runs sample the same model; 5 images over 2 ranks
+    # also exercises the uneven split.
+    grids = []
+    for nproc, batch in ((1, 4), (2, 2)):
+        out = tmp_path / f"w{nproc}"
+        run_train(nproc, [*TINY, "--max_train_steps", "1", "--learning_rate", "1e-12", "--train_batch_size", str(batch),
+                          "--eval_batch_size", "5", "--num_inference_steps", "3", "--output_dir", out])
+        grids.append(np.asarray(Image.open(out / "samples" / "0000.png")))
+    assert grids[0].shape == (2 * 16, 3 * 16, 3)  # 5 images: 2 rows of 3
+    assert np.array_equal(grids[0], grids[1])
+    assert grids[0].std() > 10, "a real grid, not a blank image"
+
+
+def test_exact_resume_with_two_ranks(runs, tmp_path):
+    out = tmp_path / "out"
+    args = [*COMMON, "--train_batch_size", "4", "--output_dir", out]
+    code, log = run_until(2, args, "(step 3)", signal.SIGKILL)
+    assert code == -signal.SIGKILL, log
+    resumed = run_train(2, args)
+    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+    assert_same_run(runs["two"][0], out, 4, STEPS)
