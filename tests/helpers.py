@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -34,6 +35,15 @@ def run_train(nproc: int, args, env=None, check=True) -> subprocess.CompletedPro
     return proc
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, as when a pod's container dies. torchrun starts each
+    worker in its own session, so killing torchrun's process group alone would leave the workers running."""
+    descendants = psutil.Process(pid).children(recursive=True)
+    for p in [psutil.Process(pid), *descendants]:
+        p.kill()
+    psutil.wait_procs(descendants)  # not `pid` itself: its exit status belongs to the caller's Popen
+
+
 def run_until(nproc: int, args, needle: str, sig: int) -> tuple[int, str]:
     """Start training, read its output line by line, and send `sig` to the whole process group once a line
     contains `needle`. Returns (exit code, all output)."""
@@ -44,7 +54,7 @@ def run_until(nproc: int, args, needle: str, sig: int) -> tuple[int, str]:
         seen.append(line)
         if needle in line:
             if sig == signal.SIGKILL:
-                os.killpg(proc.pid, sig)
+                kill_tree(proc.pid)
             else:
                 proc.send_signal(sig)
             break
