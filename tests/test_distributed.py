@@ -111,3 +111,20 @@ def test_exact_resume_with_two_ranks(runs, tmp_path):
     resumed = run_train(2, args)
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
     assert_same_run(runs["two"][0], out, 4, STEPS)
+
+
+def test_accelerate_launch_runs_the_same_training_as_torchrun(runs, tmp_path):
+    """`accelerate launch --multi_gpu` (its torchrun-based launcher; gloo on CPU) sets the same rank/world
+    environment, so it must train exactly what torchrun trained."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
+           "-m", "trainer", "train", *map(str, [*COMMON, "--train_batch_size", "4", "--output_dir", out])]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "x 2 processes" in proc.stdout
+    assert scalar_series(out / "logs", "loss") == scalar_series(runs["two"][0] / "logs", "loss")
+    final = f"checkpoints/checkpoint-{STEPS}/model.safetensors"
+    a, b = weights(out / final), weights(runs["two"][0] / final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
