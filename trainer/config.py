@@ -116,6 +116,9 @@ class TrainingConfig(BaseSettings):
     ddim_eta: float = Field(
         1.0, ge=0, le=1, description="DDIM noise: 1 stochastic (forgiving early in training), 0 deterministic"
     )
+    eval_mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "bf16", description="autocast precision for sampling grids (bf16: ~2x faster on CPU with AVX-512 bf16 and on GPUs)"
+    )
 
     # --- logging ---------------------------------------------------------------------------------
     logging_steps: int = Field(10, gt=0, description="optimizer updates between status lines / scalars")
@@ -288,6 +291,8 @@ def cross_field_problems(config: TrainingConfig) -> list[str]:
         problems += e.problems
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         problems.append("mixed_precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
+    if config.eval_mixed_precision == "fp16" and not torch.cuda.is_available():
+        problems.append("eval_mixed_precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
     if config.dataset_name == "imagefolder" and config.train_data_dir is None:
         problems.append("dataset_name imagefolder needs train_data_dir (a folder of images)")
     if config.train_data_dir is not None and config.dataset_name not in ("imagefolder",):

@@ -21,7 +21,7 @@ from trainer.data import TrainDataset, build_dataloader, build_transform, load_i
 from trainer.diffusion import training_loss
 from trainer.distributed import Preemption, local_world_size
 from trainer.model import build_ema, build_noise_scheduler, build_unet, count_parameters
-from trainer.sampling import eval_scheduler, sample_images, shard, to_grid
+from trainer.sampling import sample_for_eval, shard, to_grid
 from trainer.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -144,11 +144,8 @@ def train(config: TrainingConfig, stream=None) -> TrainState:
         """Every rank samples its share of the grid (EMA weights); rank 0 saves it."""
         model = accelerator.unwrap_model(unet)
         model.eval()
-        with ema_weights(model, ema), accelerator.autocast():
-            mine = shard(config.eval_batch_size, rank, world)
-            images = sample_images(model, eval_scheduler(config.eval_scheduler, noise_scheduler.config), mine,
-                                   seed=config.seed, num_inference_steps=config.num_inference_steps,
-                                   eta=config.ddim_eta)
+        with ema_weights(model, ema):
+            images = sample_for_eval(model, config, noise_scheduler.config, shard(config.eval_batch_size, rank, world))
         model.train()
         images = accelerator.gather(images)[: config.eval_batch_size]
         if not accelerator.is_main_process:

@@ -26,11 +26,16 @@ def shard(num_images: int, rank: int, world_size: int) -> range:
     return range(rank * per_rank, (rank + 1) * per_rank)
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @torch.no_grad()
 def sample_images(
-    unet, scheduler, indices: range, *, seed: int, num_inference_steps: int, eta: float = 1.0, batch_size: int = 64
+    unet, scheduler, indices: range, *, seed: int, num_inference_steps: int, eta: float = 1.0, batch_size: int = 64,
+    precision: str = "no",
 ) -> torch.Tensor:
-    """uint8 images (len(indices), H, W, 3) on the UNet's device, in chunks of at most batch_size."""
+    """uint8 images (len(indices), H, W, 3) on the UNet's device, in chunks of at most batch_size. `precision`
+    bf16/fp16 autocasts the UNet only: the sampler's running image stays fp32."""
     ddim = isinstance(scheduler, DDIMScheduler)
     pipeline = (DDIMPipeline if ddim else DDPMPipeline)(unet=unet, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
@@ -38,13 +43,14 @@ def sample_images(
     chunks = []
     for start in range(indices.start, indices.stop, batch_size):
         part = range(start, min(start + batch_size, indices.stop))
-        images = pipeline(
-            batch_size=len(part),
-            generator=image_generators(seed, part),
-            num_inference_steps=num_inference_steps,
-            output_type="np",
-            **extra,
-        ).images
+        with torch.autocast(unet.device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "no"):
+            images = pipeline(
+                batch_size=len(part),
+                generator=image_generators(seed, part),
+                num_inference_steps=num_inference_steps,
+                output_type="np",
+                **extra,
+            ).images
         chunks.append(torch.from_numpy((images * 255).round().astype(np.uint8)))
     empty = torch.empty(0, unet.config.sample_size, unet.config.sample_size, 3, dtype=torch.uint8)
     return torch.cat(chunks).to(unet.device) if chunks else empty.to(unet.device)
@@ -54,6 +60,14 @@ def eval_scheduler(kind: str, train_scheduler_config) -> DDIMScheduler | DDPMSch
     """A fresh sampler (pipelines mutate their scheduler's timesteps) sharing the training noise schedule."""
     cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
     return cls.from_config(train_scheduler_config)
+
+
+def sample_for_eval(unet, config, train_scheduler_config, indices: range) -> torch.Tensor:
+    """What the training loop's evaluation draws (grid and quality images): the configured sampler, steps, eta
+    and eval precision. `ddpm eval` and the benchmark call this too, so they time and score the same thing."""
+    return sample_images(unet, eval_scheduler(config.eval_scheduler, train_scheduler_config), indices,
+                         seed=config.seed, num_inference_steps=config.num_inference_steps, eta=config.ddim_eta,
+                         precision=config.eval_mixed_precision)
 
 
 def to_grid(images: torch.Tensor) -> Image.Image:
