@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import data
+from trainer import data, data_cache
 from trainer.builtin_data import ButterflyImages, render_butterfly
 from trainer.config import TrainingConfig
 
@@ -56,7 +56,7 @@ def test_imagefolder_converts_modes_and_skips_corrupt(tmp_path):
     assert len(source) == 5
     assert len(source.skipped) == 1 and "corrupt.png" in source.skipped[0]
     dataset = data.TrainDataset(source, data.build_transform(config))
-    batch = torch.stack([dataset[i] for i in range(len(dataset))])
+    batch = data.to_model_range(torch.stack([dataset[i] for i in range(len(dataset))]))
     assert batch.shape == (5, 3, 16, 16)
     assert batch.min() >= -1 and batch.max() <= 1 and batch.min() < -0.9 and batch.max() > 0.9
 
@@ -65,11 +65,11 @@ def test_center_crop_keeps_aspect(tmp_path):
     config = TrainingConfig(image_size=8, center_crop=True)
     img = Image.new("RGB", (40, 20), "red")
     img.paste(Image.new("RGB", (5, 20), "blue"), (0, 0))  # a blue band at the left edge: cropped away
-    out = data.build_transform(config)(img)
+    out = data.to_model_range(data.build_transform(config)(img))
     assert out.shape == (3, 8, 8)
     red = torch.tensor([1.0, -1.0, -1.0])[:, None, None]
     assert torch.allclose(out, red.expand(3, 8, 8), atol=0.02)
-    squashed = data.build_transform(TrainingConfig(image_size=8))(img)  # the tutorial's Resize((s, s)) keeps it
+    squashed = data.to_model_range(data.build_transform(TrainingConfig(image_size=8))(img))  # the tutorial's Resize((s, s)) keeps it
     assert squashed[2, :, 0].mean() > 0
 
 
@@ -104,3 +104,57 @@ def test_workers_follow_affinity_not_node(monkeypatch):
     assert data.default_num_workers(local_world_size=4) == 1
     monkeypatch.setattr(data, "available_cpus", lambda: 1)
     assert data.default_num_workers(local_world_size=1) == 0
+
+
+def test_data_cache_matches_decoding_and_is_reused(tmp_path):
+    folder = make_folder(tmp_path / "imgs")
+    config = TrainingConfig(dataset_name="imagefolder", train_data_dir=folder, image_size=16,
+                            output_dir=tmp_path / "run")
+    decoded = data.TrainDataset(data.load_image_source(config), data.build_transform(config))
+
+    source = data.load_image_source(config, scan=False)
+    cached, built = data_cache.cached_dataset(config, source)
+    assert built and len(cached) == len(decoded) == 5
+    assert len(source.skipped) == 1 and "corrupt.png" in source.skipped[0], "the build pass finds corrupt files"
+    for i in range(5):
+        assert cached[i].dtype == torch.uint8 and torch.equal(cached[i], decoded[i]), "same pixels as decoding"
+
+    again, built = data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    assert not built and torch.equal(again[4], cached[4]), "a second run maps the same file"
+    other = TrainingConfig(dataset_name="imagefolder", train_data_dir=folder, image_size=8, output_dir=tmp_path / "run")
+    assert data_cache.cache_path(other, source) != data_cache.cache_path(config, source), "size is part of the key"
+    (folder / "new.png").write_bytes((folder / "gray.png").read_bytes())
+    assert data_cache.cache_path(config, data.load_image_source(config, scan=False)) != data_cache.cache_path(
+        config, source), "new files make a new cache"
+
+
+def test_failed_cache_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    config = TrainingConfig(image_size=8, builtin_num_images=8, data_cache_dir=tmp_path / "cache")
+    real_write = data_cache._write
+
+    def disk_full(config, source, tmp):
+        real_write(config, source, tmp)  # the whole array is on disk under its temporary name...
+        raise OSError(28, "No space left on device")  # ...when the sidecar cannot be written
+
+    monkeypatch.setattr(data_cache, "_write", disk_full)
+    with pytest.raises(data.DataError, match="cannot write the data cache .* data_cache_dir"):
+        data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    assert list((tmp_path / "cache").iterdir()) == []
+    monkeypatch.setattr(data_cache, "_write", real_write)
+    assert data_cache.cached_dataset(config, data.load_image_source(config, scan=False))[1]
+
+
+def test_training_with_and_without_the_cache_is_identical(tmp_path):
+    """The cache changes where pixels come from, not the pixels: the same run, bit for bit."""
+    from conftest import TINY
+    from helpers import run_train, scalar_series, weights
+
+    outs = {}
+    for cache in ("true", "false"):
+        outs[cache] = tmp_path / cache
+        log = run_train(1, [*TINY, "--max_train_steps", "3", "--logging_steps", "1", "--data_cache", cache,
+                            "--save_image_epochs", "100", "--eval_quality_images", "0", "--output_dir", outs[cache]])
+        assert ("data cache" in log.stdout) == (cache == "true")
+    assert scalar_series(outs["true"] / "logs", "loss") == scalar_series(outs["false"] / "logs", "loss")
+    a, b = (weights(o / "unet" / "diffusion_pytorch_model.safetensors") for o in outs.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)

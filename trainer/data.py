@@ -2,6 +2,8 @@
 
 Random horizontal flips are not done here: the training step draws them per global batch from the seed and the
 step (trainer.diffusion), so data loading is deterministic and resume/world-size changes cannot alter them.
+Images travel as uint8 (a quarter of the bytes of float32 through workers, pinned memory and the host-to-device
+copy); `to_model_range` scales them to [-1, 1] on the device.
 """
 
 from __future__ import annotations
@@ -37,13 +39,15 @@ class ImageSource:
     length: int
     load: Callable[[int], Image.Image]
     skipped: list[str] = field(default_factory=list)  # unreadable entries, with the reason
-    indices: list[int] | None = None  # the readable entries (None: all)
+    indices: list[int] | None = None  # the readable entries (None: all, or not scanned yet)
+    fingerprint: str = ""  # changes when the images change (datasets' fingerprint); keys the tensor cache
+    describe: Callable[[int], str] = str  # entry i for error messages (its file path where known)
 
     def __len__(self) -> int:
         return self.length if self.indices is None else len(self.indices)
 
 
-def _hf_source(name: str, dataset) -> ImageSource:
+def _hf_source(name: str, dataset, scan: bool) -> ImageSource:
     from datasets import Image as ImageFeature
 
     column = next((c for c, f in dataset.features.items() if isinstance(f, ImageFeature)), None)
@@ -62,8 +66,9 @@ def _hf_source(name: str, dataset) -> ImageSource:
         item = raw[i][column]
         return item.get("path") or f"row {i}"
 
-    source = ImageSource(name, len(raw), load)
-    _drop_unreadable(source, describe)
+    source = ImageSource(name, len(raw), load, fingerprint=dataset._fingerprint, describe=describe)
+    if scan:
+        _drop_unreadable(source, describe)
     return source
 
 
@@ -79,10 +84,13 @@ def _drop_unreadable(source: ImageSource, describe: Callable[[int], str]) -> Non
     source.indices = good
 
 
-def load_image_source(config: TrainingConfig) -> ImageSource:
+def load_image_source(config: TrainingConfig, scan: bool = True) -> ImageSource:
+    """The configured images. `scan` decodes every image once to find unreadable ones; the tensor cache
+    (trainer.data_cache) skips it, since building the cache decodes every image anyway."""
     if config.dataset_name == "builtin:butterflies":
         images = ButterflyImages(config.builtin_num_images, config.image_size)
-        return ImageSource(config.dataset_name, len(images), images.__getitem__)
+        return ImageSource(config.dataset_name, len(images), images.__getitem__,
+                           fingerprint=f"{config.dataset_name}:{len(images)}:{config.image_size}")
 
     import datasets
 
@@ -93,7 +101,7 @@ def load_image_source(config: TrainingConfig) -> ImageSource:
         if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*")):
             raise DataError(f"train_data_dir {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
-        source = _hf_source(f"imagefolder:{folder}", dataset)
+        source = _hf_source(f"imagefolder:{folder}", dataset, scan)
     else:
         try:
             dataset = datasets.load_dataset(config.dataset_name, split="train")
@@ -109,25 +117,33 @@ def load_image_source(config: TrainingConfig) -> ImageSource:
                 f"  {hint}download it where you have network (it lands in HF_HOME's cache), or copy the images "
                 f"into a folder and use dataset_name: imagefolder with train_data_dir, or use builtin:butterflies"
             ) from e
-        source = _hf_source(config.dataset_name, dataset)
+        source = _hf_source(config.dataset_name, dataset, scan)
 
-    if not len(source):
+    if scan and not len(source):
         raise DataError(f"dataset {source.name} has no readable images ({len(source.skipped)} unreadable)")
     return source
 
 
 def build_transform(config: TrainingConfig) -> transforms.Compose:
-    """The tutorial's preprocessing (minus the flip, see module doc), after .convert('RGB')."""
+    """The tutorial's preprocessing, after .convert('RGB'), to a uint8 CHW tensor: the flip is drawn in the step
+    and ToTensor/Normalize are `to_model_range` on the device (see module doc)."""
     size = config.image_size
     resize = (
         [transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR), transforms.CenterCrop(size)]
         if config.center_crop
         else [transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BILINEAR)]
     )
-    return transforms.Compose([*resize, transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+    return transforms.Compose([*resize, transforms.PILToTensor()])
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]: the tutorial's ToTensor + Normalize([0.5], [0.5])."""
+    return images.float().div_(127.5).sub_(1.0)
 
 
 class TrainDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses on every access (the tutorial's way); `data_cache` replaces it with CachedImages."""
+
     def __init__(self, source: ImageSource, transform: Callable):
         self.source, self.transform = source, transform
 
@@ -162,10 +178,11 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def build_dataloader(config: TrainingConfig, dataset: TrainDataset, local_world_size: int) -> torch.utils.data.DataLoader:
+def build_dataloader(config: TrainingConfig, dataset, local_world_size: int) -> torch.utils.data.DataLoader:
     workers = config.dataloader_num_workers
     if workers is None:
-        workers = default_num_workers(local_world_size)
+        # Slicing a memory-mapped cache costs microseconds: worker processes would only add IPC.
+        workers = 0 if getattr(dataset, "cached", False) else default_num_workers(local_world_size)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=config.train_batch_size,

@@ -26,8 +26,12 @@ def format_status(step: int, total: int, epoch: int, scalars: dict[str, float], 
 
 
 class Tracker:
-    def __init__(self, accelerator: Accelerator, total_steps: int, start_step: int, stream=None):
+    def __init__(self, accelerator: Accelerator, total_steps: int, start_step: int, stream=None, *,
+                 flops_per_image: float = 0.0, peak_flops: float | None = None):
         self.accelerator = accelerator
+        self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
+        self.data_wait = 0.0  # seconds the loop waited for batches since the last log
+        self.first_update_s = None
         self.total, self.stream = total_steps, stream or sys.stdout
         self.bar = None
         if accelerator.is_main_process and self.stream.isatty():
@@ -36,20 +40,40 @@ class Tracker:
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, file=self.stream)
         self._last_time, self._last_step = time.perf_counter(), start_step
 
+    def timed(self, batches):
+        """Yield from `batches`, adding the time spent waiting for each to data_wait (host clock only)."""
+        iterator = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.data_wait += time.perf_counter() - start
+            yield batch
+
     def tensorboard(self):
         return self.accelerator.get_tracker("tensorboard", unwrap=True) if self.accelerator.is_main_process else None
 
     def step(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
+        if self.first_update_s is None:  # warm-up (allocator, cuDNN autotune, torch.compile) shown apart
+            self.first_update_s = time.perf_counter() - self._last_time
+            self.message(f"first update took {self.first_update_s:.1f} s (warm-up, torch.compile if on)")
 
     def log(self, step: int, epoch: int, scalars: dict[str, float], images_per_step: int) -> dict[str, float]:
         """Log the scalars of the last interval; adds images/s. Called on every rank (tracker writes on rank 0)."""
         now = time.perf_counter()
         steps = max(1, step - self._last_step)
         seconds_per_step = (now - self._last_time) / steps
-        scalars = dict(scalars, images_per_sec=images_per_step / max(seconds_per_step, 1e-9), epoch=epoch)
-        self._last_time, self._last_step = now, step
+        images_per_sec = images_per_step / max(seconds_per_step, 1e-9)
+        scalars = dict(scalars, images_per_sec=images_per_sec, epoch=epoch,
+                       data_wait_share=self.data_wait / max(now - self._last_time, 1e-9),
+                       tflops_per_sec=self.flops_per_image * images_per_sec / 1e12)
+        if self.peak_flops:
+            scalars["mfu"] = self.flops_per_image * images_per_sec / self.peak_flops
+        self._last_time, self._last_step, self.data_wait = now, step, 0.0
         self.accelerator.log(scalars, step=step)
         if self.accelerator.is_main_process:
             eta = (self.total - step) * seconds_per_step
