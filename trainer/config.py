@@ -73,7 +73,13 @@ class TrainingConfig(BaseSettings):
     center_crop: bool = Field(False, description="center-crop to a square before resizing")
     random_flip: bool = Field(True, description="random horizontal flips (drawn per step from the seed)")
     dataloader_num_workers: int | None = Field(
-        None, ge=0, description="DataLoader workers per process; default from the CPUs this process may use"
+        None, ge=0, description="DataLoader workers per process; default 0 with data_cache, else from the CPUs this process may use"
+    )
+    data_cache: bool = Field(
+        True, description="decode+resize every image once into a uint8 array on disk, memory-mapped by all ranks and later runs"
+    )
+    data_cache_dir: Path | None = Field(
+        None, description="where data_cache lives; default <output_dir>/data_cache (a shared volume path reuses it across runs)"
     )
 
     # --- length ----------------------------------------------------------------------------------
@@ -119,6 +125,22 @@ class TrainingConfig(BaseSettings):
     eval_mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "bf16", description="autocast precision for sampling grids (bf16: ~2x faster on CPU with AVX-512 bf16 and on GPUs)"
     )
+    eval_quality_images: int = Field(
+        32, ge=0, description="images scored at each evaluation (sliced Wasserstein distance to as many training "
+        "images, TensorBoard quality/*; README: Sample quality); the grid is the first eval_batch_size of them; 0: off",
+    )
+
+    # --- speed (docs/PERFORMANCE.md has the measurements behind each default) ---------------------
+    optimizer_impl: Literal["fused", "foreach"] = Field(
+        "fused", description="AdamW kernel; fused also skips non-finite updates on device, foreach needs a host sync for that"
+    )
+    channels_last: bool = Field(False, description="NHWC memory format for the UNet and its inputs")
+    torch_compile: bool = Field(False, description="torch.compile the UNet (compile time is logged separately)")
+    allow_tf32: bool = Field(True, description="CUDA: TF32 matmuls/convolutions for fp32 work (Ampere and newer)")
+    cudnn_benchmark: bool = Field(True, description="CUDA: let cuDNN pick the fastest convolution kernels for the fixed shapes")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="device peak TFLOP/s for the MFU scalar; default from a table of common GPUs (trainer/perf.py)"
+    )
 
     # --- logging ---------------------------------------------------------------------------------
     logging_steps: int = Field(10, gt=0, description="optimizer updates between status lines / scalars")
@@ -144,6 +166,10 @@ class TrainingConfig(BaseSettings):
     @property
     def logging_dir(self) -> Path:
         return Path(self.output_dir) / "logs"
+
+    @property
+    def resolved_data_cache_dir(self) -> Path:
+        return Path(self.data_cache_dir or Path(self.output_dir) / "data_cache")
 
     def global_batch_size(self, world_size: int) -> int:
         return self.train_batch_size * self.gradient_accumulation_steps * world_size
@@ -299,6 +325,8 @@ def cross_field_problems(config: TrainingConfig) -> list[str]:
         problems.append(f"train_data_dir is set but dataset_name is '{config.dataset_name}'; set dataset_name: imagefolder")
     if config.dataset_name.startswith("builtin:") and config.dataset_name != "builtin:butterflies":
         problems.append(f"unknown built-in dataset '{config.dataset_name}'; the built-in dataset is builtin:butterflies")
+    if config.eval_quality_images == 1:
+        problems.append("eval_quality_images must be 0 (off) or at least 2 (a distance between sets of images)")
     if config.eval_scheduler == "ddpm" and config.num_inference_steps > config.ddpm_num_steps:
         problems.append(f"num_inference_steps {config.num_inference_steps} exceeds ddpm_num_steps {config.ddpm_num_steps}")
     if config.resume_from_checkpoint not in ("auto", "latest", "none") and not Path(config.resume_from_checkpoint).is_dir():

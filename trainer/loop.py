@@ -14,13 +14,15 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
-from trainer import checkpoint, outputs
+from trainer import checkpoint, outputs, quality
 from trainer.checkpoint import TrainState
 from trainer.config import TrainingConfig, config_yaml
-from trainer.data import TrainDataset, build_dataloader, build_transform, load_image_source
+from trainer.data import TrainDataset, build_dataloader, build_transform, load_image_source, to_model_range
+from trainer.data_cache import cache_path, cached_dataset
 from trainer.diffusion import training_loss
 from trainer.distributed import Preemption, local_world_size
 from trainer.model import build_ema, build_noise_scheduler, build_unet, count_parameters
+from trainer.perf import peak_flops, training_flops_per_image
 from trainer.sampling import sample_for_eval, shard, to_grid
 from trainer.tracking import Tracker
 
@@ -42,15 +44,27 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(config.output_dir), logging_dir=str(config.logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=config.seed, non_blocking=torch.cuda.is_available()  # with pinned memory
+        ),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.process_group_timeout_seconds))],
         step_scheduler_with_optimizer=False,  # we step the LR schedule once per optimizer update ourselves
     )
 
 
-def skip_update_if_nonfinite(optimizer, bad: torch.Tensor) -> None:
-    """Skip the update on device (fused AdamW reads `found_inf`, as under AMP): no host sync."""
-    optimizer.optimizer.found_inf = bad.float()
+def skip_update_if_nonfinite(optimizer, bad: torch.Tensor, impl: str) -> bool:
+    """Whether to call optimizer.step(). Fused AdamW skips on device (it reads `found_inf`, as under AMP): no
+    host sync. Foreach AdamW cannot, so it pays one host sync per update to decide."""
+    if impl == "fused":
+        optimizer.optimizer.found_inf = bad.float()
+        return True
+    return not bad.item()
+
+
+def set_backend_flags(config: TrainingConfig) -> None:
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.allow_tf32
+        torch.backends.cudnn.benchmark = config.cudnn_benchmark
 
 
 @contextmanager
@@ -71,6 +85,7 @@ def train(config: TrainingConfig, stream=None) -> TrainState:
     accelerator = build_accelerator(config)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(config.seed)  # weight init only: noise, flips and data order have their own seeded streams
+    set_backend_flags(config)
 
     # --- output_dir: every rank checks, rank 0 writes -------------------------------------------------------
     clear = outputs.check_output_dir(config)
@@ -85,15 +100,26 @@ def train(config: TrainingConfig, stream=None) -> TrainState:
         outputs.write_resolved_config(config)
 
     # --- data, model, optimizer ---------------------------------------------------------------------------
-    source = load_image_source(config)
-    dataloader = build_dataloader(config, TrainDataset(source, build_transform(config)), local_world_size())
+    source = load_image_source(config, scan=not config.data_cache)
+    if config.data_cache:
+        with accelerator.local_main_process_first():  # one process per node builds it, the others then map it
+            dataset, built = cached_dataset(config, source)
+    else:
+        dataset = TrainDataset(source, build_transform(config))
+    dataloader = build_dataloader(config, dataset, local_world_size())
     noise_scheduler = build_noise_scheduler(config)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    unet.to(memory_format=memory_format)
     ema = build_ema(config, unet)
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=True,
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+        fused=config.optimizer_impl == "fused", foreach=config.optimizer_impl == "foreach",
     )
     unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+    # Only the training step is compiled (as Accelerate does, around the DDP wrapper): checkpoints keep their keys
+    # and the sample grids run eager instead of compiling again for their shapes and precision.
+    forward = torch.compile(unet) if config.torch_compile else unet
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
@@ -121,7 +147,9 @@ def train(config: TrainingConfig, stream=None) -> TrainState:
         state.load_state_dict(json.loads((resume / checkpoint.STATE_FILE).read_text()))
 
     accelerator.init_trackers("train")
-    tracker = Tracker(accelerator, total_steps, state.global_step, stream)
+    flops, peak = training_flops_per_image(config), peak_flops(config, accelerator.device)
+    tracker = Tracker(accelerator, total_steps, state.global_step, stream,
+                      flops_per_image=flops, peak_flops=peak * world if peak else None)  # MFU of all devices
     global_batch = config.global_batch_size(world)
     tracker.message(
         f"dataset {source.name}: {len(source)} images"
@@ -132,6 +160,9 @@ def train(config: TrainingConfig, stream=None) -> TrainState:
         f"accumulation x {world} processes | {steps_per_epoch} steps/epoch | {total_steps} total steps "
         f"({num_epochs} epochs) | UNet {count_parameters(unet):,} parameters | {accelerator.device} {config.mixed_precision}"
     )
+    if config.data_cache:
+        tracker.message(f"data cache {cache_path(config, source)} ({'built now' if built else 'reused'})")
+    tracker.message(f"{flops / 1e9:.2f} GFLOP per trained image (forward+backward)")
     tracker.message(
         f"resumed from {resume} at step {state.global_step} epoch {state.global_step // steps_per_epoch}"
         if resume else "starting fresh at step 0 (no checkpoint to resume)"
@@ -139,18 +170,28 @@ def train(config: TrainingConfig, stream=None) -> TrainState:
     tracker.text("config", "```yaml\n" + config_yaml(config) + "```")
     if source.skipped:
         tracker.text("data/skipped", "\n".join(source.skipped))
+    num_quality = quality.num_quality_images(config, len(dataset))  # scored at each evaluation (0: off)
+    reference = None  # the real images they are compared with: fixed for the run, rank 0 only
+    if num_quality and accelerator.is_main_process:
+        reference = quality.real_images(config, num_quality, dataset=dataset, device=accelerator.device)
+        tracker.message(f"sample quality: {num_quality} generated vs {num_quality} training images at each evaluation")
 
     def evaluate(epoch: int) -> Path | None:
-        """Every rank samples its share of the grid (EMA weights); rank 0 saves it."""
+        """Every rank samples its share of the images (EMA weights); rank 0 scores them and saves the grid."""
         model = accelerator.unwrap_model(unet)
         model.eval()
+        num_images = max(config.eval_batch_size, num_quality)
         with ema_weights(model, ema):
-            images = sample_for_eval(model, config, noise_scheduler.config, shard(config.eval_batch_size, rank, world))
+            images = sample_for_eval(model, config, noise_scheduler.config, shard(num_images, rank, world))
         model.train()
-        images = accelerator.gather(images)[: config.eval_batch_size]
+        images = accelerator.gather(images)[:num_images]
         if not accelerator.is_main_process:
             return None
-        grid = to_grid(images)
+        if reference is not None:
+            scores = quality.swd(reference, images[:num_quality], seed=config.seed)
+            accelerator.log({f"quality/{name}": value for name, value in scores.items()}, step=state.global_step)
+            tracker.message(f"sample quality at step {state.global_step}: {quality.format_scores(scores)}")
+        grid = to_grid(images[: config.eval_batch_size])
         path = Path(config.output_dir) / "samples" / f"{epoch:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
@@ -185,17 +226,20 @@ def train(config: TrainingConfig, stream=None) -> TrainState:
             dataloader.set_epoch(epoch)
             first = skip if epoch == start_epoch else 0
             batches = accelerator.skip_first_batches(dataloader, first) if first else dataloader
-            for i, clean in enumerate(batches, start=first):
+            for i, images in enumerate(tracker.timed(batches), start=first):
+                clean = to_model_range(images).contiguous(memory_format=memory_format)
                 with accelerator.accumulate(unet):
-                    loss = training_loss(unet, noise_scheduler, clean, seed=config.seed,
+                    loss = training_loss(forward, noise_scheduler, clean, seed=config.seed,
                                          micro_step=epoch * len(dataloader) + i, rank=rank, world_size=world,
                                          random_flip=config.random_flip)
                     accelerator.backward(loss)
+                    update = True
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
                         bad = ~torch.isfinite(grad_norm)
-                        skip_update_if_nonfinite(optimizer, bad)
-                    optimizer.step()
+                        update = skip_update_if_nonfinite(optimizer, bad, config.optimizer_impl)
+                    if update:
+                        optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 finite = torch.isfinite(loss.detach())
                 stats[0] += torch.where(finite, loss.detach(), 0.0)
