@@ -330,6 +330,7 @@ def test_config_map_carries_the_config_and_the_per_release_paths():
     docs = render(merge(BUSY, {"config": {"max_train_steps": 1000, "mixed_precision": "bf16"}}))
     config = yaml.safe_load(one(docs, "ConfigMap")["data"]["config.yaml"])
     assert config["output_dir"] == f"/data/{RELEASE}/output"
+    assert config["data_cache_dir"] == f"/data/{RELEASE}/data-cache", "outside the run: reused by the next one"
     assert config["train_batch_size"] == 32 and config["max_train_steps"] == 1000
     assert float(config["learning_rate"]) == 3e-4
     pod = one(docs, "Job")["spec"]["template"]["spec"]
@@ -455,6 +456,7 @@ def test_schema_rejects(values, message):
     ({"config": {"preemption_grace_seconds": 300}}, "must be larger than config.preemption_grace_seconds=300"),
     ({"resources": {"limits": {"nvidia.com/gpu": 2}}}, "resources.limits must not set nvidia.com/gpu"),
     ({"config": {"output_dir": "/tmp/run"}}, "config.output_dir=/tmp/run is not on the volume"),
+    ({"config": {"data_cache_dir": "/cache"}}, "config.data_cache_dir=/cache is not on the volume"),
     ({"backend": "trainjob", "priorityClassName": "high"}, "priorityClassName cannot be set on a TrainJob"),
     ({"extraEnv": [{"name": "HF_TOKEN", "value": "hf_leak"}]}, "extraEnv HF_TOKEN has a literal value"),
 ])

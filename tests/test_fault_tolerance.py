@@ -117,10 +117,12 @@ def test_sigterm_saves_exits_75_and_resumes(tmp_path):
     assert (out / "training_complete.json").exists()
 
 
-def test_nonfinite_losses_skip_the_update(tmp_path):
+@pytest.mark.parametrize("impl", ["fused", "foreach"])  # fused skips on device, foreach after a host sync
+def test_nonfinite_losses_skip_the_update(tmp_path, impl):
     out = tmp_path / "out"
     args = [*TINY, "--max_train_steps", "6", "--logging_steps", "1", "--checkpointing_steps", "1",
-            "--checkpoints_total_limit", "10", "--output_dir", out, "--save_image_epochs", "100"]
+            "--checkpoints_total_limit", "10", "--output_dir", out, "--save_image_epochs", "100",
+            "--optimizer_impl", impl]
     # micro-steps 3 and 4 are optimizer steps 4 and 5
     proc = subprocess.run([sys.executable, "tests/nan_driver.py", "3,4", "train", *map(str, args)],
                           capture_output=True, text=True, cwd=REPO, env=clean_env())

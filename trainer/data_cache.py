@@ -19,7 +19,7 @@ import torch
 from numpy.lib.format import open_memmap
 
 from trainer.config import TrainingConfig
-from trainer.data import DataError, ImageSource, available_cpus, build_transform
+from trainer.data import DataError, ImageSource, TrainDataset, available_cpus, build_transform, load_image_source
 
 CACHE_VERSION = 1  # bump when build_transform's output changes
 
@@ -120,3 +120,14 @@ def cached_dataset(config: TrainingConfig, source: ImageSource) -> tuple[CachedI
     if not meta["rows"]:
         raise DataError(f"dataset {source.name} has no readable images ({len(meta['skipped'])} unreadable)")
     return CachedImages(np.load(path, mmap_mode="r"), meta["rows"]), built
+
+
+def training_dataset(config: TrainingConfig, main_process_first) -> tuple[ImageSource, torch.utils.data.Dataset, str]:
+    """The images the loop trains on: (source, dataset, a line for the log). `main_process_first` is Accelerate's
+    local_main_process_first: one process per node builds the cache, the others then map it."""
+    source = load_image_source(config, scan=not config.data_cache)
+    if not config.data_cache:
+        return source, TrainDataset(source, build_transform(config)), "data cache off: decoding every epoch"
+    with main_process_first():
+        dataset, built = cached_dataset(config, source)
+    return source, dataset, f"data cache {cache_path(config, source)} ({'built now' if built else 'reused'})"

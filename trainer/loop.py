@@ -17,8 +17,8 @@ from diffusers.optimization import get_scheduler
 from trainer import checkpoint, outputs, quality
 from trainer.checkpoint import TrainState
 from trainer.config import TrainingConfig, config_yaml
-from trainer.data import TrainDataset, build_dataloader, build_transform, load_image_source, to_model_range
-from trainer.data_cache import cache_path, cached_dataset
+from trainer.data import build_dataloader, to_model_range
+from trainer.data_cache import training_dataset
 from trainer.diffusion import training_loss
 from trainer.distributed import Preemption, local_world_size
 from trainer.model import build_ema, build_noise_scheduler, build_unet, count_parameters
@@ -100,12 +100,7 @@ def train(config: TrainingConfig, stream=None) -> TrainState:
         outputs.write_resolved_config(config)
 
     # --- data, model, optimizer ---------------------------------------------------------------------------
-    source = load_image_source(config, scan=not config.data_cache)
-    if config.data_cache:
-        with accelerator.local_main_process_first():  # one process per node builds it, the others then map it
-            dataset, built = cached_dataset(config, source)
-    else:
-        dataset = TrainDataset(source, build_transform(config))
+    source, dataset, data_note = training_dataset(config, accelerator.local_main_process_first)
     dataloader = build_dataloader(config, dataset, local_world_size())
     noise_scheduler = build_noise_scheduler(config)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -160,8 +155,7 @@ def train(config: TrainingConfig, stream=None) -> TrainState:
         f"accumulation x {world} processes | {steps_per_epoch} steps/epoch | {total_steps} total steps "
         f"({num_epochs} epochs) | UNet {count_parameters(unet):,} parameters | {accelerator.device} {config.mixed_precision}"
     )
-    if config.data_cache:
-        tracker.message(f"data cache {cache_path(config, source)} ({'built now' if built else 'reused'})")
+    tracker.message(data_note)
     tracker.message(f"{flops / 1e9:.2f} GFLOP per trained image (forward+backward)")
     tracker.message(
         f"resumed from {resume} at step {state.global_step} epoch {state.global_step // steps_per_epoch}"

@@ -27,14 +27,16 @@ PEAK_TFLOPS = (
 
 
 def training_flops_per_image(config: TrainingConfig) -> float:
-    """FLOPs of one training forward+backward per image at config.image_size."""
+    """FLOPs of one training forward+backward per image at config.image_size, counted on a micro-batch of
+    train_batch_size (a few FLOPs per batch, e.g. the timestep MLP's weight gradient, do not scale with it)."""
+    batch = config.train_batch_size
     with torch.device("meta"):
         unet = build_unet(config)
-        x = torch.zeros(1, unet.config.in_channels, config.image_size, config.image_size)
-        t = torch.zeros(1, dtype=torch.long)
+        x = torch.zeros(batch, unet.config.in_channels, config.image_size, config.image_size)
+        t = torch.zeros(batch, dtype=torch.long)
     with FlopCounterMode(display=False) as counter:
         unet(x, t, return_dict=False)[0].sum().backward()
-    return float(counter.get_total_flops())
+    return counter.get_total_flops() / batch
 
 
 def peak_flops(config: TrainingConfig, device: torch.device) -> float | None:

@@ -15,10 +15,12 @@
 {{- define "ddpm.hfHome" -}}{{ include "ddpm.dataPath" . }}/hf-cache{{- end }}
 {{- define "ddpm.completionMarker" -}}{{ include "ddpm.outputDir" . }}/training_complete.json{{- end }}
 
-{{/* The trainer's config file: .Values.config with output_dir on this release's folder. */}}
+{{/* The trainer's config file: .Values.config with output_dir and the decoded-data cache on this release's
+folder (the cache outlives a run, so a re-install with the same images skips decoding). */}}
 {{- define "ddpm.configYaml" -}}
 {{- $config := deepCopy .Values.config }}
 {{- $_ := set $config "output_dir" (include "ddpm.outputDir" .) }}
+{{- $_ := set $config "data_cache_dir" (.Values.config.data_cache_dir | default (printf "%s/data-cache" (include "ddpm.dataPath" .))) }}
 {{- toYaml $config }}
 {{- end }}
 

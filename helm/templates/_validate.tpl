@@ -38,6 +38,12 @@ checked each value on its own). Included by configmap.yaml, which every install 
 {{- $problems = append $problems "resources.requests must not set nvidia.com/gpu: the chart sets it from gpus and gpusPerNode" }}
 {{- end }}
 
+{{- with $v.config.data_cache_dir }}
+{{- if not (hasPrefix "/data/" .) }}
+{{- $problems = append $problems (printf "config.data_cache_dir=%s is not on the volume: leave it unset (default %s/data-cache) or use a path under /data/" . (include "ddpm.dataPath" $)) }}
+{{- end }}
+{{- end }}
+
 {{- with $v.config.output_dir }}
 {{- if not (hasPrefix "/data/" .) }}
 {{- $problems = append $problems (printf "config.output_dir=%s is not on the volume: leave it unset (default %s/output) or use a path under /data/" . (include "ddpm.dataPath" $)) }}
