@@ -11,6 +11,7 @@ import time
 from datetime import timedelta
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 
 
@@ -73,6 +74,8 @@ class Tracker:
                        tflops_per_sec=self.flops_per_image * images_per_sec / 1e12)
         if self.peak_flops:
             scalars["mfu"] = self.flops_per_image * images_per_sec / self.peak_flops
+        if torch.cuda.is_available():  # bytes, this rank's peak so far (rank 0's is what TensorBoard shows)
+            scalars["cuda_max_memory_allocated"] = float(torch.cuda.max_memory_allocated())
         self._last_time, self._last_step, self.data_wait = now, step, 0.0
         self.accelerator.log(scalars, step=step)
         if self.accelerator.is_main_process:
