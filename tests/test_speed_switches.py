@@ -25,8 +25,9 @@ def final_weights(out):
 @pytest.mark.parametrize("switch", [
     ["--channels_last", "true"],
     ["--optimizer_impl", "foreach"],
+    ["--sdpa_attention", "false"],
     ["--torch_compile", "true", "--channels_last", "true"],  # the slow one (~1-2 min of compiling on 2 cores)
-], ids=["channels_last", "foreach", "compile"])
+], ids=["channels_last", "foreach", "no-sdpa", "compile"])
 def test_switch_keeps_the_loss_curve(default_run, tmp_path, switch):
     out = tmp_path / "out"
     run_train(1, [*ARGS, *switch, "--output_dir", out])

@@ -136,6 +136,9 @@ class TrainingConfig(BaseSettings):
     )
     channels_last: bool = Field(False, description="NHWC memory format for the UNet and its inputs")
     torch_compile: bool = Field(False, description="torch.compile the UNet (compile time is logged separately)")
+    sdpa_attention: bool = Field(
+        True, description="attention through torch's scaled_dot_product_attention kernels; false: diffusers' plain matmul processor"
+    )
     allow_tf32: bool = Field(True, description="CUDA: TF32 matmuls/convolutions for fp32 work (Ampere and newer)")
     cudnn_benchmark: bool = Field(True, description="CUDA: let cuDNN pick the fastest convolution kernels for the fixed shapes")
     peak_tflops: float | None = Field(

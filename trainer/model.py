@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor
 from diffusers.training_utils import EMAModel
 
 from trainer.config import TrainingConfig
@@ -54,7 +55,12 @@ def unet_config(config: TrainingConfig) -> dict[str, Any]:
 
 
 def build_unet(config: TrainingConfig) -> UNet2DModel:
-    return UNet2DModel(**unet_config(config))
+    unet = UNet2DModel(**unet_config(config))
+    if not config.sdpa_attention:  # diffusers' default processor is SDPA (flash/memory-efficient kernels)
+        for module in unet.modules():
+            if isinstance(module, Attention):
+                module.set_processor(AttnProcessor())
+    return unet
 
 
 def build_noise_scheduler(config: TrainingConfig) -> DDPMScheduler:
