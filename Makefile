@@ -42,6 +42,13 @@ demo: venv
 test: tools
 	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q tests
 
+# The tutorial's training loop against `ddpm train`, side by side (about 25-30 minutes on 2 CPU cores; see
+# docs/PERFORMANCE.md). Writes bench/results/latest.{json,md} and the generated section of docs/PERFORMANCE.md.
+# BENCH_ARGS passes options through, e.g. `make bench BENCH_ARGS=--quick`.
+.PHONY: bench
+bench: venv
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) $(TOOLS) runs
 

@@ -1,0 +1,99 @@
+"""bench/run.py's pure helpers: the steady-state window, ratios, loss summaries, the Markdown and its splicing into
+docs/PERFORMANCE.md. Nothing is trained or timed here (the benchmark itself is `make bench`)."""
+
+import importlib.util
+
+import pytest
+
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_steady_window_skips_the_warm_up_prefix_and_the_first_interval():
+    # ours: logged every 5 updates, 0.5 s/step after a slow first interval
+    points = [(5, 110.0)] + [(s, 110.0 + (s - 5) * 0.5) for s in range(10, 101, 5)]
+    w = bench.steady_window(points, 100)
+    assert (w["first_step"], w["last_step"]) == (20, 100)  # 20% of 100 steps
+    assert w["seconds_per_step"] == pytest.approx(0.5)
+    # a short run: the first logged interval is still skipped
+    w = bench.steady_window([(5, 10.0), (10, 12.0), (15, 13.0), (20, 14.0)], 20)
+    assert w["first_step"] == 5 and w["seconds_per_step"] == pytest.approx(4 / 15)
+
+
+def test_steady_window_needs_two_points_after_the_prefix():
+    with pytest.raises(ValueError, match="no steady window"):
+        bench.steady_window([(5, 1.0), (10, 2.0)], 100)
+
+
+def test_startup_is_the_time_before_steady_training_would_have_begun():
+    window = {"first_step": 20, "last_step": 100, "t0": 1030.0, "t1": 1070.0, "seconds_per_step": 0.5}
+    assert bench.startup_seconds(window, launched=1000.0) == pytest.approx(20.0)
+
+
+def test_data_wait_share_uses_the_window_steps_only():
+    window = {"first_step": 2, "last_step": 4, "t0": 10.0, "t1": 12.0, "seconds_per_step": 1.0}
+    waits = [9.0, 9.0, 0.5, 0.25, 9.0]  # waits[k] is step k+1's: steps 3 and 4 are in the window
+    assert bench.wait_share(waits, window) == pytest.approx(0.375)
+    assert bench.mean_in_window([(2, 0.9), (3, 0.1), (4, 0.3), (5, 0.9)], window) == pytest.approx(0.2)
+    assert bench.mean_in_window([], window) is None
+
+
+def test_median_of_pair_ratios():
+    assert bench.median_ratio([(10.0, 20.0), (10.0, 30.0), (10.0, 100.0)]) == pytest.approx(3.0)
+
+
+def test_loss_summaries():
+    tutorial = [(s, 1.0 if s <= 50 else 0.5) for s in range(1, 101)]  # every step
+    ours = [(s, 1.0 if s <= 50 else 0.5) for s in range(5, 101, 5)]  # every 5 steps
+    for points in (tutorial, ours):
+        assert bench.loss_bins(points, 100, 5) == [1.0, 1.0, pytest.approx(0.75), 0.5, 0.5]
+        assert bench.tail_mean(points, 100) == 0.5
+    assert bench.loss_bins([(10, 1.0)], 100, 5) == [1.0, None, None, None, None]
+    assert bench.spread([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
+    assert bench.spread([1.0]) == (1.0, 0.0)
+
+
+def test_splice_replaces_only_the_generated_section():
+    doc = f"# Performance\n\nintro\n\n{bench.BEGIN}\nold table\n{bench.END}\n\n## On paper\ntext\n"
+    new = bench.splice(doc, "new table\n")
+    assert new == f"# Performance\n\nintro\n\n{bench.BEGIN}\nnew table\n{bench.END}\n\n## On paper\ntext\n"
+    assert bench.splice(new, "new table") == new
+    appended = bench.splice("# Performance\n", "table")
+    assert appended.endswith(f"{bench.BEGIN}\ntable\n{bench.END}\n")
+
+
+def _fake_result(with_ttq: bool) -> dict:
+    def run(ips, wait):
+        return {"images_per_sec": ips, "peak_rss_mib": 1000.0, "data_wait_share": wait, "startup_s": 9.0,
+                "gpu_max_memory_allocated": None}
+
+    config = {"preset": "small", "image_size": 32, "batch": 16, "precision": "no", "steps": 100, "ratio": 2.0,
+              "runs": {"tutorial": [{"load_before": 0.5}], "ours": [{"load_before": 1.5}]},
+              "summary": {"tutorial": run(50.0, 0.2), "ours": run(100.0, None)},
+              "tail_loss": {"tutorial": (0.3, 0.01), "ours": (0.29, 0.02)},
+              "loss_bins": {"tutorial": [[1.0, 0.8, 0.6, 0.4, 0.3]], "ours": [[None, 0.8, 0.6, 0.4, 0.3]]}}
+    machine = {"date": "2026-11-22T00:00:00+00:00", "cpu": "Test CPU", "cpus": 2, "memory_gib": 24, "torch": "2",
+               "diffusers": "0", "accelerate": "1", "datasets": "5", "python": "3.11", "git": "abc",
+               "load_at_start": 0.1}
+    costs = {"small": {"flops": {"flops_per_image": 1.5e9, "peak_flops": None, "device": "cpu"},
+                       "grid_ours": {"seconds": 2.0, "sampler": "ddim 50 steps bf16"},
+                       "grid_tutorial": {"no": {"seconds": 40.0, "measured_steps": 1000}}}}
+    ttq = ({"budget_s": 100, "num_images": 64,
+            **{loop: {"steps": 500, "train_s": 110.0, "wall_s": 130.0, "final_loss": 0.1, "eval": {"swd_mean": 12.5, "color_w1": 3.0}}
+               for loop in ("tutorial", "ours")}} if with_ttq else {"skipped": "not yet"})
+    return {"machine": machine, "command": "python bench/run.py", "elapsed_s": 600.0, "repeats": 1,
+            "configs": [config], "costs": costs, "time_to_quality": ttq}
+
+
+@pytest.mark.parametrize("with_ttq", [True, False])
+def test_render_has_every_table(with_ttq):
+    md = bench.render(_fake_result(with_ttq))
+    assert "Test CPU" in md and "torch 2" in md and "2026-11-22" in md and "0.5 to 1.5" in md
+    row = next(line for line in md.splitlines() if line.startswith("| small | 32 | 16 | no |"))
+    assert "**2.00x**" in row and "75 / 150" in row and "20.0% / n/a" in row  # GFLOP/s = 1.5 GFLOP x img/s
+    assert "| small | 32 | 40.0 s no | 2.0 s | ddim 50 steps bf16 | 20x |" in md
+    assert "0.3000 ± 0.0100" in md and "| n/a | 0.8000 |" in md
+    assert ("| 12.5 | 3.0 |" in md) == with_ttq and ("not measured (not yet)" in md) == (not with_ttq)
