@@ -49,6 +49,11 @@ test: tools
 bench: venv
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
+# Each speed setting of `ddpm train` toggled alone against the defaults (~10 minutes; docs/PERFORMANCE.md).
+.PHONY: bench-ablation
+bench-ablation: venv
+	$(BIN)/python bench/ablation.py
+
 clean:
 	rm -rf $(VENV) $(TOOLS) runs
 
