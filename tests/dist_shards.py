@@ -8,7 +8,7 @@ import torch
 
 from trainer.config import TrainingConfig
 from trainer.data import build_dataloader
-from trainer.loop import build_accelerator
+from trainer.setup import build_accelerator
 
 
 class Indices(torch.utils.data.Dataset):

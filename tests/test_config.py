@@ -101,3 +101,51 @@ def test_kubernetes_service_link_variables_are_not_config():
            "DDPM_WORKERS_SERVICE_PORT_HTTP": "80", "DDPM_SEED": "3"}
     config, _ = load(["--image_size", "32"], env)
     assert config.seed == 3
+
+
+# ---- every user-fixable error is exit 2 with a message (issue 9 section 9) -----------------------------------------
+
+def test_every_field_declares_its_part_in_a_run():
+    from trainer.config import RUN_ROLES
+
+    roles = {name: (info.json_schema_extra or {}).get("run") for name, info in TrainingConfig.model_fields.items()}
+    assert {name for name, role in roles.items() if role not in RUN_ROLES} == set()
+    assert roles["image_size"] == "identity" and roles["max_train_steps"] == "length"
+    assert roles["max_grad_norm"] == "setting" and roles["lr_scheduler"] == "identity"
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_config_rejects_a_seed_train_cannot_use(seed):
+    proc = ddpm("config", "--seed", seed, check=False)
+    assert proc.returncode == 2 and "seed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_config_file_problems_are_named(tmp_path):
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("dataset_name: caf\xe9\n".encode("latin-1"))
+    cases = {folder: "is a directory; give the YAML file inside it", tmp_path / "nope.yaml": "does not exist",
+             latin1: "is not UTF-8 text", "/proc/self/mem": "cannot be read"}
+    for path, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            load(["--config", str(path)])
+
+
+def test_output_dir_that_is_a_file_is_exit_2(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = ddpm("train", "--output_dir", blocker, check=False)
+    assert proc.returncode == 2 and f"output_dir {blocker} is a file, not a folder" in proc.stderr
+    assert blocker.read_text() == "x"
+
+
+def test_sample_rejects_bad_values_before_loading_anything(tmp_path):
+    out_file = tmp_path / "out.png"
+    out_file.write_text("x")
+    proc = ddpm("sample", "--model", tmp_path, "--num_inference_steps", "0", "--batch-size", "0", "--out", out_file,
+                check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    for message in ("not a DDPMPipeline folder", "--num_inference_steps must be at least 1, got 0",
+                    "--batch-size must be at least 1, got 0", f"--out {out_file} is a file"):
+        assert message in proc.stderr

@@ -6,6 +6,7 @@ from PIL import Image
 from trainer import data, data_cache
 from trainer.builtin_data import ButterflyImages, render_butterfly
 from trainer.config import TrainingConfig
+from trainer.errors import TransientError, UserError
 
 
 def test_builtin_is_deterministic_symmetric_and_distinct():
@@ -113,14 +114,14 @@ def test_data_cache_matches_decoding_and_is_reused(tmp_path):
     decoded = data.TrainDataset(data.load_image_source(config), data.build_transform(config))
 
     source = data.load_image_source(config, scan=False)
-    cached, built = data_cache.cached_dataset(config, source)
-    assert built and len(cached) == len(decoded) == 5
+    cached, note = data_cache.cached_dataset(config, source)
+    assert note == "built now" and len(cached) == len(decoded) == 5
     assert len(source.skipped) == 1 and "corrupt.png" in source.skipped[0], "the build pass finds corrupt files"
     for i in range(5):
         assert cached[i].dtype == torch.uint8 and torch.equal(cached[i], decoded[i]), "same pixels as decoding"
 
-    again, built = data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
-    assert not built and torch.equal(again[4], cached[4]), "a second run maps the same file"
+    again, note = data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    assert note == "reused" and torch.equal(again[4], cached[4]), "a second run maps the same file"
     other = TrainingConfig(dataset_name="imagefolder", train_data_dir=folder, image_size=8, output_dir=tmp_path / "run")
     assert data_cache.cache_path(other, source) != data_cache.cache_path(config, source), "size is part of the key"
     (folder / "new.png").write_bytes((folder / "gray.png").read_bytes())
@@ -137,13 +138,14 @@ def test_failed_cache_build_leaves_nothing_that_looks_complete(tmp_path, monkeyp
         raise OSError(28, "No space left on device")  # ...when the sidecar cannot be written
 
     monkeypatch.setattr(data_cache, "_write", disk_full)
-    with pytest.raises(data.DataError, match="cannot write the data cache .* data_cache_dir"):
+    with pytest.raises(UserError, match="no space left on device while writing the data cache .* MiB free"):
         data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
     assert list((tmp_path / "cache").iterdir()) == []
     monkeypatch.setattr(data_cache, "_write", real_write)
-    assert data_cache.cached_dataset(config, data.load_image_source(config, scan=False))[1]
+    assert data_cache.cached_dataset(config, data.load_image_source(config, scan=False))[1] == "built now"
 
 
+@pytest.mark.slow
 def test_training_with_and_without_the_cache_is_identical(tmp_path):
     """The cache changes where pixels come from, not the pixels: the same run, bit for bit."""
     from conftest import TINY
@@ -158,3 +160,72 @@ def test_training_with_and_without_the_cache_is_identical(tmp_path):
     assert scalar_series(outs["true"] / "logs", "loss") == scalar_series(outs["false"] / "logs", "loss")
     a, b = (weights(o / "unet" / "diffusion_pytorch_model.safetensors") for o in outs.values())
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "sidecar"])
+def test_damaged_cache_is_rebuilt_not_a_crash_on_every_retry(tmp_path, damage):
+    config = TrainingConfig(image_size=8, builtin_num_images=8, data_cache_dir=tmp_path / "cache")
+    built, _ = data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    expected = [built[i] for i in range(8)]  # copies: the file is damaged in place below
+    del built
+    path = data_cache.cache_path(config, data.load_image_source(config, scan=False))
+    if damage == "truncated":  # a node died while the page cache was being written back
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.with_suffix(".json").write_text('{"rows": [0, 1')
+    again, note = data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    assert note.startswith("rebuilt: the cache file was damaged")
+    assert all(torch.equal(again[i], expected[i]) for i in range(8))
+    _, note = data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    assert note == "reused"
+
+
+def test_orphaned_cache_files_are_removed_but_a_live_builders_is_kept(tmp_path):
+    import fcntl
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead, live = cache / ".tmp-host-1-a.npy", cache / ".tmp-host-2-b.npy"
+    dead.write_bytes(b"half a cache")
+    live.write_bytes(b"being written")
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # what a running builder holds (another process: flock is per open file)
+        assert data_cache.remove_orphans(cache) == [dead]
+    assert live.exists() and not dead.exists()
+
+
+def test_all_corrupt_folder_leaves_no_cache(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "bad.png").write_bytes(b"garbage")
+    config = TrainingConfig(dataset_name="imagefolder", train_data_dir=tmp_path / "d", image_size=8,
+                            data_cache_dir=tmp_path / "cache")
+    with pytest.raises(data.DataError, match="no readable images .*bad.png"):
+        data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_hub_dataset_errors_say_whether_a_retry_can_help(monkeypatch):
+    """Offline mode without a cached copy, or an id that does not exist: exit 2. The Hub not answering: exit 1.
+    The errors are the ones datasets 5.2 raises (seen against a closed port and with HF_HUB_OFFLINE=1: both are
+    ConnectionError, told apart by the cause it names; a real unreachable Hub takes ~30 s of datasets' own retries,
+    too slow to repeat in every test run)."""
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    config = TrainingConfig(dataset_name="someone/butterflies")
+    failures = {
+        "missing": DatasetNotFoundError("Dataset 'someone/butterflies' doesn't exist on the Hub"),
+        "offline": ConnectionError("Couldn't reach 'someone/butterflies' on the Hub (OfflineModeIsEnabled)"),
+        "network": ConnectionError("Couldn't reach 'someone/butterflies' on the Hub (LocalEntryNotFoundError)"),
+    }
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    for kind, error in failures.items():
+        def fail(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(datasets, "load_dataset", fail)
+        with pytest.raises(TransientError if kind == "network" else data.DataError) as caught:
+            data.load_image_source(config)
+        assert caught.value.exit_code == (1 if kind == "network" else 2), kind
+

@@ -11,6 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import ddpm
 
+pytestmark = pytest.mark.slow  # every test here runs ddpm or torchrun as subprocesses
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_args_module):
@@ -47,8 +49,9 @@ def test_outputs_layout(run):
 
 def test_tensorboard_scalars_images_and_config(run):
     out, _ = run
-    [logdir] = [p.parent for p in (out / "logs").rglob("events.out.tfevents.*")]
-    acc = scalars(logdir)
+    logdirs = [p.parent for p in (out / "logs").rglob("events.out.tfevents.*")]
+    assert len(logdirs) == 2, "the run's scalars, and the hparams summary Accelerate writes beside them"
+    [acc] = [a for a in map(scalars, logdirs) if "loss" in a.Tags()["scalars"]]
     tags = acc.Tags()
     for tag in ("loss", "lr", "grad_norm", "images_per_sec", "epoch"):
         assert tag in tags["scalars"], tag
@@ -57,6 +60,8 @@ def test_tensorboard_scalars_images_and_config(run):
     assert [e.value for e in acc.Scalars("epoch")] == [0, 0, 1, 1]
     assert "samples" in tags["images"]
     assert any("config" in t for t in tags["tensors"])
+    [hparams] = [a for a in map(scalars, logdirs) if "loss" not in a.Tags()["scalars"]]
+    assert hparams.summary_metadata, "the config as TensorBoard hparams"
 
 
 def test_model_card(run):

@@ -67,6 +67,7 @@ def assert_same_bytes(hub: FakeHub, repo_id: str, out: Path, paths: list[str]) -
         assert repo.files[path] == (out / path).read_bytes(), f"{path} differs"
 
 
+@pytest.mark.slow
 def test_push_uploads_pipeline_card_config_and_last_grid_and_is_idempotent(run, hub, tmp_path):
     # The same config sources as `ddpm train`: here a YAML file through DDPM_CONFIG_FILE.
     config = tmp_path / "push.yaml"
@@ -91,6 +92,7 @@ def test_push_uploads_pipeline_card_config_and_last_grid_and_is_idempotent(run, 
     assert_same_bytes(hub, REPO, run, EXPECTED)
 
 
+@pytest.mark.slow
 def test_push_with_checkpoints_and_logs_to_a_public_repo(run, hub):
     code, _, stderr = push("--output_dir", run, "--hub_model_id", "fake-user/full", "--hub_private_repo", "false",
                            "--include-checkpoints", "--include-logs", env=push_env(hub))
@@ -99,6 +101,7 @@ def test_push_with_checkpoints_and_logs_to_a_public_repo(run, hub):
     assert not hub.repos["fake-user/full"].private and hub.create_payloads[0]["visibility"] == "public"
 
 
+@pytest.mark.slow
 def test_push_retries_transient_failures(run, hub):
     hub.fail_next(2, 503)  # the first two requests: both create_repo calls
     hub.fail_next(1, 429, path_contains="/commit/")  # and the commit, after the LFS uploads
@@ -109,6 +112,7 @@ def test_push_retries_transient_failures(run, hub):
     assert len(hub.repos[REPO].commits) == 1
 
 
+@pytest.mark.slow
 def test_push_gives_up_after_max_attempts_with_exit_1(run, hub):
     hub.fail_next(5, 503)
     code, _, stderr = push("--output_dir", run, "--hub_model_id", REPO, "--max-attempts", "3", "--retry-delay", "0",
@@ -118,6 +122,7 @@ def test_push_gives_up_after_max_attempts_with_exit_1(run, hub):
     assert REPO not in hub.repos
 
 
+@pytest.mark.slow
 def test_refused_token_is_exit_2_and_says_what_to_do(run, hub):
     hub.refuse_token(TOKEN)
     code, _, stderr = push("--output_dir", run, "--hub_model_id", REPO, "--retry-delay", "0", env=push_env(hub))
@@ -127,6 +132,7 @@ def test_refused_token_is_exit_2_and_says_what_to_do(run, hub):
     assert REPO not in hub.repos
 
 
+@pytest.mark.slow
 def test_missing_token_is_exit_2_before_any_request(run, hub):
     env = push_env(hub)
     env.pop("HF_TOKEN")
@@ -136,6 +142,7 @@ def test_missing_token_is_exit_2_before_any_request(run, hub):
     assert hub.requests == []
 
 
+@pytest.mark.slow
 def test_incomplete_run_is_exit_2_before_any_request(run, hub, tmp_path):
     unfinished = tmp_path / "unfinished"
     shutil.copytree(run, unfinished, ignore=shutil.ignore_patterns("training_complete.json", "checkpoints"))
@@ -146,6 +153,7 @@ def test_incomplete_run_is_exit_2_before_any_request(run, hub, tmp_path):
     assert hub.requests == []
 
 
+@pytest.mark.slow
 def test_dry_run_lists_exactly_the_upload_and_sends_nothing(run, hub):
     env = push_env(hub)
     env.pop("HF_HUB_DISABLE_TELEMETRY", None)  # any header built for a request would even fetch telemetry
@@ -157,6 +165,7 @@ def test_dry_run_lists_exactly_the_upload_and_sends_nothing(run, hub):
     assert hub.requests == []
 
 
+@pytest.mark.slow
 def test_offline_mode_is_exit_2_with_the_fix(run, hub):
     env = {**push_env(hub), "HF_HUB_OFFLINE": "1"}
     code, _, stderr = push("--output_dir", run, "--hub_model_id", REPO, env=env)
@@ -222,20 +231,50 @@ def test_with_retries_backs_off_exponentially_and_only_on_transient_errors():
 def test_unexpected_errors_are_printed_without_the_token(tmp_path, monkeypatch, capsys):
     from huggingface_hub import HfApi, constants
 
+    from trainer import hub
     from trainer.config import TrainingConfig
-    from trainer.hub import PushOptions
-    from trainer.hub import push as hub_push
+    from trainer.errors import PushFailed
 
     (tmp_path / "model_index.json").write_text("{}")
-    (tmp_path / "training_complete.json").write_text('{"global_step": 1}')
+    monkeypatch.setattr(hub, "check_complete", lambda out: {"global_step": 1})
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
     def create_repo(self, **kwargs):
         raise RuntimeError(f"server said: bad header Authorization: Bearer {TOKEN}")
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    code = hub_push(TrainingConfig(output_dir=tmp_path, hub_model_id=REPO), PushOptions(), environ={"HF_TOKEN": TOKEN})
+    with pytest.raises(PushFailed) as caught:
+        hub.push(TrainingConfig(output_dir=tmp_path, hub_model_id=REPO), hub.PushOptions(), environ={"HF_TOKEN": TOKEN})
     stdout, stderr = capsys.readouterr()
-    assert code == 1
-    assert TOKEN not in stdout + stderr
+    assert caught.value.exit_code == 1
+    assert TOKEN not in stdout + stderr + str(caught.value)
     assert "Bearer <HF_TOKEN>" in stderr and "Traceback" in stderr
+
+
+# ---- nothing hangs (issue 9 section 6) ------------------------------------------------------------------------------
+
+@pytest.fixture
+def silent_server():
+    """Accepts TCP connections (the kernel completes the handshake) and never answers a byte."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--request-timeout", "1", "--max-attempts", "2", "--retry-delay", "0"], "the Hub still failed after 2 attempts"),
+    (["--request-timeout", "600", "--deadline-seconds", "3"], "did not finish within its deadline of 3s"),
+])
+@pytest.mark.slow
+def test_a_hub_that_never_answers_fails_with_exit_1_in_bounded_time(run, silent_server, flags, message):
+    import time
+
+    env = clean_env(HF_ENDPOINT=silent_server, HF_HUB_DISABLE_XET="1", HF_TOKEN=TOKEN, NO_PROXY="127.0.0.1")
+    env.pop("HF_HUB_OFFLINE", None)
+    start = time.monotonic()
+    code, _, stderr = push("--output_dir", run, "--hub_model_id", REPO, *flags, env=env)
+    assert code == 1 and message in stderr, stderr
+    assert time.monotonic() - start < 60, "bounded by the timeouts, not by the server"

@@ -166,6 +166,7 @@ def untrained(run, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_training_loop_logs_quality_to_tensorboard(run):
     out, proc = run
     evals = [80, 160]
@@ -178,6 +179,7 @@ def test_training_loop_logs_quality_to_tensorboard(run):
     assert f"sample quality at step {STEPS}: swd_16px " in proc.stdout
 
 
+@pytest.mark.slow
 def test_trained_model_scores_better_than_untrained(run, untrained, capsys):
     out, _ = run
     trained = json.loads(ddpm("eval", "--model", out, "--num-images", "32", "--json").stdout)
@@ -193,6 +195,7 @@ def test_trained_model_scores_better_than_untrained(run, untrained, capsys):
     assert trained["swd_mean"] == pytest.approx(logged, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_eval_report_is_human_readable(run, capsys):
     out, _ = run
     assert main(["eval", "--model", str(out), "--num-images", "4", "--num_inference_steps", "2"]) == 0
@@ -213,6 +216,7 @@ def test_eval_rejects_a_bad_model_folder_or_count(tmp_path, capsys, argv, needle
         assert needle in err
 
 
+@pytest.mark.slow
 def test_eval_rejects_an_image_size_the_model_does_not_make_and_too_few_real_images(run, capsys):
     out, _ = run
     assert main(["eval", "--model", str(out), "--image_size", "32"]) == 2

@@ -28,6 +28,7 @@ def final_weights(out):
     ["--sdpa_attention", "false"],
     ["--torch_compile", "true", "--channels_last", "true"],  # the slow one (~1-2 min of compiling on 2 cores)
 ], ids=["channels_last", "foreach", "no-sdpa", "compile"])
+@pytest.mark.slow
 def test_switch_keeps_the_loss_curve(default_run, tmp_path, switch):
     out = tmp_path / "out"
     run_train(1, [*ARGS, *switch, "--output_dir", out])
@@ -61,6 +62,7 @@ def test_flops_per_image_match_a_real_forward_backward():
         4 * training_flops_per_image(config), rel=0.01), "convolution work grows with the pixel count"
 
 
+@pytest.mark.slow
 def test_throughput_scalars(default_run):
     """images/s, achieved TFLOP/s, MFU (here against --peak_tflops 0.5) and the data-wait share are logged."""
     scalars = {tag: scalar_series(default_run / "logs", tag)

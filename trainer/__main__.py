@@ -1,3 +1,3 @@
-from trainer.cli import entrypoint
+from trainer.main import entrypoint
 
 entrypoint()

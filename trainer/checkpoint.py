@@ -1,7 +1,12 @@
-"""Checkpoints: Accelerate save_state into a temporary folder, renamed into place only when complete.
+"""Checkpoints: Accelerate save_state into a temporary folder, a manifest written last, then renamed into place.
 
-Layout: output_dir/checkpoints/checkpoint-<step>/ (complete) and .tmp-checkpoint-<step>/ (being written).
-A crash mid-save leaves only a .tmp folder, which is never resumed from and is removed on the next start.
+Layout: output_dir/checkpoints/checkpoint-<step>/ (complete), .tmp-checkpoint-<step>/ (being written) and
+damaged-checkpoint-<step>/ (set aside by a resume that found it damaged; never loaded, never rotated).
+
+manifest.json lists every file with its size and SHA-256. Resume verifies the newest checkpoint before loading it:
+every listed file present with its size and hash, and the weights, the EMA and the optimizer state all finite. A
+damaged one is named with its damage and the next older one is tried; a crash mid-save leaves only a .tmp folder,
+which is never resumed from and is removed on the next start.
 """
 
 from __future__ import annotations
@@ -10,14 +15,17 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from accelerate import Accelerator
 
-from trainer.config import ConfigError, TrainingConfig
+from trainer.config import TrainingConfig
+from trainer.errors import CheckpointError
+from trainer.outputs import disk_full, sha256_file
 
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -28,45 +36,157 @@ class TrainState:
     global_step: int = 0  # optimizer updates done
     epoch: int = 0
     nonfinite_total: int = 0
+    model: dict = field(default_factory=dict)  # the UNet2DModel config: resuming another model is refused
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        for f in fields(self):
+            if f.name in state:
+                setattr(self, f.name, state[f.name])
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def step_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
 def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoints renamed into place (not .tmp, not set aside as damaged), oldest first."""
     root = checkpoints_dir(output_dir)
-    found = []
-    if root.is_dir():
-        for path in root.iterdir():
-            match = _NAME.match(path.name)
-            if match and (path / STATE_FILE).is_file():
-                found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and p.is_dir()] if root.is_dir() else []
+    return sorted(found, key=step_of)
 
 
-def resolve_resume(config: TrainingConfig) -> Path | None:
-    """The checkpoint to load for resume_from_checkpoint = auto | latest | none | <path>."""
+# ---- integrity ---------------------------------------------------------------------------------------------------
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {"version": 1, "files": {p.relative_to(folder).as_posix(): {"size": p.stat().st_size,
+                                                                            "sha256": sha256_file(p)} for p in files}}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def damage(folder: Path) -> str:
+    """'' for an intact checkpoint, else what is wrong with it (the first problem found)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the save never finished, or an older ddpm-trainer wrote it)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
+    for name, expected in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{name} is {size} bytes, the manifest says {expected['size']} (truncated or replaced)"
+        if sha256_file(path) != expected["sha256"]:
+            return f"{name} does not match its SHA-256 (overwritten bytes)"
+    if STATE_FILE not in manifest:
+        return f"{STATE_FILE} is not in the manifest"
+    return _nonfinite(folder, manifest)
+
+
+def _nonfinite(folder: Path, manifest: dict) -> str:
+    """Weights, EMA and optimizer state must be finite: a NaN loaded would poison the run silently."""
+    import torch
+    from safetensors.torch import load_file
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                yield from tensors(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                yield from tensors(value)
+
+    for name in sorted(manifest):
+        path = folder / name
+        try:
+            if name.endswith(".safetensors"):
+                content = load_file(path)
+            elif name.endswith((".bin", ".pkl")) and not name.startswith(("random_states", "sampler")):
+                content = torch.load(path, map_location="cpu", weights_only=True)
+            elif name.startswith("random_states"):
+                torch.load(path, map_location="cpu", weights_only=False)  # RNG state must at least unpickle
+                continue
+            else:
+                continue
+        except Exception as e:  # any reader's error is "unreadable", whichever library raised it
+            return f"{name} cannot be read ({type(e).__name__}: {e})"
+        bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors(content) if t.is_floating_point())
+        if bad:
+            return f"{name} holds {bad} NaN/inf values"
+    return ""
+
+
+# ---- choosing what to resume -------------------------------------------------------------------------------------
+
+@dataclass
+class Resume:
+    """The checkpoint to load (None: start fresh) and the newer ones found damaged on the way to it."""
+
+    path: Path | None
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def resolve_resume(config: TrainingConfig) -> Resume:
+    """resume_from_checkpoint = auto | latest | none | <path>, verified. Raises CheckpointError when a checkpoint
+    is required (latest, a path, or auto with checkpoints present) and none is intact."""
     mode = config.resume_from_checkpoint
     if mode == "none":
-        return None
-    if mode in ("auto", "latest"):
-        found = complete_checkpoints(config.output_dir)
-        if not found and mode == "latest":
-            raise ConfigError([f"resume_from_checkpoint latest: no complete checkpoint in {checkpoints_dir(config.output_dir)}"])
-        return found[-1] if found else None
-    path = Path(mode)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError([f"resume_from_checkpoint {path} is not a complete checkpoint (no {STATE_FILE})"])
-    return path
+        return Resume(None)
+    if mode not in ("auto", "latest"):
+        path = Path(mode)
+        problem = damage(path) if path.is_dir() else "it does not exist or is not a folder"
+        if problem:
+            raise CheckpointError(f"resume_from_checkpoint {path} cannot be used: {problem}")
+        return Resume(path)
+    candidates = list(reversed(complete_checkpoints(config.output_dir)))
+    if not candidates:
+        if mode == "latest":
+            raise CheckpointError(f"resume_from_checkpoint latest: no checkpoint in "
+                                  f"{checkpoints_dir(config.output_dir)}; use auto to start fresh when there is none")
+        return Resume(None)
+    damaged = []
+    for path in candidates:
+        problem = damage(path)
+        if not problem:
+            return Resume(path, damaged)
+        damaged.append((path, problem))
+    listing = "\n".join(f"  - {path.name}: {problem}" for path, problem in damaged)
+    raise CheckpointError(
+        f"no intact checkpoint in {checkpoints_dir(config.output_dir)} ({mode}); every one is damaged:\n{listing}\n"
+        "Restore one from a backup, or start again in a new output_dir (or with resume_from_checkpoint none)")
+
+
+def set_aside(damaged: list[tuple[Path, str]]) -> None:
+    """Rename damaged checkpoints so they are never tried or rotated again (kept for a post-mortem)."""
+    for path, _ in damaged:
+        os.replace(path, path.with_name(f"damaged-{path.name}"))
+
+
+def check_model(resume_state: dict, model_config: dict, path: Path, preset: str) -> None:
+    """Refuse a checkpoint of another UNet: loading it would fail deep in PyTorch, or worse, half-succeed."""
+    theirs = resume_state.get("model") or {}
+    if theirs and theirs.get("config") != model_config:
+        raise CheckpointError(
+            f"checkpoint {path} holds a different model (model_preset {theirs.get('preset')!r}, "
+            f"{_brief(theirs.get('config'))}) than this run (model_preset {preset!r}, {_brief(model_config)}); "
+            "use the checkpoint's model settings, or another output_dir / resume_from_checkpoint")
+
+
+def _brief(unet: dict | None) -> str:
+    unet = unet or {}
+    return f"block_out_channels {list(unet.get('block_out_channels') or [])}, sample_size {unet.get('sample_size')}"
 
 
 def remove_incomplete(output_dir: Path) -> None:
@@ -76,23 +196,36 @@ def remove_incomplete(output_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: Path, total_limit: int | None) -> Path:
-    """Every rank writes its part (Accelerate names per-rank files); rank 0 publishes and rotates."""
+# ---- saving ------------------------------------------------------------------------------------------------------
+
+def save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: Path, total_limit: int | None,
+                    size_estimate: int = 0) -> Path:
+    """Every rank writes its part (Accelerate names per-rank files); rank 0 writes the manifest, publishes and
+    rotates. A failed save (disk full, ...) removes its temporary folder and leaves the previous checkpoint."""
     final = checkpoints_dir(output_dir) / f"checkpoint-{state.global_step}"
     tmp = final.with_name(f".tmp-{final.name}")
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(state.state_dict()))
+            _fsync_tree(tmp)
+            write_manifest(tmp)  # last: a folder with a manifest is a folder whose every file was flushed
+            _fsync_tree(tmp, only=MANIFEST)
+            if final.exists():  # same step saved twice (e.g. preempted right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            rotate(output_dir, total_limit)
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state.state_dict()))
-        _fsync_tree(tmp)
-        if final.exists():  # same step saved twice (e.g. preempted right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        rotate(output_dir, total_limit)
+        full = disk_full(e, f"checkpoint {final.name}", tmp.parent, size_estimate)
+        if full is not None:
+            raise full from e
+        raise
     accelerator.wait_for_everyone()
     return final
 
@@ -105,9 +238,9 @@ def rotate(output_dir: Path, total_limit: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_tree(root: Path) -> None:
+def _fsync_tree(root: Path, only: str | None = None) -> None:
     """Flush file contents before the rename publishes them (a node crash must not leave empty files)."""
-    for path in root.rglob("*"):
+    for path in root.rglob(only or "*"):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())

@@ -9,16 +9,16 @@ from pathlib import Path
 from trainer.config import (
     CONFIG_FILE_ENV,
     RESOLVED_CONFIG_NAME,
-    ConfigError,
     TrainingConfig,
     build_cli_parser,
     config_yaml,
     load_config,
 )
-from trainer.distributed import EXIT_CONFIG, EXIT_DIVERGED, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
+from trainer.errors import EXIT_OK, ConfigError, DdpmError, Stopped
 
 EPILOG = """Config sources, lowest to highest: defaults < --config FILE (or $DDPM_CONFIG_FILE) < DDPM_<FIELD> env < --<field> VALUE.
-Exit codes: 0 done, 2 bad configuration/input, 3 diverged (non-finite losses), 75 preempted (checkpoint saved; retry)."""
+Exit codes: 0 done, 1 unexpected or network error (retry), 2 bad configuration/input, 3 diverged (non-finite
+losses), 75 preempted by SIGTERM (checkpoint saved; retry resumes), 130 interrupted by Ctrl-C (checkpoint saved)."""
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -44,6 +44,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                       help="tries of the upload when the Hub fails transiently (connection, 429, 5xx); default 5")
     push.add_argument("--retry-delay", type=float, default=2.0, metavar="SECONDS",
                       help="wait before the first retry; doubles after each (exponential backoff); default 2")
+    push.add_argument("--deadline-seconds", type=float, default=3600.0, metavar="SECONDS",
+                      help="give up (exit 1) when the whole push, retries included, takes longer; default 3600")
+    push.add_argument("--request-timeout", type=float, default=60.0, metavar="SECONDS",
+                      help="each HTTP request's read/write timeout (connect: 10 s); default 60")
 
     evaluate = commands.add_parser(
         "eval", help="score a DDPMPipeline's samples against the training images (sliced Wasserstein distance)",
@@ -60,10 +64,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                           help="generated and real images compared (at least 2; default 64)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
 
-    launch = commands.add_parser(
+    commands.add_parser(
         "launch", help="container entrypoint: torchrun from PET_*/JOB_COMPLETION_INDEX env, then `ddpm train`",
-        description="Runs `torchrun ... -m trainer train ARGS`; extra arguments go to `ddpm train`.")
-    launch.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments for ddpm train")
+        description="Runs `torchrun ... -m trainer train ARGS`: every argument after `launch` (an optional leading "
+                    "`--` is dropped) goes to `ddpm train` unchanged.", add_help=False)
 
     sample = commands.add_parser("sample", help="sample images from any DDPMPipeline folder")
     sample.add_argument("--model", required=True, type=Path, help="a DDPMPipeline folder (save_pretrained output)")
@@ -81,17 +85,17 @@ def _load(args, unknown, cli_sources) -> tuple[TrainingConfig, dict]:
     return load_config(args, unknown, cli_sources[args.command])
 
 
-def cmd_train(config: TrainingConfig) -> int:
-    from trainer.loop import Diverged, Preempted, train
+def config_file_of(args) -> Path | None:
+    import os
 
-    try:
-        train(config)
-    except Preempted as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_PREEMPTED
-    except Diverged as e:
-        print(f"error: training diverged: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
+    given = getattr(args, "config", None) or os.environ.get(CONFIG_FILE_ENV)
+    return Path(given) if given else None
+
+
+def cmd_train(config: TrainingConfig, config_file: Path | None) -> int:
+    from trainer.loop import train
+
+    train(config, config_file=config_file)
     return EXIT_OK
 
 
@@ -110,23 +114,36 @@ def cmd_push(config: TrainingConfig, args) -> int:
 
     problems = [f"--max-attempts must be at least 1, got {args.max_attempts}"] if args.max_attempts < 1 else []
     problems += [f"--retry-delay must be >= 0, got {args.retry_delay}"] if args.retry_delay < 0 else []
+    problems += [f"--deadline-seconds must be > 0, got {args.deadline_seconds}"] if args.deadline_seconds <= 0 else []
+    problems += [f"--request-timeout must be > 0, got {args.request_timeout}"] if args.request_timeout <= 0 else []
     if problems:
         raise ConfigError(problems)
-    return push(config, PushOptions(dry_run=args.dry_run, include_checkpoints=args.include_checkpoints,
-                                    include_logs=args.include_logs, max_attempts=args.max_attempts,
-                                    retry_delay_s=args.retry_delay))
+    push(config, PushOptions(dry_run=args.dry_run, include_checkpoints=args.include_checkpoints,
+                             include_logs=args.include_logs, max_attempts=args.max_attempts,
+                             retry_delay_s=args.retry_delay, deadline_s=args.deadline_seconds,
+                             request_timeout_s=args.request_timeout))
+    return EXIT_OK
 
 
 def cmd_sample(args) -> int:
+    problems = [] if (args.model / "model_index.json").is_file() else [
+        f"--model {args.model} is not a DDPMPipeline folder (no model_index.json)"]
+    for flag, value in (("--num-images", args.num_images), ("--num_inference_steps", args.num_inference_steps),
+                        ("--batch-size", args.batch_size)):
+        if value < 1:
+            problems.append(f"{flag} must be at least 1, got {value}")
+    if not 0 <= args.eta <= 1:
+        problems.append(f"--eta must be between 0 and 1, got {args.eta}")
+    if args.out.exists() and not args.out.is_dir():
+        problems.append(f"--out {args.out} is a file; give a folder (it is created if missing)")
+    if problems:
+        raise ConfigError(problems)
+
     import torch
     from diffusers import DDPMPipeline
 
     from trainer.sampling import eval_scheduler, sample_images, save_images, to_grid
 
-    if not (args.model / "model_index.json").is_file():
-        raise ConfigError([f"--model {args.model} is not a DDPMPipeline folder (no model_index.json)"])
-    if args.num_images < 1:
-        raise ConfigError([f"--num-images must be at least 1, got {args.num_images}"])
     pipeline = DDPMPipeline.from_pretrained(args.model)
     pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
     scheduler = eval_scheduler(args.scheduler, pipeline.scheduler.config)
@@ -157,40 +174,40 @@ def cmd_eval(args, unknown, cli_source) -> int:
     return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(argv: list[str]) -> int:
+    if argv[:1] == ["launch"]:  # everything after `launch` belongs to `ddpm train`, verbatim
+        rest = argv[1:]
+        return cmd_launch(rest[1:] if rest[:1] == ["--"] else rest)
     parser, cli_sources = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    if args.command == "sample":
+        if unknown:
+            raise ConfigError([f"unrecognized arguments: {' '.join(unknown)}"])
+        return cmd_sample(args)
+    if args.command == "eval":
+        return cmd_eval(args, unknown, cli_sources["eval"])
+    config, sources = _load(args, unknown, cli_sources)
+    if args.command == "config":
+        sys.stdout.write(config_yaml(config, sources))
+        return EXIT_OK
+    if args.command == "push":
+        return cmd_push(config, args)
+    return cmd_train(config, config_file_of(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The one place where errors become exit codes and messages (with the HF token redacted)."""
+    from trainer.distributed import ErrorOnMainProcess
+    from trainer.hub import redact
+
     try:
-        if args.command == "launch":
-            return cmd_launch(args.train_args + unknown)
-        if args.command == "sample":
-            if unknown:
-                parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-            return cmd_sample(args)
-        if args.command == "eval":
-            return cmd_eval(args, unknown, cli_sources["eval"])
-        config, sources = _load(args, unknown, cli_sources)
-        if args.command == "config":
-            sys.stdout.write(config_yaml(config, sources))
-            return EXIT_OK
-        if args.command == "push":
-            return cmd_push(config, args)
-        return cmd_train(config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except Exception as e:
-        from trainer.data import DataError
+        return run_command(sys.argv[1:] if argv is None else list(argv))
+    except ErrorOnMainProcess as e:
+        return e.exit_code  # rank 0 prints it
+    except DdpmError as e:
+        print(redact(f"error: {e}"), file=sys.stderr, flush=True)
+        return e.exit_code
+    except Stopped as e:
+        print(redact(str(e)), file=sys.stderr, flush=True)
+        return e.exit_code
 
-        if isinstance(e, DataError):
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_CONFIG
-        raise
-
-
-def entrypoint() -> None:
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    entrypoint()

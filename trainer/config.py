@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
@@ -25,140 +25,150 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from trainer.errors import ConfigError
+
 ENV_PREFIX = "DDPM_"
 CONFIG_FILE_ENV = "DDPM_CONFIG_FILE"
 RESOLVED_CONFIG_NAME = "training_config.yaml"  # written into output_dir at start
 
+RUN_ROLES = ("identity", "length", "setting")
 
-class ConfigError(Exception):
-    """Bad user configuration. The message lists every problem; the CLI exits with status 2."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+def _field(role: str, default, description: str, **constraints):
+    return Field(default, description=description, json_schema_extra={"run": role}, **constraints)
+
+
+# Every field declares its part in a run (tests/test_config.py checks that each one does):
+# - identity: defines what is trained; another value is another run (output_dir refuses it, resume cannot mix them)
+# - length: how long it trains; a larger value extends a finished run in place (a new run id, a new marker)
+# - setting: how it is trained or reported; may change on resume, and config_history.jsonl records each change
+def identity(default, description: str, **constraints):
+    return _field("identity", default, description, **constraints)
+
+
+def length(default, description: str, **constraints):
+    return _field("length", default, description, **constraints)
+
+
+def setting(default, description: str, **constraints):
+    return _field("setting", default, description, **constraints)
 
 
 class TrainingConfig(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid", validate_default=True, frozen=True)
 
     # --- the tutorial's fields -------------------------------------------------------------------
-    image_size: int = Field(128, gt=0, description="side of the square training images, in pixels")
-    train_batch_size: int = Field(16, gt=0, description="images per process per micro-batch")
-    eval_batch_size: int = Field(16, gt=0, description="images in each sample grid")
-    num_epochs: int = Field(50, gt=0, description="passes over the dataset (ignored if max_train_steps is set)")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer update")
-    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate after warmup")
-    lr_warmup_steps: int = Field(500, ge=0, description="warmup length in optimizer updates")
-    save_image_epochs: int = Field(10, gt=0, description="write a sample grid every N epochs (and at the end)")
-    save_model_epochs: int = Field(30, gt=0, description="save the pipeline every N epochs (and at the end)")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
-        "no", description="autocast precision; fp16 needs CUDA, bf16 works on CUDA and modern CPUs"
-    )
-    output_dir: Path = Field(Path("ddpm-butterflies-128"), description="run folder: pipeline, samples, logs, checkpoints")
-    push_to_hub: bool = Field(False, description="upload the final pipeline with `ddpm push`")
-    hub_model_id: str | None = Field(None, description="Hub repo id; default: output_dir's name (the tutorial's rule)")
-    hub_private_repo: bool | None = Field(None, description="create the Hub repo private")
-    overwrite_output_dir: bool = Field(
-        False, description="allow starting a different run in a non-empty output_dir (its old run is deleted)"
-    )
-    seed: int = Field(0, description="seeds init, data order, noise and sample grids")
+    image_size: int = identity(128, "side of the square training images, in pixels", gt=0)
+    train_batch_size: int = identity(16, "images per process per micro-batch", gt=0)
+    eval_batch_size: int = setting(16, "images in each sample grid", gt=0)
+    num_epochs: int = length(50, "passes over the dataset (ignored if max_train_steps is set)", gt=0)
+    gradient_accumulation_steps: int = identity(1, "micro-batches per optimizer update", gt=0)
+    learning_rate: float = identity(1e-4, "peak learning rate after warmup", gt=0)
+    lr_warmup_steps: int = identity(500, "warmup length in optimizer updates", ge=0)
+    save_image_epochs: int = setting(10, "write a sample grid every N epochs (and at the end)", gt=0)
+    save_model_epochs: int = setting(30, "save the pipeline every N epochs (and at the end)", gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = identity(
+        "no", "autocast precision; fp16 needs CUDA, bf16 works on CUDA and modern CPUs")
+    output_dir: Path = setting(Path("ddpm-butterflies-128"), "run folder: pipeline, samples, logs, checkpoints")
+    push_to_hub: bool = setting(False, "at the end of `ddpm train`, upload the run as `ddpm push` does (HF_TOKEN)")
+    hub_model_id: str | None = setting(None, "Hub repo id; default: output_dir's name (the tutorial's rule)")
+    hub_private_repo: bool | None = setting(None, "create the Hub repo private")
+    overwrite_output_dir: bool = setting(
+        False, "allow starting a different run in output_dir: deletes the old run (only a ddpm-trainer run or an "
+        "empty folder)")
+    seed: int = identity(0, "seeds init, data order, noise and sample grids", ge=0, le=2**32 - 1)
 
     # --- data ------------------------------------------------------------------------------------
-    dataset_name: str = Field(
-        "builtin:butterflies",
-        description="'builtin:butterflies' (offline), 'imagefolder' (with train_data_dir) or a Hub dataset id",
-    )
-    train_data_dir: Path | None = Field(None, description="folder of images when dataset_name is imagefolder")
-    builtin_num_images: int = Field(1000, gt=0, description="size of the built-in dataset")
-    center_crop: bool = Field(False, description="center-crop to a square before resizing")
-    random_flip: bool = Field(True, description="random horizontal flips (drawn per step from the seed)")
-    dataloader_num_workers: int | None = Field(
-        None, ge=0, description="DataLoader workers per process; default 0 with data_cache, else from the CPUs this process may use"
-    )
-    data_cache: bool = Field(
-        True, description="decode+resize every image once into a uint8 array on disk, memory-mapped by all ranks and later runs"
-    )
-    data_cache_dir: Path | None = Field(
-        None, description="where data_cache lives; default <output_dir>/data_cache (a shared volume path reuses it across runs)"
-    )
+    dataset_name: str = identity(
+        "builtin:butterflies", "'builtin:butterflies' (offline), 'imagefolder' (with train_data_dir) or a Hub dataset id",
+        min_length=1)
+    train_data_dir: Path | None = identity(None, "folder of images when dataset_name is imagefolder")
+    builtin_num_images: int = identity(1000, "size of the built-in dataset", gt=0)
+    center_crop: bool = identity(False, "center-crop to a square before resizing")
+    random_flip: bool = identity(True, "random horizontal flips (drawn per step from the seed)")
+    dataloader_num_workers: int | None = setting(
+        None, "DataLoader workers per process; default 0 with data_cache, else from the CPUs this process may use", ge=0)
+    data_cache: bool = setting(
+        True, "decode+resize every image once into a uint8 array on disk, memory-mapped by all ranks and later runs")
+    data_cache_dir: Path | None = setting(
+        None, "where data_cache lives; default <output_dir>/data_cache (a shared volume path reuses it across runs)")
 
     # --- length ----------------------------------------------------------------------------------
-    max_train_steps: int | None = Field(None, gt=0, description="optimizer updates; overrides num_epochs when set")
+    max_train_steps: int | None = length(None, "optimizer updates; overrides num_epochs when set", gt=0)
 
     # --- model and objective ---------------------------------------------------------------------
-    model_preset: Literal["tutorial", "small"] = Field(
-        "tutorial", description="'tutorial': the tutorial's UNet (~114M params); 'small': ~3M params for CPU"
-    )
-    model_config_name_or_path: str | None = Field(
-        None, description="UNet2DModel config (folder or config.json) overriding model_preset"
-    )
-    ddpm_num_steps: int = Field(1000, gt=0, description="diffusion timesteps of the DDPMScheduler")
-    ddpm_beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field(
-        "linear", description="DDPMScheduler beta schedule"
-    )
-    prediction_type: Literal["epsilon", "sample", "v_prediction"] = Field(
-        "epsilon", description="what the UNet predicts; the loss is MSE against it"
-    )
+    model_preset: Literal["tutorial", "small"] = identity(
+        "tutorial", "'tutorial': the tutorial's UNet (~114M params); 'small': ~3M params for CPU")
+    model_config_name_or_path: str | None = identity(
+        None, "UNet2DModel config (folder or config.json) overriding model_preset")
+    ddpm_num_steps: int = identity(1000, "diffusion timesteps of the DDPMScheduler", gt=0)
+    ddpm_beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = identity(
+        "linear", "DDPMScheduler beta schedule")
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = identity(
+        "epsilon", "what the UNet predicts; the loss is MSE against it")
 
     # --- optimisation ----------------------------------------------------------------------------
     lr_scheduler: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
-    ] = Field("cosine", description="diffusers get_scheduler name; counts optimizer updates")
-    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (torch default, as the tutorial)")
-    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2")
-    adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW decoupled weight decay")
-    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon")
-    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping when gradients sync")
-    use_ema: bool = Field(True, description="keep an EMA of the weights; samples and the pipeline use it")
-    ema_max_decay: float = Field(0.9999, gt=0, le=1, description="EMAModel decay ceiling")
-    ema_min_decay: float = Field(0.0, ge=0, le=1, description="EMAModel decay floor")
-    ema_inv_gamma: float = Field(1.0, gt=0, description="EMAModel warmup inv_gamma")
-    ema_power: float = Field(0.75, gt=0, description="EMAModel warmup power (3/4 for long runs)")
-    ema_update_after_step: int = Field(0, ge=0, description="EMAModel starts averaging after N updates")
+    ] = identity("cosine", "diffusers get_scheduler name; counts optimizer updates")
+    adam_beta1: float = identity(0.9, "AdamW beta1 (torch default, as the tutorial)", ge=0, lt=1)
+    adam_beta2: float = identity(0.999, "AdamW beta2", ge=0, lt=1)
+    adam_weight_decay: float = identity(1e-2, "AdamW decoupled weight decay", ge=0)
+    adam_epsilon: float = identity(1e-8, "AdamW epsilon", gt=0)
+    max_grad_norm: float = setting(1.0, "gradient clipping when gradients sync", gt=0)
+    use_ema: bool = identity(True, "keep an EMA of the weights; samples and the pipeline use it")
+    ema_max_decay: float = setting(0.9999, "EMAModel decay ceiling", gt=0, le=1)
+    ema_min_decay: float = setting(0.0, "EMAModel decay floor", ge=0, le=1)
+    ema_inv_gamma: float = setting(1.0, "EMAModel warmup inv_gamma", gt=0)
+    ema_power: float = setting(0.75, "EMAModel warmup power (3/4 for long runs)", gt=0)
+    ema_update_after_step: int = setting(0, "EMAModel starts averaging after N updates", ge=0)
 
     # --- evaluation ------------------------------------------------------------------------------
-    eval_scheduler: Literal["ddim", "ddpm"] = Field("ddim", description="sampler for the sample grids")
-    num_inference_steps: int = Field(50, gt=0, description="sampler steps for the sample grids")
-    ddim_eta: float = Field(
-        1.0, ge=0, le=1, description="DDIM noise: 1 stochastic (forgiving early in training), 0 deterministic"
-    )
-    eval_mixed_precision: Literal["no", "fp16", "bf16"] = Field(
-        "bf16", description="autocast precision for sampling grids (bf16: ~2x faster on CPU with AVX-512 bf16 and on GPUs)"
-    )
-    eval_quality_images: int = Field(
-        32, ge=0, description="images scored at each evaluation (sliced Wasserstein distance to as many training "
-        "images, TensorBoard quality/*; README: Sample quality); the grid is the first eval_batch_size of them; 0: off",
-    )
+    eval_scheduler: Literal["ddim", "ddpm"] = setting("ddim", "sampler for the sample grids")
+    num_inference_steps: int = setting(50, "sampler steps for the sample grids", gt=0)
+    ddim_eta: float = setting(
+        1.0, "DDIM noise: 1 stochastic (forgiving early in training), 0 deterministic", ge=0, le=1)
+    eval_mixed_precision: Literal["no", "fp16", "bf16"] = setting(
+        "bf16", "autocast precision for sampling grids (bf16: ~2x faster on CPU with AVX-512 bf16 and on GPUs)")
+    eval_quality_images: int = setting(
+        32, "images scored at each evaluation (sliced Wasserstein distance to as many training images, TensorBoard "
+        "quality/*; README: Sample quality); the grid is the first eval_batch_size of them; 0: off", ge=0)
 
     # --- speed (docs/PERFORMANCE.md has the measurements behind each default) ---------------------
-    optimizer_impl: Literal["fused", "foreach"] = Field(
-        "fused", description="AdamW kernel; fused also skips non-finite updates on device, foreach needs a host sync for that"
-    )
-    channels_last: bool = Field(False, description="NHWC memory format for the UNet and its inputs")
-    torch_compile: bool = Field(False, description="torch.compile the UNet (compile time is logged separately)")
-    sdpa_attention: bool = Field(
-        True, description="attention through torch's scaled_dot_product_attention kernels; false: diffusers' plain matmul processor"
-    )
-    allow_tf32: bool = Field(True, description="CUDA: TF32 matmuls/convolutions for fp32 work (Ampere and newer)")
-    cudnn_benchmark: bool = Field(True, description="CUDA: let cuDNN pick the fastest convolution kernels for the fixed shapes")
-    peak_tflops: float | None = Field(
-        None, gt=0, description="device peak TFLOP/s for the MFU scalar; default from a table of common GPUs (trainer/perf.py)"
-    )
+    optimizer_impl: Literal["fused", "foreach"] = setting(
+        "fused", "AdamW kernel; fused also skips non-finite updates on device, foreach needs a host sync for that")
+    channels_last: bool = setting(False, "NHWC memory format for the UNet and its inputs")
+    torch_compile: bool = setting(False, "torch.compile the UNet (compile time is logged separately)")
+    sdpa_attention: bool = setting(
+        True, "attention through torch's scaled_dot_product_attention kernels; false: diffusers' plain matmul processor")
+    allow_tf32: bool = setting(True, "CUDA: TF32 matmuls/convolutions for fp32 work (Ampere and newer)")
+    cudnn_benchmark: bool = setting(True, "CUDA: let cuDNN pick the fastest convolution kernels for the fixed shapes")
+    peak_tflops: float | None = setting(
+        None, "device peak TFLOP/s for the MFU scalar; default from a table of common GPUs (trainer/perf.py)", gt=0)
 
     # --- logging ---------------------------------------------------------------------------------
-    logging_steps: int = Field(10, gt=0, description="optimizer updates between status lines / scalars")
+    logging_steps: int = setting(10, "optimizer updates between status lines / scalars", gt=0)
 
     # --- checkpoints and fault tolerance (README: Fault tolerance) -------------------------------
-    checkpointing_steps: int = Field(500, gt=0, description="save full training state every N updates")
-    checkpoints_total_limit: int | None = Field(3, gt=0, description="keep the newest K checkpoints")
-    resume_from_checkpoint: str = Field(
-        "auto", description="'auto' (newest if any), 'latest' (must exist), 'none', or a checkpoint path"
-    )
-    preemption_grace_seconds: float = Field(
-        90.0, gt=0, description="after SIGTERM, exit within this many seconds even if the checkpoint is not done"
-    )
-    max_nonfinite_steps: int = Field(20, gt=0, description="stop after N consecutive NaN/inf losses")
-    process_group_timeout_seconds: int = Field(1800, gt=0, description="torch.distributed collective timeout")
+    checkpointing_steps: int = setting(500, "save full training state every N updates", gt=0)
+    checkpoints_total_limit: int | None = setting(3, "keep the newest K checkpoints", gt=0)
+    resume_from_checkpoint: str = setting(
+        "auto", "'auto' (newest intact one if any, else fresh), 'latest' (one must exist), 'none', or a checkpoint "
+        "path", min_length=1)
+    preemption_grace_seconds: float = setting(
+        90.0, "after SIGTERM, exit within this many seconds even if the checkpoint is not done", gt=0)
+    preemption_check_steps: int = setting(
+        10, "with several processes, optimizer updates between the checks that agree on a SIGTERM (one small "
+        "all-reduce each); keep this x step time well under preemption_grace_seconds", gt=0)
+    max_nonfinite_steps: int = setting(20, "stop after N consecutive NaN/inf losses", gt=0)
+    process_group_timeout_seconds: int = setting(1800, "torch.distributed collective timeout", gt=0)
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _output_dir_not_empty(cls, value):
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty: give the run folder, e.g. runs/butterflies ('.' for this folder)")
+        return value
 
     # --- derived values --------------------------------------------------------------------------
     @property
@@ -185,14 +195,14 @@ class TrainingConfig(BaseSettings):
 
 FIELDS = tuple(TrainingConfig.model_fields)
 
-# Fields that define what a run trains; a different value means a different run (see check_output_dir).
-RUN_IDENTITY_FIELDS = (
-    "image_size", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_warmup_steps",
-    "mixed_precision", "seed", "dataset_name", "train_data_dir", "builtin_num_images", "center_crop",
-    "random_flip", "model_preset", "model_config_name_or_path", "ddpm_num_steps", "ddpm_beta_schedule",
-    "prediction_type", "lr_scheduler", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-    "use_ema",
-)
+
+def fields_with_role(role: str) -> tuple[str, ...]:
+    return tuple(name for name, info in TrainingConfig.model_fields.items()
+                 if (info.json_schema_extra or {}).get("run") == role)
+
+
+RUN_IDENTITY_FIELDS = fields_with_role("identity")  # a different value means a different run
+RUN_LENGTH_FIELDS = fields_with_role("length")
 
 
 # Kubernetes injects "service link" variables for every Service in the namespace: a Service named ddpm-tensorboard
@@ -214,6 +224,26 @@ def build_cli_parser(parser: argparse.ArgumentParser) -> CliSettingsSource:
     )
 
 
+def _read_config_file(path: Path, origin: str) -> tuple[dict | None, list[str]]:
+    """The YAML mapping in `path`, or None and the reason, worded for the user."""
+    where = f"config file {path} (from {origin})"
+    if path.is_dir():
+        return None, [f"{where} is a directory; give the YAML file inside it"]
+    if not path.exists():
+        return None, [f"{where} does not exist"]
+    try:
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except OSError as e:
+        return None, [f"{where} cannot be read: {e.strerror or e}"]
+    except UnicodeDecodeError as e:
+        return None, [f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 YAML"]
+    except yaml.YAMLError as e:
+        return None, [f"{where} is not valid YAML: {e}"]
+    if not isinstance(raw, dict):
+        return None, [f"{where} must be a mapping of field: value, got {type(raw).__name__}"]
+    return raw, []
+
+
 def load_config(
     parsed: argparse.Namespace | None = None,
     unknown_args: list[str] | None = None,
@@ -227,23 +257,15 @@ def load_config(
 
     config_file = getattr(parsed, "config", None) or environ.get(CONFIG_FILE_ENV)
     if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            problems.append(f"config file {path} does not exist (from {'--config' if parsed and parsed.config else CONFIG_FILE_ENV})")
-        else:
-            try:
-                raw = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as e:
-                raw = None
-                problems.append(f"config file {path} is not valid YAML: {e}")
-            if raw is not None and not isinstance(raw, dict):
-                problems.append(f"config file {path} must be a mapping of field: value, got {type(raw).__name__}")
-            elif raw is not None:
-                for key in raw:
-                    if key not in FIELDS:
-                        problems.append(f"unknown key '{key}' in {path}{_suggest(str(key))}")
-                known = YamlConfigSettingsSource(TrainingConfig, yaml_file=path)()
-                layers.append(("file", {k: v for k, v in known.items() if k in FIELDS}))
+        origin = "--config" if getattr(parsed, "config", None) else CONFIG_FILE_ENV
+        raw, file_problems = _read_config_file(Path(config_file), origin)
+        problems += file_problems
+        if raw is not None:
+            for key in raw:
+                if key not in FIELDS:
+                    problems.append(f"unknown key '{key}' in {config_file}{_suggest(str(key))}")
+            known = YamlConfigSettingsSource(TrainingConfig, yaml_file=config_file, yaml_file_encoding="utf-8")()
+            layers.append(("file", {k: v for k, v in known.items() if k in FIELDS}))
 
     for var in sorted(environ):
         if var.upper().startswith(ENV_PREFIX) and var.upper() != CONFIG_FILE_ENV and not _SERVICE_LINK.match(var):
@@ -336,6 +358,9 @@ def cross_field_problems(config: TrainingConfig) -> list[str]:
         problems.append(
             f"resume_from_checkpoint '{config.resume_from_checkpoint}' is not a checkpoint folder; use auto, latest, none or a path"
         )
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        problems.append(f"output_dir {out} is a file, not a folder; choose a folder path (it is created if missing)")
     return problems
 
 

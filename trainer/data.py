@@ -9,7 +9,6 @@ copy); `to_model_range` scales them to [-1, 1] on the device.
 from __future__ import annotations
 
 import io
-import logging
 import os
 import signal
 from dataclasses import dataclass, field
@@ -22,13 +21,9 @@ from torchvision import transforms
 
 from trainer.builtin_data import ButterflyImages
 from trainer.config import TrainingConfig
+from trainer.errors import DataError, TransientError
 
-log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-class DataError(Exception):
-    """The dataset cannot be used; the message says what to do."""
 
 
 @dataclass
@@ -103,25 +98,35 @@ def load_image_source(config: TrainingConfig, scan: bool = True) -> ImageSource:
         dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
         source = _hf_source(f"imagefolder:{folder}", dataset, scan)
     else:
-        try:
-            dataset = datasets.load_dataset(config.dataset_name, split="train")
-        except Exception as e:
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-            hint = (
-                "the Hub is not reachable (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set); "
-                if offline
-                else "check the id and your network/HF_TOKEN; "
-            )
-            raise DataError(
-                f"cannot load Hub dataset '{config.dataset_name}': {type(e).__name__}: {e}\n"
-                f"  {hint}download it where you have network (it lands in HF_HOME's cache), or copy the images "
-                f"into a folder and use dataset_name: imagefolder with train_data_dir, or use builtin:butterflies"
-            ) from e
+        dataset = _load_hub_dataset(config.dataset_name)
         source = _hf_source(config.dataset_name, dataset, scan)
 
     if scan and not len(source):
-        raise DataError(f"dataset {source.name} has no readable images ({len(source.skipped)} unreadable)")
+        raise DataError(f"dataset {source.name} has no readable images ({len(source.skipped)} unreadable: "
+                        + "; ".join(source.skipped[:3]) + ")")
     return source
+
+
+def _load_hub_dataset(name: str):
+    """datasets.load_dataset(name, split="train"). A Hub that cannot be reached is transient (TransientError, exit 1:
+    a retry may succeed); an id that does not exist, or offline mode without a cached copy, is not (exit 2)."""
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    where = ("download it where you have network (it lands in HF_HOME's cache), or copy the images into a folder "
+             "and use dataset_name: imagefolder with train_data_dir, or use builtin:butterflies")
+    try:
+        return datasets.load_dataset(name, split="train")
+    except DatasetNotFoundError as e:
+        raise DataError(f"Hub dataset '{name}' does not exist or is private: {e}\n  check the id (and HF_TOKEN for a "
+                        f"private or gated dataset); or {where}") from e
+    except ConnectionError as e:
+        if "OfflineMode" in str(e) or os.environ.get("HF_HUB_OFFLINE") == "1" or \
+                os.environ.get("HF_DATASETS_OFFLINE") == "1":
+            raise DataError(f"cannot load Hub dataset '{name}': HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set and it is "
+                            f"not in the cache\n  unset them, or {where}") from e
+        raise TransientError(f"cannot reach the Hub for dataset '{name}' ({e}); this is retried (exit 1). If the "
+                             f"network is gone for good: {where}") from e
 
 
 def build_transform(config: TrainingConfig) -> transforms.Compose:
@@ -172,10 +177,11 @@ def default_num_workers(local_world_size: int) -> int:
     return max(0, min(8, available_cpus() // max(1, local_world_size) - 1))
 
 
-def _worker_init(worker_id: int) -> None:
-    # SIGTERM is the main process's to handle (finish the step, checkpoint); a worker dying on it would crash
-    # the step instead. A signal sent to the whole process group (Ctrl-C, pkill) must not kill workers first.
+def worker_init(worker_id: int) -> None:
+    # SIGTERM and SIGINT are the main process's to handle (finish the step, checkpoint); a worker dying on them
+    # would crash the step instead. A signal sent to the whole process group (Ctrl-C, pkill) reaches workers too.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_dataloader(config: TrainingConfig, dataset, local_world_size: int) -> torch.utils.data.DataLoader:
@@ -191,5 +197,5 @@ def build_dataloader(config: TrainingConfig, dataset, local_world_size: int) -> 
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
-        worker_init_fn=_worker_init,
+        worker_init_fn=worker_init,
     )

@@ -1,62 +1,58 @@
-"""Exit codes, and the SIGTERM handling every rank shares.
+"""What makes one process run the same code path as many.
 
 Rank and world size come from the launcher's environment through Accelerate (torchrun/`accelerate launch` set
-RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR...), so one process runs the same code path as many.
+RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR...). Decisions only one process may take (the output_dir lock, which
+checkpoint is intact) are taken by rank 0 and shared, errors included, so no rank waits in a collective for a rank
+that has already given up.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import sys
-import threading
-import time
+from typing import Callable, TypeVar
 
-# Exit codes (README: Fault tolerance). A Job's podFailurePolicy keys on these.
-EXIT_OK = 0
-EXIT_FAILED = 1  # an unexpected error
-EXIT_CONFIG = 2  # bad configuration or input: retrying cannot help
-EXIT_DIVERGED = 3  # too many consecutive non-finite losses: retrying cannot help
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on SIGTERM after saving a checkpoint; retry to resume
+from trainer.errors import DdpmError
+
+T = TypeVar("T")
 
 
 def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-class Preemption:
-    """Records SIGTERM. The loop checks `requested` between steps (agreed across ranks), saves and exits 75.
+class ErrorOnMainProcess(DdpmError):
+    """Raised on the other ranks when rank 0's decision failed; rank 0 prints the message, they stay quiet."""
 
-    If that has not happened `grace_seconds` after the signal (a hung collective, a slow volume), a watchdog
-    ends the process with the same code: the newest complete checkpoint is still intact, since saves are atomic.
-    """
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
-    def __init__(self, grace_seconds: float):
-        self.grace_seconds = grace_seconds
-        self.requested = False
-        self.received_at: float | None = None
-        self._previous = None
 
-    def install(self) -> "Preemption":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        return self
+def decided_by_main(accelerator, decide: Callable[[], T]) -> T:
+    """Run `decide` on rank 0 only; every rank returns its result, or raises when rank 0's decision failed."""
+    from accelerate.utils import broadcast_object_list
 
-    def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+    result, failure = None, None
+    if accelerator.is_main_process:
+        try:
+            result = decide()
+        except DdpmError as e:
+            failure = e
+    if accelerator.num_processes > 1:
+        box = [(result, (str(failure), failure.exit_code) if failure else None)]
+        broadcast_object_list(box, from_process=0)
+        result, shared = box[0]
+        if shared and not accelerator.is_main_process:
+            raise ErrorOnMainProcess(*shared)
+    if failure is not None:
+        raise failure
+    return result
 
-    def _on_sigterm(self, signum, frame) -> None:
-        if self.requested:
-            return
-        self.requested, self.received_at = True, time.monotonic()
-        print(f"SIGTERM received: finishing this step, then saving a checkpoint (grace {self.grace_seconds:.0f}s)",
-              file=sys.stderr, flush=True)
-        threading.Thread(target=self._watchdog, daemon=True).start()
 
-    def _watchdog(self) -> None:
-        time.sleep(self.grace_seconds)  # the grace period itself, not a race workaround
-        print(f"preemption grace of {self.grace_seconds:.0f}s exceeded; exiting without a new checkpoint",
-              file=sys.stderr, flush=True)
-        os._exit(EXIT_PREEMPTED)
+def any_process(accelerator, flag: bool) -> bool:
+    """Whether `flag` is true on any rank (a collective: every rank must call it at the same step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    import torch
+
+    return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0

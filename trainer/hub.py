@@ -7,19 +7,27 @@ What goes up (paths relative to output_dir, the layout trainer/outputs.py writes
   samples/<last epoch>.png               the newest sample grid only (the one the model card shows)
   checkpoints/, logs/                    only with --include-checkpoints / --include-logs
 
+Only a finished run is pushed, and only the pipeline its completion marker describes (trainer.run_record: same
+run id, same step, the same SHA-256 for every pipeline file, all weights finite), so a run that has been extended
+or replaced since can never send its old or half-written model.
+
 The token comes only from $HF_TOKEN and never appears in output: every message printed here, tracebacks included,
 goes through `_redact`. Pushing is idempotent: the repo is created with exist_ok, and huggingface_hub leaves out of
 the commit every file whose content the repo already holds, so a second push of the same run changes nothing.
-Transient failures (connection errors, HTTP 408/429/5xx) are retried with exponential backoff. The whole
-create_repo + upload_folder is retried; that resumes cleanly because content the Hub already has is not re-sent.
+
+Nothing waits forever: every HTTP request has connect and read timeouts (huggingface_hub's own client has none by
+default), transient failures (connection errors, timeouts, HTTP 408/429/5xx) are retried with exponential backoff,
+and the whole push has a deadline after which it stops with exit 1. The whole create_repo + upload_folder is
+retried; that resumes cleanly because content the Hub already has is not re-sent (huggingface_hub's own
+`http_backoff` already retries the single LFS uploads inside it).
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -27,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import RESOLVED_CONFIG_NAME, TrainingConfig
-from trainer.distributed import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
-from trainer.outputs import COMPLETE_MARKER
+from trainer.errors import DdpmError, PushError, PushFailed
+from trainer.outputs import COMPLETE_MARKER, all_finite
+from trainer.run_record import pipeline_mismatch, read_history, read_marker
 
 TOKEN_ENV = "HF_TOKEN"
 TOKEN_HELP = (
@@ -39,12 +48,7 @@ PIPELINE_FOLDERS = ("unet", "scheduler")  # with model_index.json: what DDPMPipe
 MAX_RETRY_DELAY_S = 60.0  # the backoff doubles from the base delay up to this
 
 
-class PushError(Exception):
-    """Something the user must fix (incomplete run, missing or refused token): exit code 2, retrying cannot help."""
-
-
-class PushFailed(Exception):
-    """The Hub kept failing after every retry: exit code 1 (a Job may retry the whole push later)."""
+CONNECT_TIMEOUT_S = 10.0  # to open a connection to the Hub
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class PushOptions:
     include_logs: bool = False
     max_attempts: int = 5  # tries of the whole upload, the first one included
     retry_delay_s: float = 2.0  # wait before the first retry; doubles each time, up to MAX_RETRY_DELAY_S
+    deadline_s: float = 3600.0  # the whole push, retries included
+    request_timeout_s: float = 60.0  # each HTTP read/write: a server that stops answering fails the attempt
 
 
 # ---- what to upload ----------------------------------------------------------------------------------------------
@@ -71,20 +77,32 @@ def last_sample_grid(out: Path) -> str | None:
 
 
 def check_complete(out: Path) -> dict:
-    """The run's completion marker ({global_step, epoch, ...}); PushError saying what to do when there is none."""
-    marker = out / COMPLETE_MARKER
-    if not marker.is_file():
+    """The completion marker of the run in `out`, checked against what would be uploaded; PushError saying what to
+    do when the run is not finished, or when the pipeline is not the one the marker describes."""
+    marker = read_marker(out)
+    if marker is None:
         raise PushError(
-            f"the run in {out} is not complete: {marker} does not exist (rank 0 writes it last, when training "
-            f"finishes). Wait for the run to end, or finish it with `ddpm train` and the same config, then push "
-            f"again; if the run is elsewhere, set output_dir to its folder."
-        )
+            f"the run in {out} is not complete: {out / COMPLETE_MARKER} does not exist (rank 0 writes it last, when "
+            f"training finishes). Wait for the run to end, or finish it with `ddpm train` and the same config, then "
+            f"push again; if the run is elsewhere, set output_dir to its folder.")
     if not (out / "model_index.json").is_file():
         raise PushError(f"{out} has {COMPLETE_MARKER} but no model_index.json: no pipeline to push")
-    try:
-        return json.loads(marker.read_text())
-    except ValueError:
-        return {}
+    history = read_history(out)
+    if history and history[-1].get("run_id") != marker.get("run_id"):
+        raise PushError(f"the completion marker is from run {marker.get('run_id')} but {out} now holds run "
+                        f"{history[-1].get('run_id')} (started {history[-1].get('run_started_at')}), which has not "
+                        "finished; wait for it to finish and push again")
+    mismatch = pipeline_mismatch(out, marker)
+    if mismatch:
+        raise PushError(f"the pipeline in {out} is not the one the completion marker describes (run "
+                        f"{marker.get('run_id')}, step {marker.get('global_step')}): {mismatch}. A newer training may "
+                        "be writing there: wait for it to finish, then push again")
+    from safetensors.torch import load_file
+
+    for weights in sorted((out / "unet").glob("*.safetensors")):
+        if not all_finite(load_file(weights).values()):
+            raise PushError(f"{weights} holds NaN/inf weights; refusing to push a broken model")
+    return marker
 
 
 def allow_patterns_for(paths: list[str]) -> list[str]:
@@ -160,16 +178,21 @@ def backoff_delays(attempts: int, base_s: float, cap_s: float = MAX_RETRY_DELAY_
 
 
 def with_retries(action: Callable[[], object], attempts: int, base_delay_s: float, log: Callable[[str], None],
-                 sleep: Callable[[float], None] = time.sleep):
-    """Run `action`; after a transient error wait (the backoff, or the server's Retry-After if longer) and rerun it."""
+                 sleep: Callable[[float], None] = time.sleep, deadline: float | None = None):
+    """Run `action`; after a transient error wait (the backoff, or the server's Retry-After if longer) and rerun it.
+    No retry starts whose wait would end after `deadline` (time.monotonic()): the last error is raised instead."""
     delays = backoff_delays(attempts, base_delay_s)
     for attempt in range(1, attempts + 1):
         try:
             return action()
         except Exception as error:
+            error.attempts = attempt  # how many were made, for the message
             if attempt == attempts or not is_transient(error):
                 raise
             delay = max(delays[attempt - 1], min(retry_after_s(error) or 0.0, MAX_RETRY_DELAY_S))
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                error.deadline = True
+                raise
             log(f"transient error ({describe(error)}); retry {attempt}/{attempts - 1} in {delay:g}s")
             sleep(delay)
 
@@ -194,29 +217,59 @@ def _size(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def push(config: TrainingConfig, options: PushOptions, environ: dict[str, str] | None = None) -> int:
-    """`ddpm push`. Returns the exit code; prints every message itself, with the token redacted."""
+def redact(text: str, environ: dict[str, str] | None = None) -> str:
+    """`text` with the HF_TOKEN value replaced: for every message that might echo a request or a header."""
+    token = (os.environ if environ is None else environ).get(TOKEN_ENV, "").strip()
+    return _redact(text, token or None)
+
+
+def check_can_push(environ: dict[str, str] | None = None) -> None:
+    """What a push needs from the environment, checked before minutes of training (push_to_hub) or uploading."""
+    from huggingface_hub import constants
+
+    if not (os.environ if environ is None else environ).get(TOKEN_ENV, "").strip():
+        raise PushError(f"{TOKEN_ENV} is not set; {TOKEN_HELP}")
+    if constants.HF_HUB_OFFLINE:
+        raise PushError("HF_HUB_OFFLINE is set, so huggingface_hub will not contact the Hub; unset it to push")
+
+
+def use_timeouts(request_timeout_s: float) -> None:
+    """huggingface_hub's shared HTTP client has no timeout at all: a server that accepts the connection and never
+    answers would hang the push forever. Give every request connect and read/write timeouts."""
+    import httpx2
+    from huggingface_hub.utils import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    def client():
+        made = default_client_factory()
+        made.timeout = httpx2.Timeout(request_timeout_s, connect=CONNECT_TIMEOUT_S)
+        return made
+
+    set_client_factory(client)
+
+
+def push(config: TrainingConfig, options: PushOptions, environ: dict[str, str] | None = None,
+         say: Callable[[str], None] | None = None) -> str:
+    """`ddpm push` (and `push_to_hub` at the end of training). Returns the repo URL; raises PushError (exit 2) or
+    PushFailed (exit 1). Every message goes through `redact`."""
     environ = dict(os.environ if environ is None else environ)
     token = environ.get(TOKEN_ENV, "").strip() or None
+    emit = say or (lambda message, stream=None: print(message, file=stream or sys.stdout, flush=True))
 
     def say(message: str, stream=None) -> None:
-        print(_redact(message, token), file=stream or sys.stdout, flush=True)
+        emit(_redact(message, token), stream)
 
     try:
-        return _push(config, options, token, say)
-    except PushError as e:
-        say(f"error: {e}", sys.stderr)
-        return EXIT_CONFIG
-    except PushFailed as e:
-        say(f"error: {e}", sys.stderr)
-        return EXIT_FAILED
+        return _push(config, options, token, environ, say)
+    except DdpmError:
+        raise
     except Exception as e:  # unexpected: print the traceback (it helps), but it must not carry the token either
-        say("".join(traceback.format_exception(e)).rstrip(), sys.stderr)
-        say(f"error: pushing to {config.hub_repo_id} failed: {describe(e)}; `ddpm push` is safe to run again", sys.stderr)
-        return EXIT_FAILED
+        say(_redact("".join(traceback.format_exception(e)).rstrip(), token), sys.stderr)
+        raise PushFailed(_redact(f"pushing to {config.hub_repo_id} failed: {describe(e)}; `ddpm push` is safe to run "
+                                 "again", token)) from None
 
 
-def _push(config: TrainingConfig, options: PushOptions, token: str | None, say) -> int:
+def _push(config: TrainingConfig, options: PushOptions, token: str | None, environ: dict, say) -> str:
     from huggingface_hub import constants
 
     out = Path(config.output_dir)
@@ -232,21 +285,19 @@ def _push(config: TrainingConfig, options: PushOptions, token: str | None, say) 
         for f in files:
             say(f"  {f}  ({_size(sizes[f])})")
         say(f"{TOKEN_ENV} is {'set' if token else 'NOT set (the real push would fail)'}. Nothing was sent.")
-        return EXIT_OK
-
-    if token is None:
-        raise PushError(f"{TOKEN_ENV} is not set; {TOKEN_HELP}")
-    if constants.HF_HUB_OFFLINE:
-        raise PushError("HF_HUB_OFFLINE is set, so huggingface_hub will not contact the Hub; unset it to push")
+        return ""
+    check_can_push(environ)
 
     from huggingface_hub import HfApi
     from huggingface_hub.utils import disable_progress_bars
 
     disable_progress_bars()  # plain log lines: pods and CI are not terminals
+    use_timeouts(options.request_timeout_s)
     api = HfApi(token=token, library_name="ddpm-trainer")
     step = marker.get("global_step")
     message = f"Upload DDPM pipeline{f' after {step} steps' if step is not None else ''} with ddpm-trainer"
-    say(f"pushing {what}")
+    say(f"pushing {what} (run {marker.get('run_id')}, step {step}; deadline {options.deadline_s:g}s)")
+    deadline = time.monotonic() + options.deadline_s
 
     def upload():
         url = api.create_repo(repo_id=repo_id, private=config.hub_private_repo, exist_ok=True)
@@ -254,8 +305,16 @@ def _push(config: TrainingConfig, options: PushOptions, token: str | None, say) 
                                    commit_message=message)
         return url, commit
 
+    def attempts():
+        return with_retries(upload, options.max_attempts, options.retry_delay_s, lambda m: say(m, sys.stderr),
+                            deadline=deadline)
+
     try:
-        url, commit = with_retries(upload, options.max_attempts, options.retry_delay_s, lambda m: say(m, sys.stderr))
+        url, commit = within(deadline, attempts)
+    except TimeoutError:
+        raise PushFailed(f"the push to {repo_id} did not finish within its deadline of {options.deadline_s:g}s (a Hub "
+                         "that stopped answering?); run `ddpm push` again later: it resumes, content already "
+                         "uploaded is not sent again") from None
     except Exception as e:
         status = status_code(e)
         if status == 401:
@@ -266,11 +325,38 @@ def _push(config: TrainingConfig, options: PushOptions, token: str | None, say) 
                 f"or of a member of its organization, or push to another hub_model_id; {TOKEN_HELP}"
             ) from None
         if is_transient(e):
+            made = getattr(e, "attempts", options.max_attempts)
+            when = " (the next retry would have passed the deadline)" if getattr(e, "deadline", False) else ""
             raise PushFailed(
-                f"the Hub still failed after {options.max_attempts} attempts ({describe(e)}); run `ddpm push` again "
-                f"later: it resumes, content already uploaded is not sent again"
+                f"the Hub still failed after {made} attempt{'s' if made != 1 else ''}{when} ({describe(e)}); run "
+                f"`ddpm push` again later: it resumes, content already uploaded is not sent again"
             ) from None
         raise
+    mismatch = pipeline_mismatch(out, marker)
+    if mismatch:  # something rewrote the pipeline while it was being read
+        raise PushFailed(f"the pipeline in {out} changed during the upload ({mismatch}); the repo may hold a mix. "
+                         "Run `ddpm push` again once training there has finished")
     say(f"{repo_id} is at commit {commit.oid}")
     say(f"pushed: {url}")
-    return EXIT_OK
+    return str(url)
+
+
+def within(deadline: float, action: Callable[[], object]):
+    """Run `action` in a daemon thread and give up at `deadline` (monotonic) with TimeoutError: a request stuck
+    below the HTTP timeouts (DNS, a TLS handshake) must not hold the process past its deadline."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = action()
+        except BaseException as e:  # handed to the waiting thread as is
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True, name="hub-push")
+    worker.start()
+    worker.join(max(0.0, deadline - time.monotonic()))
+    if worker.is_alive():
+        raise TimeoutError
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

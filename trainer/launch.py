@@ -1,35 +1,127 @@
-"""`ddpm launch`: the container entrypoint. torchrun with its settings from the pod's environment.
+"""`ddpm launch`: the container entrypoint. torchrun, with its settings read from the pod's environment.
 
-torchrun already reads PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT (what the
-Kubeflow PyTorchJob and TrainJob operators inject). On a plain Indexed Job the node rank is JOB_COMPLETION_INDEX.
-What torchrun does not do, this adds: the worker exit codes survive (2 config, 3 diverged, 75 preempted), so a
-Job's podFailurePolicy can tell "retry" from "give up", and SIGTERM gives workers the preemption grace to save.
+The environment is what Kubernetes and the operators inject, under torchrun's own names: PET_NNODES ("N" or
+"MIN:MAX"), PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR/PET_MASTER_PORT (the Kubeflow PyTorchJob and TrainJob
+operators), PET_RDZV_BACKEND/PET_RDZV_ENDPOINT/PET_RDZV_ID/PET_RDZV_CONF/PET_MAX_RESTARTS (the chart's Indexed Job
+and a PyTorchJob's elasticPolicy), and on a plain Indexed Job the node rank JOB_COMPLETION_INDEX. Every value is
+validated first: a bad one is exit 2 naming the variable, never a traceback or a rendezvous that waits forever.
+
+What torchrun does not do, this adds:
+- The worker exit codes survive (2 config, 3 diverged, 75 preempted), so a Job's podFailurePolicy or an operator's
+  ExitCode policy can tell "retry" from "give up".
+- torchrun restarts a failed worker group up to --max-restarts times (with c10d every node restarts and all ranks
+  resume from the newest checkpoint), but a worker that exited 2 or 3 would fail again the same way: those stop
+  the restarts at once (PermanentFailureAgent).
+- SIGTERM gives the workers the preemption grace to save before torchrun kills them.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import sys
 from collections import Counter
 
-from trainer.distributed import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
+from trainer.errors import (
+    EXIT_CONFIG,
+    EXIT_DIVERGED,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    LaunchError,
+)
 
 # Seconds torchrun waits, after forwarding SIGTERM, beyond the trainer's own grace before it SIGKILLs workers.
 SHUTDOWN_MARGIN_S = 15
+PERMANENT_EXIT_CODES = (EXIT_CONFIG, EXIT_DIVERGED)  # a restart cannot help: stop restarting
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 
 
-def torchrun_argv(environ: dict[str, str], grace_seconds: float, train_args: list[str]) -> list[str]:
-    node_rank = environ.get("PET_NODE_RANK") or environ.get("JOB_COMPLETION_INDEX") or "0"
-    return [
-        f"--nnodes={environ.get('PET_NNODES', '1')}",
-        f"--nproc_per_node={environ.get('PET_NPROC_PER_NODE', 'gpu' if _has_cuda() else '1')}",
-        f"--node_rank={node_rank}",
-        f"--master_addr={environ.get('PET_MASTER_ADDR', '127.0.0.1')}",
-        f"--master_port={environ.get('PET_MASTER_PORT', '29500')}",
-        f"--shutdown_timeout={int(grace_seconds) + SHUTDOWN_MARGIN_S}",
-        "--max_restarts=0",  # the Job (podFailurePolicy/backoffLimit) owns retries, with resume from checkpoints
-        "-m", "trainer", "train", *train_args,
-    ]
+def _int(environ: dict[str, str], name: str, minimum: int, maximum: int | None = None) -> int | None:
+    value = environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise LaunchError(f"{name}={value!r} is not a whole number") from None
+    if number < minimum or (maximum is not None and number > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise LaunchError(f"{name}={value!r} must be {bound}")
+    return number
+
+
+def _nnodes(environ: dict[str, str]) -> tuple[int, int] | None:
+    value = environ.get("PET_NNODES", "").strip()
+    if not value:
+        return None
+    match = re.fullmatch(r"(\d+)(?::(\d+))?", value)
+    if not match:
+        raise LaunchError(f"PET_NNODES={value!r} must be a node count N or a range MIN:MAX (e.g. 4 or 2:4)")
+    low, high = int(match[1]), int(match[2] or match[1])
+    if low < 1 or high < low:
+        raise LaunchError(f"PET_NNODES={value!r}: need 1 <= MIN <= MAX")
+    return low, high
+
+
+def torchrun_argv(environ: dict[str, str], grace_seconds: float, train_args: list[str],
+                  has_cuda: bool | None = None) -> list[str]:
+    """torchrun's arguments for this pod, or LaunchError naming the first bad variable."""
+    nodes = _nnodes(environ)
+    low, high = nodes or (1, 1)
+    nproc = environ.get("PET_NPROC_PER_NODE", "").strip()
+    if nproc and nproc not in ("gpu", "cpu", "auto") and not (nproc.isdigit() and int(nproc) >= 1):
+        raise LaunchError(f"PET_NPROC_PER_NODE={nproc!r} must be a process count >= 1 (or gpu, cpu, auto)")
+    if not nproc:
+        nproc = "gpu" if (_has_cuda() if has_cuda is None else has_cuda) else "1"
+    rank_var = "PET_NODE_RANK" if environ.get("PET_NODE_RANK", "") != "" else "JOB_COMPLETION_INDEX"
+    node_rank = _int(environ, rank_var, 0)
+    if node_rank is not None and node_rank >= high:
+        hint = "" if nodes else " (PET_NNODES is not set, so there is 1 node)"
+        raise LaunchError(f"{rank_var}={node_rank} but there are {high} node(s){hint}: a node rank must be below "
+                          "the node count")
+    max_restarts = _int(environ, "PET_MAX_RESTARTS", 0) or 0
+    argv = [f"--nnodes={low}:{high}" if low != high else f"--nnodes={low}", f"--nproc_per_node={nproc}",
+            f"--max_restarts={max_restarts}", f"--shutdown_timeout={int(grace_seconds) + SHUTDOWN_MARGIN_S}"]
+    backend = environ.get("PET_RDZV_BACKEND", "").strip() or "static"
+    if backend == "static":
+        if low != high:
+            raise LaunchError(f"PET_NNODES={environ['PET_NNODES']!r} is a range, which needs a dynamic rendezvous: "
+                              "set PET_RDZV_BACKEND=c10d and PET_RDZV_ENDPOINT")
+        port = _int(environ, "PET_MASTER_PORT", 1, 65535) or 29500
+        addr = environ.get("PET_MASTER_ADDR", "").strip() or "127.0.0.1"
+        if high > 1 and not environ.get("PET_MASTER_ADDR", "").strip():
+            raise LaunchError(f"PET_NNODES={high} but PET_MASTER_ADDR is not set: the nodes cannot find node 0")
+        argv += [f"--node_rank={node_rank or 0}", f"--master_addr={addr}", f"--master_port={port}"]
+    elif backend == "c10d":
+        endpoint = environ.get("PET_RDZV_ENDPOINT", "").strip()
+        if not _HOST_PORT.match(endpoint) or not 0 < int(endpoint.rsplit(":", 1)[1]) < 65536:
+            raise LaunchError(f"PET_RDZV_ENDPOINT={endpoint!r} must be HOST:PORT (node 0's stable name and a port)")
+        conf = _rdzv_conf(environ.get("PET_RDZV_CONF", ""))
+        if node_rank is not None and "is_host" not in conf:
+            conf["is_host"] = "true" if node_rank == 0 else "false"  # node 0 hosts the store, whatever DNS says
+        argv += ["--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+                 f"--rdzv_id={environ.get('PET_RDZV_ID', '').strip() or 'ddpm'}"]
+        if conf:
+            argv.append("--rdzv_conf=" + ",".join(f"{k}={v}" for k, v in conf.items()))
+    else:
+        raise LaunchError(f"PET_RDZV_BACKEND={backend!r} is not supported; use c10d (or leave it unset: static)")
+    return [*argv, "-m", "trainer", "train", *train_args]
+
+
+def _rdzv_conf(value: str) -> dict[str, str]:
+    conf = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise LaunchError(f"PET_RDZV_CONF={value!r} must be key=value pairs separated by commas "
+                              "(e.g. join_timeout=1800)")
+        if key.strip().endswith("timeout") and not val.strip().isdigit():
+            raise LaunchError(f"PET_RDZV_CONF: {key.strip()}={val!r} must be a number of seconds")
+        conf[key.strip()] = val.strip()
+    return conf
 
 
 def _has_cuda() -> bool:
@@ -39,24 +131,49 @@ def _has_cuda() -> bool:
 
 
 def exit_code_of(worker_codes: list[int]) -> int:
-    """One exit code for the pod: preempted wins (retry); else the workers' common code; else failure."""
+    """One exit code for the pod: preempted wins (retry); else a permanent one (config, diverged); else the
+    workers' common code; else failure. Codes of workers killed by a signal (negative) count as failures."""
     if EXIT_PREEMPTED in worker_codes:
         return EXIT_PREEMPTED
+    for code in PERMANENT_EXIT_CODES:
+        if code in worker_codes:
+            return code
     code, _ = Counter(worker_codes).most_common(1)[0] if worker_codes else (EXIT_FAILED, 0)
     return code if code > 0 else EXIT_FAILED
 
 
+def permanent_failure_agent():
+    """torch's LocalElasticAgent, except that a worker exiting 2 or 3 uses up the restarts: restarting would only
+    fail again (torch/distributed/elastic/agent/server/api.py `_invoke_run` restarts on any failure)."""
+    from torch.distributed.elastic.agent.server.api import WorkerState
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    class PermanentFailureAgent(LocalElasticAgent):
+        def _monitor_workers(self, worker_group):
+            result = super()._monitor_workers(worker_group)
+            if result.state == WorkerState.FAILED and any(
+                    failure.exitcode in PERMANENT_EXIT_CODES for failure in result.failures.values()):
+                self._remaining_restarts = 0
+            return result
+
+    return PermanentFailureAgent
+
+
 def launch(train_args: list[str], grace_seconds: float, environ: dict[str, str] | None = None) -> int:
+    import torch.distributed.launcher.api as launcher_api
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    argv = torchrun_argv(dict(os.environ if environ is None else environ), grace_seconds, train_args)
+    environ = dict(os.environ if environ is None else environ)
+    argv = torchrun_argv(environ, grace_seconds, train_args)
     print("ddpm launch: torchrun " + " ".join(argv), file=sys.stderr, flush=True)
+    # launch_agent() builds the agent from this module attribute (torch/distributed/launcher/api.py).
+    launcher_api.LocalElasticAgent = permanent_failure_agent()
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as e:
         return exit_code_of([failure.exitcode for failure in e.failures.values()])
-    except SignalException:
-        return EXIT_PREEMPTED  # workers got SIGTERM and up to the grace period to checkpoint
+    except SignalException as e:  # the workers got the signal too, and up to the grace period to checkpoint
+        return EXIT_INTERRUPTED if e.sigval == signal.SIGINT else EXIT_PREEMPTED
     return EXIT_OK

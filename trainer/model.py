@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from diffusers.training_utils import EMAModel
 
@@ -71,13 +72,6 @@ def build_noise_scheduler(config: TrainingConfig) -> DDPMScheduler:
     )
 
 
-def build_eval_scheduler(config: TrainingConfig, train_scheduler: DDPMScheduler):
-    """The sampler for grids: the training DDPMScheduler itself, or DDIM sharing its config."""
-    if config.eval_scheduler == "ddim":
-        return DDIMScheduler.from_config(train_scheduler.config)
-    return train_scheduler
-
-
 def build_ema(config: TrainingConfig, unet: UNet2DModel) -> EMAModel | None:
     if not config.use_ema:
         return None
@@ -94,5 +88,22 @@ def build_ema(config: TrainingConfig, unet: UNet2DModel) -> EMAModel | None:
     )
 
 
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+
+def model_identity(config: TrainingConfig) -> dict[str, Any]:
+    """What a checkpoint records of its model, so a resume can refuse another one (JSON-normalised kwargs)."""
+    return {"preset": config.model_config_name_or_path or config.model_preset,
+            "config": json.loads(json.dumps(unet_config(config)))}
+
+
+@contextmanager
+def ema_weights(model, ema: EMAModel | None):
+    """Temporarily swap the EMA weights into `model` (for sampling and saving)."""
+    if ema is None:
+        yield model
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield model
+    finally:
+        ema.restore(model.parameters())

@@ -1,90 +1,236 @@
-"""What lands in output_dir besides checkpoints: the resolved config, the pipeline, the model card, the marker.
+"""output_dir: what may live there, when it may be cleared, whether it can hold the run, and the saved pipeline.
 
-Layout (the tutorial's, plus run metadata):
+Layout (the tutorial's, plus run metadata; trainer.run_record and trainer.checkpoint own their parts):
   model_index.json, unet/, scheduler/   DDPMPipeline.save_pretrained (EMA weights)
   README.md                              model card
   samples/<epoch:04d>.png                sample grids
   logs/                                  TensorBoard
   checkpoints/checkpoint-<step>/         full training state (trainer.checkpoint)
-  training_config.yaml                   the resolved config of this run
-  training_complete.json                 written last, when the run finished (the push Job waits for it)
+  training_config.yaml                   the resolved config in effect now
+  config_history.jsonl                   every resolved config of the run, with the step it took effect
+  training_complete.json                 written last, when the run finished (the push waits for it)
+  data_cache/                            the decoded-image cache, unless data_cache_dir points elsewhere
+  .ddpm-train.lock                       held by the running trainer (trainer.lock)
+
+Nothing here deletes a file that is not in this layout: `overwrite_output_dir` clears a folder only when every
+entry in it is ours, and never one that holds (or sits inside) the training images, the cache or the config file.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
-import tempfile
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from trainer.config import RESOLVED_CONFIG_NAME, RUN_IDENTITY_FIELDS, ConfigError, TrainingConfig, config_yaml
+from trainer.config import RESOLVED_CONFIG_NAME, RUN_IDENTITY_FIELDS, TrainingConfig, config_yaml
+from trainer.errors import Diverged, OutputDirError
 
+HISTORY_NAME = "config_history.jsonl"
 COMPLETE_MARKER = "training_complete.json"
+LOCK_NAME = ".ddpm-train.lock"
+DATA_CACHE_NAME = "data_cache"
+PIPELINE_ENTRIES = ("model_index.json", "unet", "scheduler")
+# Every top-level entry a run of ours writes; anything else makes the folder "not ours".
+OUR_ENTRIES = frozenset({
+    *PIPELINE_ENTRIES, "README.md", "samples", "logs", "checkpoints", RESOLVED_CONFIG_NAME, HISTORY_NAME,
+    COMPLETE_MARKER, DATA_CACHE_NAME, LOCK_NAME,
+})
+OUR_TEMPORARY_PREFIXES = (".tmp-",)  # half-written files of ours (atomic writes that were interrupted)
 
 
-def _identity(values: dict) -> dict:
-    return {k: values.get(k) for k in RUN_IDENTITY_FIELDS}
+def _is_ours(name: str) -> bool:
+    return name in OUR_ENTRIES or name.startswith(OUR_TEMPORARY_PREFIXES)
 
 
-def check_output_dir(config: TrainingConfig) -> bool:
-    """Read-only check run on every rank. Returns True when an old, different run must be cleared first."""
+def inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """What `ddpm train` will do with output_dir: start in a new or empty folder, continue the run in it
+    (resume, extend, or start it again after a crash before its first checkpoint), or clear an old run first."""
+
+    action: str  # "new" | "continue" | "clear"
+    reason: str = ""
+
+
+def plan_output_dir(config: TrainingConfig, config_file: Path | None = None) -> OutputPlan:
+    """Read-only: decide what to do with output_dir, or raise OutputDirError saying why it cannot be used."""
     out = Path(config.output_dir)
-    if not out.exists() or not any(out.iterdir()):
-        return False
+    problems = _overlaps(config)
+    if problems:
+        raise OutputDirError("output_dir " + str(out) + " cannot be used:\n" + "\n".join(f"  - {p}" for p in problems))
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output_dir {out} is a file, not a folder; choose a folder path")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not [e for e in entries if e != LOCK_NAME]:
+        return OutputPlan("new")
+    foreign = [e for e in entries if not _is_ours(e)]
+    listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
     saved = out / RESOLVED_CONFIG_NAME
-    mine = _identity(json.loads(config.model_dump_json()))
-    if saved.is_file():
-        theirs = _identity(yaml.safe_load(saved.read_text()) or {})
-        diff = [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in RUN_IDENTITY_FIELDS if theirs[k] != mine[k]]
-        if not diff:
-            return False  # the same run: resume or continue in place
-        what = f"holds a different run ({'; '.join(diff)})"
-    else:
-        what = f"is not empty and holds no {RESOLVED_CONFIG_NAME} (not a ddpm-trainer run)"
-    if not config.overwrite_output_dir:
-        raise ConfigError([
-            f"output_dir {out} {what}; choose another output_dir, or set overwrite_output_dir true to delete it"
-        ])
-    return True
-
-
-def clear_output_dir(config: TrainingConfig) -> None:
-    for child in Path(config.output_dir).iterdir():
-        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-
-
-def preflight(config: TrainingConfig, checkpoint_bytes: int) -> None:
-    """Fail before training if output_dir cannot be written or cannot hold one more checkpoint."""
-    out = Path(config.output_dir)
+    if not saved.is_file():
+        if foreign:
+            raise OutputDirError(
+                f"output_dir {out} is not empty and is not a ddpm-trainer run (it holds {listed}); nothing was changed. "
+                "Choose a new or empty folder for output_dir (overwrite_output_dir only ever deletes a ddpm-trainer run)")
+        return OutputPlan("continue", "a run of ours that stopped before writing its config")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ConfigError([f"output_dir {out} is not writable: {e}; fix the volume's permissions (fsGroup) or path"]) from e
-    free = shutil.disk_usage(out).free
-    if free < checkpoint_bytes:
-        raise ConfigError([
-            f"output_dir {out} has {free / 2**20:.0f} MiB free but a checkpoint needs about "
-            f"{checkpoint_bytes / 2**20:.0f} MiB; free space or use a bigger volume"
-        ])
+        theirs = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise OutputDirError(f"{saved} cannot be read ({e}); move it away or choose another output_dir") from e
+    mine = json.loads(config.model_dump_json())
+    diff = [f"{k}: {theirs.get(k)!r} -> {mine[k]!r}" for k in RUN_IDENTITY_FIELDS if theirs.get(k) != mine[k]]
+    if not diff:
+        return OutputPlan("continue")  # the same run: resume, extend, or finish it; files of the user's stay
+    what = f"output_dir {out} holds a different run ({'; '.join(diff)})"
+    if not config.overwrite_output_dir:
+        raise OutputDirError(f"{what}; choose another output_dir, or set overwrite_output_dir true to delete it")
+    if foreign:
+        raise OutputDirError(f"{what}, but overwrite_output_dir cannot clear it: it also holds files that are not a "
+                             f"ddpm-trainer run's ({listed}); move them out, or choose another output_dir")
+    clash = _clear_clashes(config, config_file)
+    if clash:
+        raise OutputDirError(f"{what}, but overwrite_output_dir cannot clear it: {clash}")
+    return OutputPlan("clear", what)
+
+
+def _resolved(path: Path | str | None) -> Path | None:
+    return Path(path).expanduser().resolve() if path else None
+
+
+def _overlaps(config: TrainingConfig) -> list[str]:
+    """Layouts that would mix the run with its inputs, whatever the folder holds now."""
+    out = _resolved(config.output_dir)
+    problems = []
+    data = _resolved(config.train_data_dir) if config.dataset_name == "imagefolder" else None
+    if data is not None and (inside(out, data) or inside(data, out)):
+        where = "is the same folder as" if out == data else "is inside" if inside(out, data) else "contains"
+        problems.append(f"it {where} train_data_dir {config.train_data_dir}: sample grids would become training "
+                        "images and overwrite_output_dir could delete them; keep the run and the images apart")
+    cache = _resolved(config.data_cache_dir)
+    if cache is not None and inside(out, cache):
+        problems.append(f"it is inside data_cache_dir {config.data_cache_dir}; use a folder of its own")
+    return problems
+
+
+def _clear_clashes(config: TrainingConfig, config_file: Path | None) -> str:
+    """What clearing output_dir would delete that is not the old run: the config file in use, or a cache that the
+    user put there on purpose (the default data_cache is kept: it is keyed by content, so still valid)."""
+    out = _resolved(config.output_dir)
+    config_path = _resolved(config_file)
+    if config_path is not None and inside(config_path, out):
+        return f"it holds the config file in use, {config_file}; move the config file out of output_dir first"
+    cache = _resolved(config.data_cache_dir)
+    if cache is not None and inside(cache, out) and cache != out / DATA_CACHE_NAME:
+        return f"it holds data_cache_dir {config.data_cache_dir}; put the cache outside output_dir"
+    return ""
+
+
+def clear_output_dir(config: TrainingConfig) -> list[str]:
+    """Delete the old run (plan_output_dir said every entry is ours). Keeps the lock and the data cache."""
+    out = Path(config.output_dir)
+    removed = []
+    for child in sorted(out.iterdir()):
+        if child.name in (LOCK_NAME, DATA_CACHE_NAME) or not _is_ours(child.name):
+            continue
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        removed.append(child.name)
+    return removed
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_space(config: TrainingConfig, checkpoint_bytes: int, weights_bytes: int, existing_checkpoints: int) -> None:
+    """Read-only preflight: output_dir can be created and written, and holds what the run will add at its peak:
+    checkpoints up to checkpoints_total_limit + 1 (a new one is complete before the oldest goes) and the pipeline."""
+    out = Path(config.output_dir)
+    base = _nearest_existing(out)
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise OutputDirError(f"output_dir {out} is not writable ({base} does not let uid {os.getuid()} write); fix "
+                             "the volume's permissions (fsGroup, or chown the folder) or choose another path")
+    keep = config.checkpoints_total_limit
+    new_checkpoints = max(1, (keep + 1 - existing_checkpoints) if keep else 1)
+    needed = new_checkpoints * checkpoint_bytes + weights_bytes
+    free = shutil.disk_usage(base).free
+    if free < needed:
+        raise OutputDirError(
+            f"no space left for this run in {out}: {free / 2**20:.0f} MiB free, it needs about {needed / 2**20:.0f} "
+            f"MiB ({new_checkpoints} more checkpoint(s) of {checkpoint_bytes / 2**20:.0f} MiB with "
+            f"checkpoints_total_limit {keep}, and the pipeline); free space, use a bigger volume or lower "
+            "checkpoints_total_limit")
+
+
+def disk_full(error: OSError, what: str, path: Path, needed_bytes: int) -> OutputDirError | None:
+    """The user-facing error for ENOSPC/EDQUOT while writing `what` to `path`, else None."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    free = shutil.disk_usage(_nearest_existing(path)).free
+    return OutputDirError(f"no space left on device while writing {what} to {path}: {free / 2**20:.0f} MiB free, "
+                          f"it needs about {needed_bytes / 2**20:.0f} MiB; free space or use a bigger volume (the "
+                          "newest complete checkpoint is intact)")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_resolved_config(config: TrainingConfig) -> Path:
     path = Path(config.output_dir) / RESOLVED_CONFIG_NAME
-    path.write_text(config_yaml(config))
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(config_yaml(config))
+    os.replace(tmp, path)
     return path
 
 
+def all_finite(tensors) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def save_pipeline(config: TrainingConfig, unet, scheduler) -> None:
+    """DDPMPipeline.save_pretrained into a temporary folder, then each part renamed into place: a reader never
+    sees a half-written weights file. Refuses non-finite weights: they would be a broken model on the Hub."""
     from diffusers import DDPMPipeline
 
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(config.output_dir)
+    if not all_finite(unet.parameters()):
+        raise Diverged("the model's weights hold NaN/inf values: no pipeline was saved (lower learning_rate, or "
+                       "resume from an earlier checkpoint)")
+    out = Path(config.output_dir)
+    tmp = out / ".tmp-pipeline"
+    shutil.rmtree(tmp, ignore_errors=True)
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
+    for name in PIPELINE_ENTRIES:
+        target, old = out / name, out / f".tmp-old-{name}"
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp / name, target)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_temporary(output_dir: Path) -> None:
+    """Leftovers of interrupted atomic writes at the top of output_dir (checkpoints clean their own)."""
+    out = Path(output_dir)
+    for path in out.glob(".tmp-*") if out.is_dir() else []:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def write_model_card(config: TrainingConfig, last_grid: Path | None, global_step: int) -> Path:
@@ -123,12 +269,4 @@ image = pipeline().images[0]
 """
     path = Path(config.output_dir) / "README.md"
     ModelCard(content).save(path)
-    return path
-
-
-def write_complete_marker(config: TrainingConfig, global_step: int, epoch: int) -> Path:
-    path = Path(config.output_dir) / COMPLETE_MARKER
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"global_step": global_step, "epoch": epoch, "finished_at": time.time()}))
-    os.replace(tmp, path)
     return path

@@ -1,4 +1,5 @@
-"""What a person sees: TensorBoard scalars/images/text (through Accelerate's tracker) and the console status.
+"""What a person sees: TensorBoard scalars, images, text and hparams (all through Accelerate's tracker API) and
+the console status; and the step statistics behind them, kept on the device between logs.
 
 On a TTY the console shows a progress bar; otherwise (kubectl logs, CI) one plain line per logging step, with
 no carriage returns. Only rank 0 prints or writes.
@@ -6,6 +7,7 @@ no carriage returns. Only rank 0 prints or writes.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from datetime import timedelta
@@ -13,6 +15,43 @@ from datetime import timedelta
 import numpy as np
 import torch
 from accelerate import Accelerator
+
+
+class StepStats:
+    """Sums over one logging interval, on the device: adding to them never syncs with the host. `read` does the
+    interval's one all-reduce and returns them by name."""
+
+    def __init__(self, device: torch.device):
+        zero = lambda: torch.zeros((), device=device)  # noqa: E731
+        self.loss_sum, self.loss_count = zero(), zero()  # finite micro-batch losses only
+        self.grad_norm_sum, self.nonfinite = zero(), zero()  # per optimizer update
+        self.streak, self.worst_streak = zero(), zero()  # consecutive non-finite updates: now, and the longest
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss, 0.0)
+        self.loss_count += finite
+
+    def add_update(self, grad_norm: torch.Tensor, bad: torch.Tensor) -> None:
+        self.grad_norm_sum += torch.where(bad, 0.0, grad_norm)
+        self.nonfinite += bad
+        self.streak = (self.streak + 1) * bad
+        self.worst_streak = torch.maximum(self.worst_streak, self.streak)
+
+    def read(self, accelerator: Accelerator, updates: int, stop: bool) -> dict[str, float]:
+        """All ranks: reduce, reset the interval, and return loss (NaN when every loss was non-finite), grad_norm
+        (mean over the finite updates), nonfinite_steps, streak, worst_streak and stop (any rank asked to stop)."""
+        world = accelerator.num_processes
+        packed = torch.stack([self.loss_sum, self.loss_count, self.grad_norm_sum, self.nonfinite, self.streak,
+                              self.worst_streak, torch.tensor(float(stop), device=self.loss_sum.device)])
+        loss_sum, loss_count, grad_norm_sum, nonfinite, streak, worst, stops = \
+            accelerator.reduce(packed, "sum").tolist()  # the sync point of the interval
+        nonfinite, streak, worst = nonfinite / world, streak / world, worst / world  # equal on every rank
+        for total in (self.loss_sum, self.loss_count, self.grad_norm_sum, self.nonfinite, self.worst_streak):
+            total.zero_()
+        return {"loss": loss_sum / loss_count if loss_count else math.nan,
+                "grad_norm": grad_norm_sum / world / max(updates - nonfinite, 1.0) if updates > nonfinite else math.nan,
+                "nonfinite_steps": nonfinite, "streak": streak, "worst_streak": worst, "stop": stops > 0}
 
 
 def format_status(step: int, total: int, epoch: int, scalars: dict[str, float], eta_s: float) -> str:
@@ -39,7 +78,7 @@ class Tracker:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, file=self.stream)
-        self._last_time, self._last_step = time.perf_counter(), start_step
+        self._last_time, self.last_step = time.perf_counter(), start_step
 
     def timed(self, batches):
         """Yield from `batches`, adding the time spent waiting for each to data_wait (host clock only)."""
@@ -53,9 +92,6 @@ class Tracker:
             self.data_wait += time.perf_counter() - start
             yield batch
 
-    def tensorboard(self):
-        return self.accelerator.get_tracker("tensorboard", unwrap=True) if self.accelerator.is_main_process else None
-
     def step(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
@@ -66,7 +102,7 @@ class Tracker:
     def log(self, step: int, epoch: int, scalars: dict[str, float], images_per_step: int) -> dict[str, float]:
         """Log the scalars of the last interval; adds images/s. Called on every rank (tracker writes on rank 0)."""
         now = time.perf_counter()
-        steps = max(1, step - self._last_step)
+        steps = max(1, step - self.last_step)
         seconds_per_step = (now - self._last_time) / steps
         images_per_sec = images_per_step / max(seconds_per_step, 1e-9)
         scalars = dict(scalars, images_per_sec=images_per_sec, epoch=epoch,
@@ -76,7 +112,7 @@ class Tracker:
             scalars["mfu"] = self.flops_per_image * images_per_sec / self.peak_flops
         if torch.cuda.is_available():  # bytes, this rank's peak so far (rank 0's is what TensorBoard shows)
             scalars["cuda_max_memory_allocated"] = float(torch.cuda.max_memory_allocated())
-        self._last_time, self._last_step, self.data_wait = now, step, 0.0
+        self._last_time, self.last_step, self.data_wait = now, step, 0.0
         self.accelerator.log(scalars, step=step)
         if self.accelerator.is_main_process:
             eta = (self.total - step) * seconds_per_step
@@ -95,15 +131,12 @@ class Tracker:
             print(text, file=self.stream, flush=True)
 
     def image(self, tag: str, image, step: int) -> None:
-        writer = self.tensorboard()
-        if writer is not None:
-            writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
-            writer.flush()
+        if self.accelerator.is_main_process:
+            self.accelerator.get_tracker("tensorboard").log_images({tag: np.asarray(image)[None]}, step,
+                                                                   dataformats="NHWC")
 
-    def text(self, tag: str, text: str) -> None:
-        writer = self.tensorboard()
-        if writer is not None:
-            writer.add_text(tag, text, 0)
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        self.accelerator.log({tag: text}, step=step)  # Accelerate's TensorBoard tracker: str -> add_text
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,0 +1,130 @@
+"""Fault injection for tests: the real CLI (`python -m trainer`), with faults placed exactly where a test needs
+them, so no test has to guess timings:
+
+    python tests/fault_driver.py [--nan SPEC] [--signal PHASE[:SIGNAL[:COUNT]]] ddpm-args...
+
+--nan SPEC      the loss is NaN on the micro-steps in SPEC ("3,4", or "5-" for 5 onward)
+--signal ...    the process sends itself SIGNAL (TERM or INT, default TERM), COUNT times (default 1), during PHASE:
+                import (while diffusers is being imported), scan (while the image folder is decoded), cache (half-way
+                through writing the data cache), final_save (while the final pipeline is written), step-N (just
+                after optimizer update N).
+Everything else is exactly `ddpm`: the same entry point, signal handling included.
+"""
+
+import os
+import signal
+import sys
+
+
+def send(signame: str, count: int) -> None:
+    """The first signal may raise (the handler's `raise` mode): the rest arrive while that unwinds."""
+    signum = getattr(signal, f"SIG{signame}")
+    try:
+        os.kill(os.getpid(), signum)
+    finally:
+        for _ in range(count - 1):
+            os.kill(os.getpid(), signum)
+
+
+def inject_nan(spec: str) -> None:
+    import trainer.loop as loop
+
+    real = loop.training_loss
+
+    def bad(micro_step: int) -> bool:
+        if spec.endswith("-"):
+            return micro_step >= int(spec[:-1])
+        return micro_step in {int(s) for s in spec.split(",")}
+
+    def training_loss(*args, micro_step, **kwargs):
+        loss = real(*args, micro_step=micro_step, **kwargs)
+        return loss * float("nan") if bad(micro_step) else loss
+
+    loop.training_loss = training_loss
+
+
+def inject_signal(phase: str, signame: str, count: int) -> None:
+    if phase == "import":
+        class SignalOnImport:
+            def find_spec(self, name, path=None, target=None):
+                if name == "diffusers":
+                    sys.meta_path.remove(self)
+                    send(signame, count)
+                return None
+
+        sys.meta_path.insert(0, SignalOnImport())
+        return
+    import trainer.data as data
+    import trainer.data_cache as data_cache
+    import trainer.loop as loop
+    import trainer.outputs as outputs
+
+    if phase == "scan":
+        real_load = data.ImageSource.__init__
+
+        def init(self, *args, **kwargs):  # the first image decoded by the scan sends the signal
+            real_load(self, *args, **kwargs)
+            load = self.load
+
+            def loading(i):
+                if i == 1:
+                    send(signame, count)
+                return load(i)
+
+            self.load = loading
+
+        data.ImageSource.__init__ = init
+    elif phase == "cache":
+        real_write = data_cache._write
+
+        def write(config, source, tmp):
+            source_load = source.load
+
+            def loading(i):
+                if i == source.length // 2:
+                    send(signame, count)
+                return source_load(i)
+
+            source.load = loading
+            return real_write(config, source, tmp)
+
+        data_cache._write = write
+    elif phase == "final_save":
+        real_save = outputs.save_pipeline
+
+        def save_pipeline(*args, **kwargs):
+            send(signame, count)
+            return real_save(*args, **kwargs)
+
+        loop.outputs.save_pipeline = save_pipeline
+    elif phase.startswith("step-"):
+        target, real_step = int(phase[5:]), loop.train_step
+
+        def train_step(run, *args):
+            updated = real_step(run, *args)
+            if updated and run.state.global_step + 1 == target:  # global_step is raised right after
+                send(signame, count)
+            return updated
+
+        loop.train_step = train_step
+    else:
+        raise SystemExit(f"unknown phase {phase}")
+
+
+if __name__ == "__main__":
+    from trainer.signals import SIGNALS
+
+    SIGNALS.install()  # as trainer.main does, before anything heavy
+    args = sys.argv[1:]
+    while args and args[0] in ("--nan", "--signal"):
+        flag, value, args = args[0], args[1], args[2:]
+        if flag == "--nan":
+            inject_nan(value)
+        else:
+            phase, signame, count = [*value.split(":"), "", ""][:3]
+            signame, count = signame or "TERM", count or "1"
+            inject_signal(phase, signame, int(count))
+    from trainer.main import entrypoint
+
+    sys.argv = ["ddpm", *args]
+    entrypoint()

@@ -1,0 +1,196 @@
+"""Checkpoint integrity (issue 9 section 3): the manifest, damage of every kind named, fallback to the newest intact
+checkpoint, exit 2 when none is intact, another model refused, a full disk reported, nothing half-published."""
+
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from conftest import TINY, ddpm
+from trainer import checkpoint
+from trainer.checkpoint import TrainState
+from trainer.config import TrainingConfig
+from trainer.errors import CheckpointError, OutputDirError
+
+
+class Averaged:
+    """Stands in for the EMA: a registered object whose state holds tensors (saved as custom_checkpoint_0.pkl)."""
+
+    def __init__(self, value):
+        self.shadow = [value.clone()]
+
+    def state_dict(self):
+        return {"shadow_params": self.shadow, "decay": 0.99}
+
+    def load_state_dict(self, state):
+        self.shadow = state["shadow_params"]
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return Accelerator(cpu=True)
+
+
+def save(accelerator, out, step, weight=1.0, limit=None):
+    model = torch.nn.Linear(4, 4)
+    torch.nn.init.constant_(model.weight, weight)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    accelerator._models, accelerator._optimizers, accelerator._custom_objects = [], [], []
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(Averaged(model.weight.detach()))
+    return checkpoint.save_checkpoint(accelerator, TrainState(global_step=step, model={"preset": "small"}), out, limit)
+
+
+@pytest.fixture
+def three(accelerator, tmp_path):
+    for step in (2, 4, 6):
+        save(accelerator, tmp_path, step)
+    return tmp_path
+
+
+def test_manifest_covers_every_file_and_an_intact_checkpoint_verifies(three):
+    folder = three / "checkpoints" / "checkpoint-6"
+    manifest = json.loads((folder / checkpoint.MANIFEST).read_text())["files"]
+    on_disk = {p.name for p in folder.iterdir()} - {checkpoint.MANIFEST}
+    assert set(manifest) == on_disk and {"model.safetensors", "optimizer.bin", "random_states_0.pkl",
+                                         "custom_checkpoint_0.pkl", checkpoint.STATE_FILE} <= on_disk
+    assert all(entry["size"] == (folder / name).stat().st_size and len(entry["sha256"]) == 64
+               for name, entry in manifest.items())
+    assert checkpoint.damage(folder) == ""
+
+
+def _rewrite_manifest(folder):
+    """A damaged file whose manifest was (re)written after it: only the content check can catch it."""
+    (folder / checkpoint.MANIFEST).unlink()
+    checkpoint.write_manifest(folder)
+
+
+DAMAGE = {
+    "truncated": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:100]),
+                  "model.safetensors is 100 bytes, the manifest says"),
+    "overwritten": (lambda f: (f / "optimizer.bin").write_bytes(b"\0" * (f / "optimizer.bin").stat().st_size),
+                    "optimizer.bin does not match its SHA-256"),
+    "missing": (lambda f: (f / "random_states_0.pkl").unlink(), "random_states_0.pkl is missing"),
+    "unreadable_rng": (lambda f: ((f / "random_states_0.pkl").write_bytes(b"not a pickle"), _rewrite_manifest(f)),
+                       "random_states_0.pkl cannot be read"),
+    "no_manifest": (lambda f: (f / checkpoint.MANIFEST).unlink(), "no manifest.json"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_damage_is_named_and_the_newest_intact_checkpoint_is_used(three, kind):
+    harm, named = DAMAGE[kind]
+    newest = three / "checkpoints" / "checkpoint-6"
+    harm(newest)
+    assert named in checkpoint.damage(newest)
+    resume = checkpoint.resolve_resume(TrainingConfig(output_dir=three))
+    assert resume.path == three / "checkpoints" / "checkpoint-4"
+    assert [(p.name, named in why) for p, why in resume.damaged] == [("checkpoint-6", True)]
+    checkpoint.set_aside(resume.damaged)
+    assert [p.name for p in checkpoint.complete_checkpoints(three)] == ["checkpoint-2", "checkpoint-4"]
+    assert (three / "checkpoints" / "damaged-checkpoint-6").is_dir(), "kept for a post-mortem"
+
+
+def test_nonfinite_weights_are_never_loaded_silently(accelerator, tmp_path):
+    save(accelerator, tmp_path, 2)
+    save(accelerator, tmp_path, 4, weight=float("nan"))  # a valid manifest over NaN weights
+    problem = checkpoint.damage(tmp_path / "checkpoints" / "checkpoint-4")
+    assert "NaN/inf values" in problem
+    assert checkpoint.resolve_resume(TrainingConfig(output_dir=tmp_path)).path.name == "checkpoint-2"
+
+
+@pytest.mark.parametrize("mode", ["auto", "latest"])
+def test_no_intact_checkpoint_is_exit_2_listing_each(three, mode):
+    for step, kind in ((2, "missing"), (4, "truncated"), (6, "overwritten")):
+        DAMAGE[kind][0](three / "checkpoints" / f"checkpoint-{step}")
+    with pytest.raises(CheckpointError) as caught:
+        checkpoint.resolve_resume(TrainingConfig(output_dir=three, resume_from_checkpoint=mode))
+    text = str(caught.value)
+    assert caught.value.exit_code == 2
+    assert "checkpoint-6: optimizer.bin does not match" in text and "checkpoint-4: model.safetensors is" in text
+    assert "checkpoint-2: random_states_0.pkl is missing" in text
+
+
+def test_auto_starts_fresh_only_when_there_are_none(tmp_path, three):
+    assert checkpoint.resolve_resume(TrainingConfig(output_dir=tmp_path / "new")).path is None
+    with pytest.raises(CheckpointError, match="latest: no checkpoint"):
+        checkpoint.resolve_resume(TrainingConfig(output_dir=tmp_path / "new", resume_from_checkpoint="latest"))
+    assert checkpoint.resolve_resume(TrainingConfig(output_dir=three, resume_from_checkpoint="none")).path is None
+    damaged = three / "checkpoints" / "checkpoint-4"
+    DAMAGE["missing"][0](damaged)
+    with pytest.raises(CheckpointError, match="checkpoint-4 cannot be used: random_states_0.pkl is missing"):
+        checkpoint.resolve_resume(TrainingConfig(output_dir=three, resume_from_checkpoint=str(damaged)))
+
+
+def test_incomplete_saves_are_never_resumed_and_are_removed(three):
+    tmp = three / "checkpoints" / ".tmp-checkpoint-9"
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(b"partial")
+    assert checkpoint.resolve_resume(TrainingConfig(output_dir=three)).path.name == "checkpoint-6"
+    checkpoint.remove_incomplete(three)
+    assert not tmp.exists()
+
+
+def test_rotation_keeps_the_newest(accelerator, tmp_path):
+    for step in (1, 2, 3, 4):
+        save(accelerator, tmp_path, step, limit=2)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_disk_full_says_so_and_keeps_the_previous_checkpoint(accelerator, tmp_path, monkeypatch):
+    save(accelerator, tmp_path, 1)
+    real = accelerator.save_state
+
+    def full(path):
+        (checkpoint.Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(accelerator, "save_state", full)
+    with pytest.raises(OutputDirError, match="no space left on device while writing checkpoint checkpoint-2 to .* "
+                                             "MiB free, it needs about"):
+        checkpoint.save_checkpoint(accelerator, TrainState(global_step=2), tmp_path, None, size_estimate=2**20)
+    monkeypatch.setattr(accelerator, "save_state", real)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-1"], "no half-written folder left"
+    assert checkpoint.resolve_resume(TrainingConfig(output_dir=tmp_path)).path.name == "checkpoint-1"
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_both():
+    state = {"model": {"preset": "small", "config": {"block_out_channels": [32, 64], "sample_size": 16}}}
+    with pytest.raises(CheckpointError, match=r"model_preset 'small', block_out_channels \[32, 64\].*model_preset "
+                                              r"'tutorial', block_out_channels \[128, 256\]"):
+        checkpoint.check_model(state, {"block_out_channels": [128, 256], "sample_size": 16},
+                               checkpoint.Path("ckpt"), "tutorial")
+    checkpoint.check_model(state, state["model"]["config"], checkpoint.Path("ckpt"), "small")  # the same: fine
+
+
+@pytest.mark.slow
+def test_training_skips_a_damaged_checkpoint_and_refuses_when_none_is_intact(tmp_path):
+    out = tmp_path / "out"
+    args = [*TINY, "--output_dir", out, "--checkpointing_steps", "2", "--save_image_epochs", "100",
+            "--eval_quality_images", "0", "--logging_steps", "2"]
+    ddpm("train", *args, "--max_train_steps", "4")
+    model = out / "checkpoints" / "checkpoint-4" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-10])  # the newest checkpoint is cut short
+    proc = ddpm("train", *args, "--max_train_steps", "6")
+    assert "checkpoint-4 is damaged (model.safetensors is" in proc.stdout
+    assert f"resumed from {out / 'checkpoints' / 'checkpoint-2'} at step 2" in proc.stdout
+    assert json.loads((out / "training_complete.json").read_text())["global_step"] == 6
+
+    other = tmp_path / "other"  # another model (32 px) resuming this run's checkpoint: refused, naming both
+    proc = ddpm("train", *TINY, "--output_dir", other, "--image_size", "32", "--resume_from_checkpoint",
+                out / "checkpoints" / "checkpoint-6", check=False)
+    assert proc.returncode == 2 and "holds a different model (model_preset 'small'" in proc.stderr
+    assert "sample_size 16) than this run (model_preset 'small', block_out_channels [32, 64, 64, 128], sample_size 32)" \
+        in proc.stderr
+    assert not other.exists()
+
+    for ckpt in checkpoint.complete_checkpoints(out):
+        (ckpt / "optimizer.bin").write_bytes(b"x")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    proc = ddpm("train", *args, "--max_train_steps", "8", check=False)
+    assert proc.returncode == 2 and "no intact checkpoint" in proc.stderr and "optimizer.bin is 1 bytes" in proc.stderr
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before, "exit 2 changed nothing"
+

@@ -1,0 +1,117 @@
+"""`ddpm launch`, the image's entrypoint (issue 9 section 8): arguments pass through unchanged, the pod's environment
+is validated (exit 2 naming the variable), and the workers' exit codes come through torchrun."""
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY, clean_env
+from helpers import free_port
+from trainer import cli, launch
+from trainer.errors import EXIT_CONFIG, EXIT_DIVERGED, EXIT_FAILED, EXIT_PREEMPTED, LaunchError
+
+ENV = {"PET_NPROC_PER_NODE": "1"}
+
+
+def argv(environ, args=()):
+    return launch.torchrun_argv(environ, 90, list(args), has_cuda=False)
+
+
+@pytest.mark.parametrize("given", [["--max_train_steps", "6"], ["--", "--max_train_steps", "6"]])
+def test_arguments_reach_ddpm_train_unchanged(monkeypatch, given):
+    seen = {}
+    monkeypatch.setattr(launch, "launch", lambda train_args, grace: seen.setdefault("args", train_args) and 0)
+    assert cli.run_command(["launch", *given]) == 0
+    assert seen["args"] == ["--max_train_steps", "6"]
+
+
+def test_a_bad_config_fails_before_torchrun(monkeypatch):
+    monkeypatch.setattr(launch, "launch", lambda *a: pytest.fail("torchrun must not start"))
+    with pytest.raises(Exception) as caught:
+        cli.run_command(["launch", "--image_sise", "32"])
+    assert caught.value.exit_code == EXIT_CONFIG and "did you mean 'image_size'" in str(caught.value)
+
+
+def test_static_single_node_and_indexed_job_argv():
+    assert argv({}, ["--seed", "1"]) == [
+        "--nnodes=1", "--nproc_per_node=1", "--max_restarts=0", "--shutdown_timeout=105", "--node_rank=0",
+        "--master_addr=127.0.0.1", "--master_port=29500", "-m", "trainer", "train", "--seed", "1"]
+    two = argv({"PET_NNODES": "2", "PET_NPROC_PER_NODE": "8", "JOB_COMPLETION_INDEX": "1",
+                "PET_MASTER_ADDR": "ddpm-train-0.ddpm-workers", "PET_MASTER_PORT": "29400"})
+    assert {"--nnodes=2", "--nproc_per_node=8", "--node_rank=1", "--master_addr=ddpm-train-0.ddpm-workers",
+            "--master_port=29400"} <= set(two)
+
+
+def test_c10d_rendezvous_argv_node_zero_hosts_the_store():
+    env = {"PET_NNODES": "2:4", "PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": "ddpm-train-0.ddpm-workers:29500",
+           "PET_RDZV_ID": "ddpm", "PET_RDZV_CONF": "join_timeout=1800", "PET_MAX_RESTARTS": "3"}
+    zero = argv({**env, "JOB_COMPLETION_INDEX": "0"})
+    assert {"--nnodes=2:4", "--max_restarts=3", "--rdzv_backend=c10d", "--rdzv_id=ddpm",
+            "--rdzv_endpoint=ddpm-train-0.ddpm-workers:29500", "--rdzv_conf=join_timeout=1800,is_host=true"} <= set(zero)
+    assert not any(a.startswith(("--master_addr", "--node_rank")) for a in zero)
+    assert "--rdzv_conf=join_timeout=1800,is_host=false" in argv({**env, "JOB_COMPLETION_INDEX": "2"})
+
+
+@pytest.mark.parametrize("environ,named", [
+    ({"PET_NNODES": "two"}, "PET_NNODES='two'"),
+    ({"PET_NNODES": "4:2"}, "PET_NNODES='4:2'"),
+    ({"PET_NPROC_PER_NODE": "0"}, "PET_NPROC_PER_NODE='0'"),
+    ({"JOB_COMPLETION_INDEX": "x"}, "JOB_COMPLETION_INDEX='x' is not a whole number"),
+    ({"JOB_COMPLETION_INDEX": "-1"}, "JOB_COMPLETION_INDEX='-1' must be at least 0"),
+    ({"PET_NNODES": "2", "PET_NODE_RANK": "2", "PET_MASTER_ADDR": "a"}, "PET_NODE_RANK=2 but there are 2 node(s)"),
+    ({"JOB_COMPLETION_INDEX": "1"}, "JOB_COMPLETION_INDEX=1 but there are 1 node(s) (PET_NNODES is not set"),
+    ({"PET_MASTER_PORT": "70000"}, "PET_MASTER_PORT='70000' must be between 1 and 65535"),
+    ({"PET_NNODES": "2"}, "PET_NNODES=2 but PET_MASTER_ADDR is not set"),
+    ({"PET_NNODES": "1:2"}, "needs a dynamic rendezvous"),
+    ({"PET_RDZV_BACKEND": "etcd"}, "PET_RDZV_BACKEND='etcd' is not supported"),
+    ({"PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": "node0"}, "PET_RDZV_ENDPOINT='node0' must be HOST:PORT"),
+    ({"PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": "a:1", "PET_RDZV_CONF": "join_timeout=soon"},
+     "join_timeout='soon' must be a number of seconds"),
+    ({"PET_MAX_RESTARTS": "-3"}, "PET_MAX_RESTARTS='-3' must be at least 0"),
+])
+def test_nonsense_environment_is_exit_2_naming_the_variable(environ, named):
+    with pytest.raises(LaunchError) as caught:
+        argv(environ)
+    assert named in str(caught.value) and caught.value.exit_code == EXIT_CONFIG
+
+
+def test_exit_codes_fold_into_one_for_the_pod():
+    assert launch.exit_code_of([2, 2]) == EXIT_CONFIG
+    assert launch.exit_code_of([1, 3]) == EXIT_DIVERGED, "a permanent code wins over a crash"
+    assert launch.exit_code_of([2, EXIT_PREEMPTED]) == EXIT_PREEMPTED, "preemption wins: the retry resumes"
+    assert launch.exit_code_of([-9]) == EXIT_FAILED and launch.exit_code_of([]) == EXIT_FAILED
+
+
+def ddpm_launch(*args, **env):
+    return subprocess.Popen([sys.executable, "-m", "trainer", "launch", *map(str, args)], cwd=REPO,
+                            env=clean_env(**ENV, PET_MASTER_PORT=free_port(), **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_worker_exit_codes_come_through_torchrun(tmp_path):
+    """2 (a data error inside the worker, with restarts allowed: they are not used), 3 (divergence) and 75
+    (SIGTERM to the launcher, as the kubelet sends it) reach the pod's exit code."""
+    config_error = ddpm_launch(*TINY, "--output_dir", tmp_path / "a", "--dataset_name", "imagefolder",
+                               "--train_data_dir", tmp_path / "missing", PET_MAX_RESTARTS="2")
+    out, _ = config_error.communicate(timeout=300)
+    assert config_error.returncode == EXIT_CONFIG, out
+    assert out.count("does not exist or is not a folder") == 1, "a permanent failure is not restarted"
+
+    diverged = ddpm_launch(*TINY, "--output_dir", tmp_path / "b", "--learning_rate", "1e30", "--lr_warmup_steps", 0,
+                           "--lr_scheduler", "constant", "--max_nonfinite_steps", 2, "--logging_steps", 1,
+                           "--max_train_steps", 50, "--eval_quality_images", 0)
+    out, _ = diverged.communicate(timeout=300)
+    assert diverged.returncode == EXIT_DIVERGED, out
+
+    preempted = ddpm_launch(*TINY, "--output_dir", tmp_path / "c", "--max_train_steps", 1000, "--logging_steps", 1,
+                            "--eval_quality_images", 0)
+    for line in preempted.stdout:
+        if line.startswith("step 2/"):
+            preempted.send_signal(signal.SIGTERM)
+            break
+    rest, _ = preempted.communicate(timeout=300)
+    assert preempted.returncode == EXIT_PREEMPTED, rest
+    assert "checkpoint saved at step" in rest

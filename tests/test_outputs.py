@@ -1,0 +1,262 @@
+"""output_dir safety, "exit 2 writes nothing", the run record and the completion marker (issue 9 sections 1, 2, 4)."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import TINY, clean_env, ddpm
+from trainer import outputs, run_record
+from trainer.config import TrainingConfig
+from trainer.errors import OutputDirError
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under root with its bytes (None for folders): a snapshot to compare before and after."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def project(root: Path) -> Path:
+    """A user's project folder: images they care about and a file of notes."""
+    (root / "images").mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(root / "images" / f"{i}.png")
+    (root / "notes.txt").write_text("three weeks of notes")
+    return root
+
+
+# ---- 1. output_dir can never delete what is not ours ------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("output_dir", ["", "."])
+def test_overwrite_in_a_project_folder_deletes_nothing(tmp_path, output_dir):
+    """The issue's report: `--output_dir '' --overwrite_output_dir true` inside a project folder deleted the
+    user's images and notes. Now: exit 2, every file as it was."""
+    root = project(tmp_path)
+    before = tree(root)
+    proc = ddpm("train", "--output_dir", output_dir, "--overwrite_output_dir", "true", "--dataset_name",
+                "imagefolder", "--train_data_dir", "images", "--model_preset", "small", "--image_size", "16",
+                cwd=root, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    expected = "output_dir: Value error, must not be empty" if output_dir == "" else "contains train_data_dir images"
+    assert expected in proc.stderr
+    assert tree(root) == before
+
+
+def test_empty_output_dir_is_a_config_error():
+    with pytest.raises(ValueError, match="must not be empty"):
+        TrainingConfig(output_dir="")
+
+
+def run_folder(out: Path, **changes) -> TrainingConfig:
+    """A folder that holds a finished run of ours (its config and the usual layout)."""
+    config = TrainingConfig(output_dir=out, model_preset="small", image_size=16, **changes)
+    (out / "samples").mkdir(parents=True)
+    (out / "samples" / "0000.png").write_bytes(b"png")
+    (out / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    outputs.write_resolved_config(config)
+    return config
+
+
+def test_a_folder_that_is_not_ours_is_never_cleared(tmp_path):
+    out = tmp_path / "out"
+    run_folder(out)
+    (out / "thesis.tex").write_text("mine")
+    config = TrainingConfig(output_dir=out, model_preset="small", image_size=32, overwrite_output_dir=True)
+    with pytest.raises(OutputDirError, match=r"also holds files that are not a ddpm-trainer run's \(thesis.tex\)"):
+        outputs.plan_output_dir(config)
+
+
+def test_overwrite_clears_only_our_run_and_keeps_the_data_cache(tmp_path):
+    out = tmp_path / "out"
+    run_folder(out)
+    (out / "data_cache").mkdir()
+    (out / "data_cache" / "x.npy").write_bytes(b"cache")
+    config = TrainingConfig(output_dir=out, model_preset="small", image_size=32, overwrite_output_dir=True)
+    plan = outputs.plan_output_dir(config)
+    assert plan.action == "clear" and "image_size: 16 -> 32" in plan.reason
+    outputs.clear_output_dir(config)
+    assert sorted(p.name for p in out.iterdir()) == ["data_cache"]
+    assert (out / "data_cache" / "x.npy").read_bytes() == b"cache"
+
+
+def test_overwrite_refuses_to_delete_the_config_file_or_a_chosen_cache(tmp_path):
+    out = tmp_path / "out"
+    run_folder(out)
+    config_file = out / "my.yaml"
+    config_file.write_text("image_size: 16\n")  # the user's own file: resuming with it is fine
+    assert outputs.plan_output_dir(TrainingConfig(output_dir=out, image_size=16, model_preset="small"),
+                                   config_file).action == "continue"
+    with pytest.raises(OutputDirError, match=r"also holds files that are not a ddpm-trainer run's \(my.yaml\)"):
+        outputs.plan_output_dir(TrainingConfig(output_dir=out, image_size=32, model_preset="small",
+                                               overwrite_output_dir=True), config_file)
+    config_file.unlink()
+    ours = out / "training_config.yaml"  # resuming with the run's own config file is fine...
+    plan = outputs.plan_output_dir(TrainingConfig(output_dir=out, image_size=16, model_preset="small"), ours)
+    assert plan.action == "continue"
+    with pytest.raises(OutputDirError, match="holds the config file in use"):  # ...clearing it is not
+        outputs.plan_output_dir(TrainingConfig(output_dir=out, image_size=32, model_preset="small",
+                                               overwrite_output_dir=True), ours)
+    (out / "data_cache").mkdir()
+    with pytest.raises(OutputDirError, match="holds data_cache_dir"):
+        outputs.plan_output_dir(TrainingConfig(output_dir=out, image_size=32, model_preset="small",
+                                               overwrite_output_dir=True, data_cache_dir=out / "data_cache" / "x"))
+
+
+def test_inputs_and_outputs_never_nest(tmp_path):
+    images = project(tmp_path) / "images"
+    for out, words in ((images, "is the same folder as"), (images / "run", "is inside"), (tmp_path, "contains")):
+        config = TrainingConfig(output_dir=out, dataset_name="imagefolder", train_data_dir=images)
+        with pytest.raises(OutputDirError, match=f"it {words} train_data_dir"):
+            outputs.plan_output_dir(config)
+    with pytest.raises(OutputDirError, match="inside data_cache_dir"):
+        outputs.plan_output_dir(TrainingConfig(output_dir=tmp_path / "c" / "run", data_cache_dir=tmp_path / "c"))
+
+
+def test_a_different_run_without_overwrite_is_refused(tmp_path):
+    out = tmp_path / "out"
+    run_folder(out)
+    with pytest.raises(OutputDirError, match="holds a different run .*image_size: 16 -> 32.*overwrite_output_dir"):
+        outputs.plan_output_dir(TrainingConfig(output_dir=out, model_preset="small", image_size=32))
+    assert outputs.plan_output_dir(TrainingConfig(output_dir=out, model_preset="small", image_size=16,
+                                                  max_grad_norm=0.5)).action == "continue"
+
+
+def test_space_preflight_counts_the_checkpoints_the_run_will_keep(tmp_path):
+    config = TrainingConfig(output_dir=tmp_path / "run", checkpoints_total_limit=3)
+    free = outputs.shutil.disk_usage(tmp_path).free
+    with pytest.raises(OutputDirError, match=r"4 more checkpoint\(s\) .* checkpoints_total_limit 3"):
+        outputs.check_space(config, free // 4 + 1, 0, existing_checkpoints=0)
+    outputs.check_space(config, free // 4 + 1, 0, existing_checkpoints=3)  # 3 exist: one more at a time
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    os.chmod(tmp_path, 0o500)
+    try:
+        if not os.access(tmp_path, os.W_OK):  # root may write anyway: then only the space check applies
+            with pytest.raises(OutputDirError, match="not writable"):
+                outputs.check_space(config, 1, 0, 0)
+    finally:
+        os.chmod(tmp_path, 0o700)
+
+
+# ---- 2. exit 2 writes nothing; the corrected command simply works ------------------------------------------------
+
+@pytest.mark.slow
+def test_user_errors_write_nothing_and_the_corrected_command_works(tmp_path):
+    root = project(tmp_path)
+    empty, corrupt = root / "empty", root / "corrupt"
+    empty.mkdir()
+    corrupt.mkdir()
+    (corrupt / "a.png").write_bytes(b"not an image")
+    out = root / "run"
+    base = [*TINY, "--dataset_name", "imagefolder", "--output_dir", out, "--max_train_steps", "2",
+            "--eval_quality_images", "0", "--train_batch_size", "2"]
+    cases = {
+        "typo in train_data_dir": (["--train_data_dir", root / "imgaes"], "does not exist"),
+        "empty folder": (["--train_data_dir", empty], "holds no images"),
+        "all corrupt": (["--train_data_dir", corrupt], "no readable images"),
+        "latest without a checkpoint": (["--train_data_dir", root / "images", "--resume_from_checkpoint", "latest"],
+                                        "latest: no checkpoint"),
+        "missing resume path": (["--train_data_dir", root / "images", "--resume_from_checkpoint", root / "nope"],
+                                "is not a checkpoint folder"),
+    }
+    before = tree(root)
+    for name, (extra, message) in cases.items():
+        proc = ddpm("train", *base, *extra, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, f"{name}: {proc.returncode}\n{proc.stderr}"
+        assert tree(root) == before, f"{name} left files behind"
+    ddpm("train", *base, "--train_data_dir", root / "images")  # the corrected command
+    assert (out / "training_complete.json").is_file()
+
+
+# ---- 4. the run record and the completion marker -----------------------------------------------------------------
+
+def test_run_id_is_kept_on_resume_and_new_for_an_extension_and_history_records_changes(tmp_path):
+    config = TrainingConfig(output_dir=tmp_path, max_train_steps=10)
+    first = run_record.begin(config, step=0, environ={})
+    again = run_record.begin(config, step=4, environ={})
+    assert again.run_id == first.run_id and again.changes == {}
+    tuned = run_record.begin(config.model_copy(update={"max_grad_norm": 0.5}), step=6, environ={})
+    assert tuned.run_id == first.run_id and tuned.changes == {"max_grad_norm": [1.0, 0.5]}
+    longer = run_record.begin(config.model_copy(update={"max_grad_norm": 0.5, "max_train_steps": 20}), step=10,
+                              environ={})
+    assert longer.run_id != first.run_id
+    history = run_record.read_history(tmp_path)
+    assert [(h["step"], h["changes"]) for h in history] == [
+        (0, {}), (6, {"max_grad_norm": [1.0, 0.5]}), (10, {"max_train_steps": [10, 20]})]
+    assert history[-1]["config"]["max_grad_norm"] == 0.5
+    assert yaml.safe_load((tmp_path / "training_config.yaml").read_text())["max_train_steps"] == 20
+
+
+def test_the_workload_is_part_of_the_run_id_and_the_marker(tmp_path):
+    config = TrainingConfig(output_dir=tmp_path / "a")
+    env = {"POD_NAME": "ddpm-train-0-x", "POD_NAMESPACE": "vision", "TRAINING_WORKLOAD": "Job/ddpm-train"}
+    (tmp_path / "a").mkdir()
+    record = run_record.begin(config, 0, env)
+    assert run_record.read_history(tmp_path / "a")[0]["kubernetes"] == {
+        "pod": "ddpm-train-0-x", "namespace": "vision", "workload": "Job/ddpm-train"}
+    (tmp_path / "a" / "model_index.json").write_text("{}")
+    marker = json.loads(run_record.write_marker(config, record, 3, 0, env).read_text())
+    assert marker["kubernetes"]["workload"] == "Job/ddpm-train" and marker["run_id"] == record.run_id
+    assert run_record.marker_matches(config, "Job/ddpm-train")[0]
+    assert not run_record.marker_matches(config, "Job/other-train")[0]
+
+
+def finished_run(out: Path, steps: int = 4) -> list:
+    args = [*TINY, "--output_dir", out, "--save_image_epochs", "100", "--eval_quality_images", "0",
+            "--checkpointing_steps", "100", "--logging_steps", "2"]
+    ddpm("train", *args, "--max_train_steps", steps)
+    return args
+
+
+@pytest.mark.slow
+def test_marker_is_removed_when_training_starts_and_an_extension_never_pushes_the_old_model(tmp_path):
+    out = tmp_path / "out"
+    args = finished_run(out, steps=4)
+    marker = json.loads((out / "training_complete.json").read_text())
+    assert marker["global_step"] == 4 and set(marker["pipeline"]) >= {"model_index.json",
+                                                                       "unet/diffusion_pytorch_model.safetensors"}
+    config = TrainingConfig(**yaml.safe_load((out / "training_config.yaml").read_text()))
+    assert run_record.marker_matches(config) == (True, f"run {marker['run_id']} finished at step 4")
+
+    # The extension dies hard (os._exit, as on SIGKILL) in its first update, after it has started training.
+    crash = _crash_after_start([*args, "--max_train_steps", "8"])
+    assert crash.returncode == 9, crash.stderr
+    assert not (out / "training_complete.json").exists(), "the old marker was removed when training started"
+    longer = config.model_copy(update={"max_train_steps": 8})
+    matches, why = run_record.marker_matches(longer)
+    assert not matches and "no completion marker" in why
+    push = ddpm("push", "--output_dir", out, "--hub_model_id", "me/x", "--dry-run", check=False)
+    assert push.returncode == 2 and "is not complete" in push.stderr
+
+
+def _crash_after_start(args):
+    """`ddpm train` that dies hard right after its first optimizer update (after the run began)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import os, sys; import trainer.loop as loop; real = loop.train_step\n"
+            "def step(*a):\n    real(*a)\n    os._exit(9)\n"
+            "loop.train_step = step\nfrom trainer.main import entrypoint\nsys.argv = ['ddpm', 'train', *sys.argv[1:]]\n"
+            "entrypoint()\n")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_push_refuses_a_pipeline_that_is_not_the_markers(tmp_path):
+    out = tmp_path / "out"
+    finished_run(out)
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # rewritten after the run finished
+    proc = ddpm("push", "--output_dir", out, "--hub_model_id", "me/x", "--dry-run", check=False)
+    assert proc.returncode == 2
+    assert "is not the one the completion marker describes" in proc.stderr
+    assert "unet/diffusion_pytorch_model.safetensors changed since the run finished" in proc.stderr

@@ -1,0 +1,90 @@
+"""Exit codes and the errors a user can act on. Library code raises these; only the CLI turns them into exit codes.
+
+A Kubernetes Job (podFailurePolicy), a Kubeflow operator (ExitCode restart policy: 1-127 permanent, 128-255
+retryable) and a shell all act on the exit code, so each error class carries the one code that says what to do.
+"""
+
+from __future__ import annotations
+
+# Exit codes (README: Fault tolerance).
+EXIT_OK = 0
+EXIT_FAILED = 1  # an unexpected or transient error (network): a retry may help
+EXIT_CONFIG = 2  # bad configuration or input: retrying cannot help
+EXIT_DIVERGED = 3  # too many consecutive non-finite losses: retrying cannot help
+EXIT_PREEMPTED = 75  # stopped on SIGTERM (checkpoint saved if training had started): retry to resume
+EXIT_INTERRUPTED = 130  # stopped on SIGINT (Ctrl-C), checkpoint saved if training had started: 128 + SIGINT
+
+
+class DdpmError(Exception):
+    """An error with a message for the user and the exit code that tells a scheduler what to do."""
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UserError(DdpmError):
+    """Something the user must fix; retrying the same command cannot help (exit 2)."""
+
+    exit_code = EXIT_CONFIG
+
+
+class ConfigError(UserError):
+    """Bad configuration: every problem found, listed at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class DataError(UserError):
+    """The dataset cannot be used as configured; the message says what to do."""
+
+
+class CheckpointError(UserError):
+    """No usable checkpoint where one is required (all damaged, another model, missing path)."""
+
+
+class OutputDirError(UserError):
+    """output_dir cannot be used: not ours to delete, held by another run, not writable, or full."""
+
+
+class LaunchError(UserError):
+    """`ddpm launch` got environment values it cannot turn into a torchrun command."""
+
+
+class PushError(UserError):
+    """`ddpm push` cannot upload this run (incomplete, mismatched, no token, token refused)."""
+
+
+class TransientError(DdpmError):
+    """The network or a service failed in a way a later retry may not (exit 1)."""
+
+
+class PushFailed(TransientError):
+    """The Hub kept failing (or the push deadline passed); `ddpm push` is safe to run again."""
+
+
+class Diverged(DdpmError):
+    """Too many consecutive non-finite losses, or non-finite weights where a model would be written (exit 3)."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class Stopped(BaseException):
+    """A signal stopped the run; a checkpoint was written if training had started. Exit 75 (SIGTERM) or 130.
+
+    A BaseException, like KeyboardInterrupt: the signal handler may raise it anywhere, and a library's broad
+    `except Exception` (an image decoder's, say) must not mistake it for a corrupt file and carry on."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.message, self.exit_code = message, exit_code
+
+    def __str__(self) -> str:
+        return self.message

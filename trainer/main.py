@@ -1,0 +1,20 @@
+"""The `ddpm` entry point: signal handling first, then (and only then) the heavy imports of the CLI."""
+
+from __future__ import annotations
+
+import sys
+
+from trainer.errors import Stopped
+from trainer.signals import SIGNALS
+
+
+def entrypoint() -> None:
+    SIGNALS.install()  # before torch/diffusers load: a SIGTERM during imports still exits with its code
+    try:
+        from trainer.cli import main
+
+        code = main()
+    except Stopped as e:  # raised by the handler before the CLI's own handling was reached (imports)
+        print(str(e), file=sys.stderr, flush=True)
+        code = e.exit_code
+    sys.exit(code)

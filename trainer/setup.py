@@ -1,0 +1,296 @@
+"""setup(config) -> Run: everything the step loop needs, with every check done before the first byte is written.
+
+The order is the guarantee. (1) Read-only checks on rank 0: what output_dir holds and whether this run may use it,
+the output_dir lock (the one thing written early, and removed again if a later check fails), which checkpoint is
+intact, free space, what a push at the end needs. (2) The data, on every rank: a folder or Hub dataset that cannot
+be used stops here, and a cache that could not be built completely leaves nothing. (3) Only then the run begins:
+an old run is cleared if asked, damaged checkpoints are set aside, the config is recorded and the completion
+marker removed. (4) Model, optimizer, resume, trackers. A user error before (3) exits 2 with output_dir as it was,
+so the corrected command simply works.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+
+from trainer import checkpoint, outputs, quality, run_record
+from trainer.checkpoint import Resume, TrainState
+from trainer.config import TrainingConfig, config_yaml
+from trainer.data import build_dataloader
+from trainer.data_cache import training_dataset
+from trainer.distributed import decided_by_main, local_world_size
+from trainer.errors import ConfigError, OutputDirError
+from trainer.lock import RunLock, holder_info
+from trainer.model import build_ema, build_noise_scheduler, build_unet, model_identity
+from trainer.perf import peak_flops, training_flops_per_image
+from trainer.signals import SIGNALS
+from trainer.tracking import Tracker
+
+
+@dataclass
+class Run:
+    """One training run, as set up: what the loop reads and updates."""
+
+    config: TrainingConfig
+    accelerator: Accelerator
+    tracker: Tracker
+    record: run_record.RunRecord
+    lock: RunLock | None
+    unet: torch.nn.Module  # prepared (DDP-wrapped with several processes)
+    forward: torch.nn.Module  # the same, compiled when torch_compile
+    ema: object | None
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    noise_scheduler: object
+    dataloader: torch.utils.data.DataLoader
+    dataset_size: int
+    state: TrainState
+    steps_per_epoch: int
+    total_steps: int
+    num_epochs: int
+    memory_format: torch.memory_format
+    resumed_step: int | None  # where this process started from a checkpoint (None: fresh)
+    num_quality: int  # images scored at each evaluation (0: off)
+    reference: torch.Tensor | None  # the real images they are scored against (rank 0)
+    last_checkpoint_step: int = -1
+    last_grid: Path | None = None
+    checkpoint_bytes: int = 0
+    events: object | None = field(default=None)
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.global_batch_size(self.world)
+
+    def batches(self, epoch: int):
+        """(micro-step, batch) of `epoch`, continuing mid-epoch after a resume without replaying or skipping data."""
+        self.dataloader.set_epoch(epoch)
+        first = 0
+        if epoch == self.state.global_step // self.steps_per_epoch:
+            first = (self.state.global_step % self.steps_per_epoch) * self.config.gradient_accumulation_steps
+        batches = self.accelerator.skip_first_batches(self.dataloader, first) if first else self.dataloader
+        for i, images in enumerate(self.tracker.timed(batches), start=first):
+            yield epoch * len(self.dataloader) + i, images
+
+
+def build_accelerator(config: TrainingConfig) -> Accelerator:
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),  # Accelerate sets up gloo for several CPU processes only when told
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(config.output_dir), logging_dir=str(config.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=config.seed, non_blocking=torch.cuda.is_available()  # with pinned memory
+        ),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.process_group_timeout_seconds))],
+        step_scheduler_with_optimizer=False,  # we step the LR schedule once per optimizer update ourselves
+    )
+
+
+def set_backend_flags(config: TrainingConfig) -> None:
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.allow_tf32
+        torch.backends.cudnn.benchmark = config.cudnn_benchmark
+
+
+# ---- (1) checks, rank 0 ------------------------------------------------------------------------------------------
+
+@dataclass
+class Checked:
+    plan: outputs.OutputPlan
+    resume: Resume
+    resume_state: dict | None
+
+
+class FirstWrites:
+    """Rank 0's writes before the run begins (the lock file, and output_dir itself if it was missing), undone when
+    a check fails so that an exit 2 leaves output_dir as it was."""
+
+    def __init__(self, config: TrainingConfig):
+        self.out = Path(config.output_dir)
+        self.cache_dir = config.resolved_data_cache_dir
+        self.out_existed, self.cache_existed = self.out.exists(), self.cache_dir.exists()
+        self.lock: RunLock | None = None
+
+    def take_lock(self) -> RunLock:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.out).acquire(holder_info(run_record.kubernetes_identity()))
+        return self.lock
+
+    def undo(self) -> None:
+        if self.lock is not None:
+            self.lock.release(remove=self.lock.created_file)
+        for folder, existed in ((self.cache_dir, self.cache_existed), (self.out, self.out_existed)):
+            if not existed and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def check_before_writing(config: TrainingConfig, config_file: Path | None, writes: FirstWrites) -> Checked:
+    plan = outputs.plan_output_dir(config, config_file)
+    writes.take_lock()
+    resume = Resume(None)
+    if plan.action != "clear":  # a cleared run's checkpoints are the old run's, never resumed
+        resume = checkpoint.resolve_resume(config)
+    elif Path(config.resume_from_checkpoint).is_dir() and outputs.inside(
+            Path(config.resume_from_checkpoint).resolve(), Path(config.output_dir).resolve()):
+        raise OutputDirError(f"resume_from_checkpoint {config.resume_from_checkpoint} is inside the old run that "
+                             "overwrite_output_dir would delete; copy it elsewhere first")
+    resume_state = None
+    if resume.path is not None:
+        resume_state = json.loads((resume.path / checkpoint.STATE_FILE).read_text())
+        identity = model_identity(config)
+        checkpoint.check_model(resume_state, identity["config"], resume.path, identity["preset"])
+    num_params = sum(p.numel() for p in build_unet_on_meta(config).parameters())
+    existing = len(checkpoint.complete_checkpoints(config.output_dir)) - len(resume.damaged)
+    outputs.check_space(config, checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema), num_params * 4,
+                        0 if plan.action == "clear" else existing)
+    if config.push_to_hub:
+        from trainer.hub import check_can_push
+
+        check_can_push()
+    return Checked(plan, resume, resume_state)
+
+
+def build_unet_on_meta(config: TrainingConfig):
+    with torch.device("meta"):
+        return build_unet(config)
+
+
+# ---- (3) the run begins, rank 0 ---------------------------------------------------------------------------------
+
+def begin(config: TrainingConfig, checked: Checked) -> run_record.RunRecord:
+    with SIGNALS.deferred():  # clearing and recording are not cut in half by a signal
+        if checked.plan.action == "clear":
+            outputs.clear_output_dir(config)
+        checkpoint.set_aside(checked.resume.damaged)
+        checkpoint.remove_incomplete(config.output_dir)
+        outputs.remove_temporary(config.output_dir)
+        step = (checked.resume_state or {}).get("global_step", 0)
+        record = run_record.begin(config, step)
+    if SIGNALS.received is not None:
+        raise SIGNALS.stopped("stopped before training started")
+    return record
+
+
+# ---- all of it ---------------------------------------------------------------------------------------------------
+
+def setup(config: TrainingConfig, stream=None, config_file: Path | None = None) -> Run:
+    SIGNALS.grace_seconds = config.preemption_grace_seconds
+    accelerator = build_accelerator(config)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    writes = FirstWrites(config) if accelerator.is_main_process else None
+    try:
+        checked = decided_by_main(accelerator, lambda: check_before_writing(config, config_file, writes))
+        source, dataset, data_note = training_dataset(config, accelerator.local_main_process_first)
+        if len(dataset) < config.train_batch_size * world:
+            raise ConfigError([f"the dataset ({len(dataset)} images) is smaller than one batch on every process "
+                               f"({config.train_batch_size} x {world} processes); lower train_batch_size"])
+        record = decided_by_main(accelerator, lambda: begin(config, checked))
+    except BaseException:
+        if writes is not None:
+            writes.undo()
+        raise
+
+    # --- (4) model, optimizer, schedule, resume ------------------------------------------------------------------
+    set_seed(config.seed)  # weight init only: noise, flips and data order have their own seeded streams
+    set_backend_flags(config)
+    unet = build_unet(config)
+    num_params = unet.num_parameters()
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    unet.to(memory_format=memory_format)
+    ema = build_ema(config, unet)
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+        fused=config.optimizer_impl == "fused", foreach=config.optimizer_impl == "foreach",
+    )
+    dataloader = build_dataloader(config, dataset, local_world_size())
+    unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+    # Only the training step is compiled (as Accelerate does, around the DDP wrapper): checkpoints keep their keys
+    # and the sample grids run eager instead of compiling again for their shapes and precision.
+    forward = torch.compile(unet) if config.torch_compile else unet
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
+    total_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
+    # Counted in optimizer updates: warmup N means N updates whatever the accumulation and world size.
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer.optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    state = TrainState(model=model_identity(config))
+    resume = checked.resume
+    if resume.path is not None:
+        accelerator.load_state(str(resume.path))
+        state.load_state_dict({**checked.resume_state, "model": state.model})
+
+    # --- trackers and what the log says first ----------------------------------------------------------------------
+    accelerator.init_trackers("train", config=hparams(config))
+    flops, peak = training_flops_per_image(config), peak_flops(config, accelerator.device)
+    tracker = Tracker(accelerator, total_steps, state.global_step, stream,
+                      flops_per_image=flops, peak_flops=peak * world if peak else None)  # MFU of all devices
+    run = Run(config=config, accelerator=accelerator, tracker=tracker, record=record,
+              lock=writes.lock if writes else None, unet=unet, forward=forward, ema=ema, optimizer=optimizer,
+              lr_scheduler=lr_scheduler, noise_scheduler=build_noise_scheduler(config), dataloader=dataloader,
+              dataset_size=len(dataset), state=state, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+              num_epochs=math.ceil(total_steps / steps_per_epoch), memory_format=memory_format,
+              resumed_step=state.global_step if resume.path else None, num_quality=0, reference=None,
+              last_checkpoint_step=state.global_step if resume.path else -1,
+              checkpoint_bytes=checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema))
+    announce(run, source, data_note, num_params, flops, resume)
+    run.num_quality = quality.num_quality_images(config, len(dataset))
+    if run.num_quality and accelerator.is_main_process:
+        run.reference = quality.real_images(config, run.num_quality, dataset=dataset, device=accelerator.device)
+        tracker.message(f"sample quality: {run.num_quality} generated vs {run.num_quality} training images at each "
+                        "evaluation")
+    return run
+
+
+def hparams(config: TrainingConfig) -> dict:
+    """The config as TensorBoard hparams (scalars and strings only)."""
+    values = run_record.config_values(config)
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
+
+
+def announce(run: Run, source, data_note: str, num_params: int, flops: float, resume: Resume) -> None:
+    config, tracker, state = run.config, run.tracker, run.state
+    tracker.message(
+        f"dataset {source.name}: {len(source)} images"
+        + (f", skipped {len(source.skipped)} unreadable: " + "; ".join(source.skipped[:5]) if source.skipped else ""))
+    tracker.message(
+        f"global batch {run.global_batch} = {config.train_batch_size} per process x "
+        f"{config.gradient_accumulation_steps} accumulation x {run.world} processes | {run.steps_per_epoch} steps/epoch "
+        f"| {run.total_steps} total steps ({run.num_epochs} epochs) | UNet {num_params:,} parameters | "
+        f"{run.accelerator.device} {config.mixed_precision}")
+    tracker.message(data_note)
+    tracker.message(f"{flops / 1e9:.2f} GFLOP per trained image (forward+backward)")
+    tracker.message(f"run {run.record.run_id} (started {run.record.started_at})")
+    for path, problem in resume.damaged:
+        tracker.message(f"checkpoint {path} is damaged ({problem}); set aside as damaged-{path.name}")
+    tracker.message(
+        f"resumed from {resume.path} at step {state.global_step} epoch {state.global_step // run.steps_per_epoch}"
+        if resume.path else "starting fresh at step 0 (no checkpoint to resume)")
+    if run.record.changes:
+        changed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in run.record.changes.items())
+        tracker.message(f"settings changed since the last start (recorded in {outputs.HISTORY_NAME}): {changed}")
+    tracker.text("config", "```yaml\n" + config_yaml(config) + "```")
+    if source.skipped:
+        tracker.text("data/skipped", "\n".join(source.skipped))
+
