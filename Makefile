@@ -83,9 +83,10 @@ chart-schema: venv
 k8s: tools
 	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python scripts/render_k8s.py
 
-# The chart and Dockerfile checks alone (helm lint/template matrix, schemas, security, hadolint, yamllint).
+# The chart and Dockerfile checks alone (helm lint/template matrix, schemas of every Kubernetes minor, security,
+# the checkov audit, hadolint, yamllint).
 chart-lint: tools
-	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q tests/test_chart.py tests/test_k8s.py tests/test_dockerfile.py
+	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q tests/test_chart.py tests/test_chart_audit.py tests/test_k8s.py tests/test_dockerfile.py
 
 dockerfile-lint: venv
 	$(BIN)/hadolint --failure-threshold style Dockerfile
