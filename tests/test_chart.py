@@ -560,14 +560,21 @@ def test_retry_budget_scales_with_the_nodes(backend, nodes):
 
 
 def test_deadlines_and_ttl_reach_every_workload():
-    values = {"activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 600}
+    # Large enough that Helm's float64 numbers would print as 1.2096e+06 if a template forgot to make them integers.
+    day = 86400
+    values = {"activeDeadlineSeconds": 14 * day, "ttlSecondsAfterFinished": 30 * day,
+              "terminationGracePeriodSeconds": 1200000, "maxRestarts": 1000000}
     job = one(render(values), "Job", "train")["spec"]
-    assert (job["activeDeadlineSeconds"], job["ttlSecondsAfterFinished"]) == (3600, 600)
+    assert (job["activeDeadlineSeconds"], job["ttlSecondsAfterFinished"]) == (14 * day, 30 * day)
+    assert job["template"]["spec"]["terminationGracePeriodSeconds"] == 1200000
     run_policy = one(render(merge(values, {"backend": "pytorchjob"})), "PyTorchJob")["spec"]["runPolicy"]
-    assert (run_policy["activeDeadlineSeconds"], run_policy["ttlSecondsAfterFinished"]) == (3600, 600)
+    assert (run_policy["activeDeadlineSeconds"], run_policy["ttlSecondsAfterFinished"]) == (14 * day, 30 * day)
     docs = render(merge(values, {"backend": "trainjob"}))
-    assert one(docs, "TrainJob")["spec"]["activeDeadlineSeconds"] == 3600
-    assert one(docs, "TrainingRuntime")["spec"]["template"]["spec"]["ttlSecondsAfterFinished"] == 600
+    assert one(docs, "TrainJob")["spec"]["activeDeadlineSeconds"] == 14 * day
+    assert one(docs, "TrainingRuntime")["spec"]["template"]["spec"]["ttlSecondsAfterFinished"] == 30 * day
+    assert env_of(one(docs, "TrainJob")["spec"]["trainer"])["PET_MAX_RESTARTS"] == "1000000"
+    for backend in ("job", "pytorchjob", "trainjob"):
+        assert not kubernetes_problems(render(merge(values, {"backend": backend})), KUBERNETES_VERSIONS[-1])
     assert "activeDeadlineSeconds" not in one(render(), "Job", "train")["spec"]
 
 

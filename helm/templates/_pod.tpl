@@ -202,7 +202,7 @@ DDPM_*_SERVICE_HOST/_PORT variables, which the trainer would have to tell apart 
 enableServiceLinks: false
 serviceAccountName: {{ include "ddpm.serviceAccountName" $root }}
 automountServiceAccountToken: {{ $v.serviceAccount.automountServiceAccountToken }}
-terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+terminationGracePeriodSeconds: {{ int64 $v.terminationGracePeriodSeconds }}
 {{- with $v.priorityClassName }}
 priorityClassName: {{ . }}
 {{- end }}
