@@ -684,6 +684,14 @@ def test_single_node_volume_puts_tensorboard_and_push_next_to_the_trainer():
     assert colocation(pod)
 
 
+def test_on_a_stock_gke_cluster_everything_tolerates_the_gpu_taint():
+    """GKE taints GPU nodes nvidia.com/gpu:NoSchedule and tolerates it only for pods requesting GPUs: with the
+    default ReadWriteOnce volume, TensorBoard and the push must tolerate it to share the trainer's node."""
+    docs = render(PUSH_ON)
+    for where, template in full_pod_templates(docs):
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in template["spec"]["tolerations"], where
+
+
 def test_shared_volume_lets_tensorboard_and_push_go_anywhere():
     values = merge(PUSH_ON, RWX, {"gpus": 16, "tolerations": [TOLERATION], "nodeSelector": {"pool": "gpu"}})
     docs = render(values)
