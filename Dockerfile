@@ -23,7 +23,28 @@ COPY trainer ./trainer
 # pyproject.toml pins every other runtime dependency.
 RUN pip install .
 
-# ---- runtime ------------------------------------------------------------------------------------------------
+# ---- tensorboard: `docker build --target tensorboard` -----------------------------------------------------
+# TensorBoard alone (pinned as pyproject.toml pins it), no torch/CUDA: a few hundred MB instead of several GB to
+# pull onto the CPU node that serves it (the chart's tensorboard.image). Same non-root user as the trainer, so the
+# volume's files are readable with the same fsGroup.
+FROM ${PYTHON_IMAGE} AS tensorboard
+ARG UID=1000
+ARG GID=1000
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+RUN groupadd --gid "${GID}" ddpm \
+ && useradd --uid "${UID}" --gid "${GID}" --create-home --home-dir /home/ddpm --shell /usr/sbin/nologin ddpm \
+ && python -m venv /opt/venv \
+ && /opt/venv/bin/pip install tensorboard==2.21.0
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /home/ddpm
+USER ${UID}:${GID}
+EXPOSE 6006
+ENTRYPOINT ["tensorboard"]
+
+# ---- runtime (the default target: the training image) -----------------------------------------------------------
 FROM ${PYTHON_IMAGE}
 ARG UID=1000
 ARG GID=1000

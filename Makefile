@@ -5,11 +5,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 TOOLS := .tools
 HELM_LAYER_VERSION := 2.2.2
+# checkov audits the rendered chart (tests/test_chart_audit.py). It has many dependencies, so it lives in its own
+# venv under .tools/ rather than in the project's.
+CHECKOV_VERSION := 3.3.30
+CHECKOV := $(TOOLS)/checkov-venv/bin/checkov
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test venv tools clean
+.PHONY: demo test venv tools checkov clean
 
 # The venv is rebuilt when pyproject.toml changes. torch is installed first with pip exactly as pinned.
 $(BIN)/.installed: pyproject.toml
@@ -33,7 +37,17 @@ $(TOOLS)/bin/helm:
 	  cd .. && rm -rf dl; fi
 	$@ version --short
 
-tools: venv $(TOOLS)/bin/helm
+# The venv is rebuilt when the pin changes (the stamp file names the version).
+$(TOOLS)/checkov-venv/.installed-$(CHECKOV_VERSION):
+	rm -rf $(TOOLS)/checkov-venv
+	$(PYTHON) -m venv $(TOOLS)/checkov-venv
+	$(TOOLS)/checkov-venv/bin/pip install --disable-pip-version-check -q checkov==$(CHECKOV_VERSION)
+	$(CHECKOV) --version
+	touch $@
+
+checkov: $(TOOLS)/checkov-venv/.installed-$(CHECKOV_VERSION)
+
+tools: venv $(TOOLS)/bin/helm checkov
 
 # Trains the `small` preset on the built-in dataset on CPU (about 8 minutes on 2 cores).
 demo: venv
@@ -69,9 +83,10 @@ chart-schema: venv
 k8s: tools
 	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python scripts/render_k8s.py
 
-# The chart and Dockerfile checks alone (helm lint/template matrix, schemas, security, hadolint, yamllint).
+# The chart and Dockerfile checks alone (helm lint/template matrix, schemas of every Kubernetes minor, security,
+# the checkov audit, hadolint, yamllint).
 chart-lint: tools
-	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q tests/test_chart.py tests/test_k8s.py tests/test_dockerfile.py
+	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q tests/test_chart.py tests/test_chart_audit.py tests/test_k8s.py tests/test_dockerfile.py
 
 dockerfile-lint: venv
 	$(BIN)/hadolint --failure-threshold style Dockerfile

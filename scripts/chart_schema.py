@@ -4,7 +4,7 @@ Generated rather than hand-written so it cannot drift from its two sources of tr
 - `config` is `TrainingConfig.model_json_schema()` (trainer/config.py), so a new trainer field is settable with
   `--set config.<field>=...` as soon as this runs (`make chart-schema`); tests/test_chart.py fails when the
   committed file is stale.
-- Kubernetes-typed values (affinity, tolerations, resources, env, imagePullSecrets) reuse the strict Kubernetes
+- Kubernetes-typed values (affinity, tolerations, resources, env, volumes, securityContexts, ...) reuse the strict Kubernetes
   JSON schemas shipped by kubernetes-validate for KUBERNETES_VERSION, so a typo inside them fails at install too.
 
 Every object has `additionalProperties: false`, so `helm install --set gpuz=8` fails instead of being ignored.
@@ -27,7 +27,8 @@ KUBERNETES_VERSION = "1.37.0"  # the one version the tests validate rendered man
 
 # Kubernetes definitions the values refer to, by their OpenAPI names.
 K8S = "io.k8s.api.core.v1."
-K8S_TYPES = ["Affinity", "Toleration", "EnvVar", "ResourceRequirements", "LocalObjectReference"]
+K8S_TYPES = ["Affinity", "Toleration", "EnvVar", "ResourceRequirements", "LocalObjectReference", "PodSecurityContext",
+             "SecurityContext", "TopologySpreadConstraint", "EnvFromSource", "Volume", "VolumeMount", "Container"]
 
 # `helm --set config.learning_rate=3e-4` gives the string "3e-4" (helm only parses integers and booleans), which
 # the trainer's pydantic model converts; so number fields also take a string that spells a number.
@@ -71,6 +72,37 @@ def container_resources(description: str) -> dict:
     return {**ref(K8S + "ResourceRequirements"), "description": description}
 
 
+def nullable(schema: dict, description: str | None = None) -> dict:
+    """`null` (the chart's "inherit" or "none") or the schema."""
+    out: dict = {"anyOf": [{"type": "null"}, schema]}
+    if description:
+        out["description"] = description
+    return out
+
+
+def k8s(name: str, description: str | None = None) -> dict:
+    return {**ref(K8S + name), **({"description": description} if description else {})}
+
+
+def array_of(name: str, description: str | None = None) -> dict:
+    return {"type": "array", "items": ref(K8S + name), **({"description": description} if description else {})}
+
+
+STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+SECONDS = {"type": "integer", "minimum": 1}
+
+
+def component_scheduling(description: str) -> dict:
+    """nodeSelector/tolerations/affinity/imagePullSecrets of TensorBoard, the push and the test pod: null inherits."""
+    return {
+        "nodeSelector": nullable(STRING_MAP, f"node labels of the {description}; null: none"),
+        "tolerations": nullable(array_of("Toleration"), f"tolerations of the {description}; null: the training pods'"),
+        "affinity": nullable(k8s("Affinity"), f"affinity of the {description}; null: none"),
+        "imagePullSecrets": nullable(array_of("LocalObjectReference"),
+                                     f"image pull secrets of the {description}; null: imagePullSecrets"),
+    }
+
+
 def chart_values(config_schema: dict) -> dict:
     """The chart's values, one entry per key of values.yaml."""
     return obj(
@@ -86,38 +118,103 @@ def chart_values(config_schema: dict) -> dict:
                 },
                 required=["repository", "tag", "pullPolicy"],
             ),
-            "imagePullSecrets": {"type": "array", "items": ref(K8S + "LocalObjectReference")},
+            "imagePullSecrets": array_of("LocalObjectReference"),
             "backend": {"enum": ["job", "pytorchjob", "trainjob"], "description": "how the training pods are run"},
             "gpus": integer("total GPUs for the run", minimum=1),
             "gpusPerNode": integer("GPUs on each node", minimum=1),
             "config": config_schema,
-            "backoffLimit": integer("failed pods the run survives (preemptions not counted)", minimum=0),
+            # failures, retries, deadlines
+            "backoffLimit": nullable({"type": "integer", "minimum": 0},
+                                     "failed pods the run survives (preemptions not counted); null: per node x nodes"),
+            "backoffLimitPerNode": integer("failures allowed per node when backoffLimit is null", minimum=0),
+            "maxRestarts": integer("torchrun worker-group restarts inside a pod", minimum=0),
+            "rendezvousTimeoutSeconds": integer("seconds the c10d rendezvous waits for every node", minimum=60),
+            "masterPort": integer("c10d rendezvous store port on node 0", minimum=1, maximum=65535),
             "terminationGracePeriodSeconds": integer("seconds between SIGTERM and SIGKILL", minimum=1),
-            "masterPort": integer("torchrun rendezvous port (backend job)", minimum=1, maximum=65535),
+            "preemptionNoticeSeconds": integer("seconds the node gives a pod on preemption; 0: not set", minimum=0),
+            "activeDeadlineSeconds": nullable(SECONDS, "deadline of the training workload; null: none"),
+            "ttlSecondsAfterFinished": nullable({"type": "integer", "minimum": 0},
+                                                "seconds before a finished workload is deleted; null: kept"),
+            # queueing
+            "jobLabels": {**STRING_MAP, "description": "labels on the training workload (Kueue queue-name)"},
+            "jobAnnotations": {**STRING_MAP, "description": "annotations on the training workload"},
             "kubeflow": obj(
                 {
+                    "checkAPIVersions": boolean("fail when the cluster does not serve the backend's API"),
+                    "schedulingPolicy": obj(
+                        {
+                            "minAvailable": integer("pods that must start together", minimum=1),
+                            "queue": string("Volcano queue"),
+                            "priorityClass": string("PriorityClass of the PodGroup"),
+                            "minResources": {"type": "object", "additionalProperties": QUANTITY},
+                            "scheduleTimeoutSeconds": integer("seconds to wait for the gang", minimum=1),
+                        },
+                        description="PyTorchJob runPolicy.schedulingPolicy (Volcano / coscheduling)",
+                    ),
+                    "trainingRuntime": obj(
+                        {
+                            "create": boolean("create a namespaced TrainingRuntime for the TrainJob"),
+                            "maxRestarts": integer("JobSet restarts after the training Job failed", minimum=0),
+                            "podGroupPolicy": obj(
+                                {
+                                    "coscheduling": obj({"scheduleTimeoutSeconds": integer("seconds", minimum=1)}),
+                                    "volcano": {"type": "object"},
+                                },
+                                description="podGroupPolicy of the created TrainingRuntime",
+                            ),
+                        },
+                        required=["create", "maxRestarts", "podGroupPolicy"],
+                    ),
                     "runtimeName": string("(Cluster)TrainingRuntime of the TrainJob", minLength=1),
                     "runtimeKind": {"enum": ["ClusterTrainingRuntime", "TrainingRuntime"]},
                 },
-                required=["runtimeName", "runtimeKind"],
+                required=["checkAPIVersions", "trainingRuntime", "runtimeName", "runtimeKind"],
             ),
-            "resources": container_resources("CPU and memory of each training pod (the chart adds nvidia.com/gpu)"),
-            "shm": obj({"sizeLimit": QUANTITY}, required=["sizeLimit"]),
-            "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
-            "tolerations": {"type": "array", "items": ref(K8S + "Toleration")},
-            "affinity": ref(K8S + "Affinity"),
-            "priorityClassName": string("PriorityClass of the training pods"),
-            "extraEnv": {"type": "array", "items": ref(K8S + "EnvVar")},
-            "podAnnotations": {"type": "object", "additionalProperties": {"type": "string"}},
-            "podLabels": {"type": "object", "additionalProperties": {"type": "string"}},
-            "securityContext": obj(
+            # the training pods
+            "resources": container_resources("CPU and memory of each training pod (the chart adds nvidia.com/gpu); "
+                                              "empty: defaultResources per process"),
+            "defaultResources": obj(
                 {
-                    "runAsUser": integer("uid of every container; never 0", minimum=1),
-                    "runAsGroup": integer("gid of every container", minimum=0),
-                    "fsGroup": integer("group owning the mounted volume", minimum=0),
+                    "cpuPerProcess": {"type": "number", "exclusiveMinimum": 0, "description": "CPU cores per process"},
+                    "memoryGiBPerProcess": {"type": "number", "exclusiveMinimum": 0,
+                                            "description": "GiB per process, on top of /dev/shm"},
                 },
-                required=["runAsUser", "runAsGroup", "fsGroup"],
+                required=["cpuPerProcess", "memoryGiBPerProcess"],
             ),
+            "shm": obj(
+                {
+                    "sizeLimit": {"anyOf": [{"type": "string", "maxLength": 0}, QUANTITY],
+                                  "description": "size of /dev/shm; empty: perProcessGiB x processes"},
+                    "perProcessGiB": {"type": "number", "exclusiveMinimum": 0, "description": "GiB of /dev/shm per process"},
+                },
+                required=["sizeLimit", "perProcessGiB"],
+            ),
+            "nodeSelector": STRING_MAP,
+            "tolerations": array_of("Toleration"),
+            "affinity": k8s("Affinity"),
+            "topologySpreadConstraints": array_of("TopologySpreadConstraint"),
+            "priorityClassName": string("PriorityClass of the training pods"),
+            "runtimeClassName": string("RuntimeClass of the training pods"),
+            "extraEnv": array_of("EnvVar"),
+            "envFrom": array_of("EnvFromSource"),
+            "extraVolumes": array_of("Volume"),
+            "extraVolumeMounts": array_of("VolumeMount"),
+            "initContainers": array_of("Container"),
+            "podAnnotations": STRING_MAP,
+            "podLabels": STRING_MAP,
+            "serviceAccount": obj(
+                {
+                    "create": boolean("create a ServiceAccount for the training and TensorBoard pods"),
+                    "name": string("its name; empty: the fullname (or `default` when not created)",
+                                   pattern=r"^([a-z0-9]([-.a-z0-9]*[a-z0-9])?)?$"),
+                    "annotations": STRING_MAP,
+                    "automountServiceAccountToken": boolean("mount an API token into the training and TensorBoard pods"),
+                },
+                required=["create", "name", "annotations", "automountServiceAccountToken"],
+            ),
+            "podSecurityContext": k8s("PodSecurityContext", "pod securityContext of every pod"),
+            "containerSecurityContext": k8s("SecurityContext", "securityContext of every container"),
+            # storage
             "storage": obj(
                 {
                     "existingClaim": string("existing PersistentVolumeClaim to use", pattern=r"^([a-z0-9]([-.a-z0-9]*[a-z0-9])?)?$"),
@@ -125,19 +222,29 @@ def chart_values(config_schema: dict) -> dict:
                     "storageClass": string("StorageClass of the created claim; empty: the default"),
                     "accessModes": {
                         "type": "array", "minItems": 1, "uniqueItems": True,
-                        "items": {"enum": ["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod", "ReadOnlyMany"]},
+                        "items": {"enum": ["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod"]},
                     },
                     "keep": boolean("keep the created claim on helm uninstall"),
+                    "fixOwnership": boolean("chown the release's folder before training (root init container)"),
                 },
-                required=["existingClaim", "size", "storageClass", "accessModes", "keep"],
+                required=["existingClaim", "size", "storageClass", "accessModes", "keep", "fixOwnership"],
             ),
+            # TensorBoard, push, tests
             "tensorboard": obj(
                 {
                     "enabled": boolean("run TensorBoard"),
                     "port": integer("TensorBoard Service port", minimum=1, maximum=65535),
+                    "image": obj(
+                        {
+                            "repository": string("TensorBoard image; empty: the training image"),
+                            "tag": string("its tag; empty: the chart's appVersion"),
+                        },
+                        required=["repository", "tag"],
+                    ),
                     "resources": container_resources("resources of the TensorBoard container"),
+                    **component_scheduling("TensorBoard pod"),
                 },
-                required=["enabled", "port"],
+                required=["enabled", "port", "image"],
             ),
             "push": obj(
                 {
@@ -145,16 +252,31 @@ def chart_values(config_schema: dict) -> dict:
                     "tokenSecret": string("existing Secret with the Hub token", pattern=r"^([a-z0-9]([-.a-z0-9]*[a-z0-9])?)?$"),
                     "tokenSecretKey": string("key of the token in that Secret", minLength=1),
                     "pollSeconds": integer("seconds between checks for the completion marker", minimum=1),
+                    "waitTimeoutSeconds": integer("seconds ddpm wait-for-training waits", minimum=1),
+                    "deadlineSeconds": integer("seconds ddpm push may take", minimum=1),
+                    "activeDeadlineSeconds": nullable(SECONDS, "deadline of the push Job; null: wait + push + 600"),
                     "backoffLimit": integer("retries of the push Job", minimum=0),
+                    "serviceAccountName": string("ServiceAccount of the push pod; empty: one the chart creates",
+                                                 pattern=r"^([a-z0-9]([-.a-z0-9]*[a-z0-9])?)?$"),
                     "resources": container_resources("resources of the push container"),
+                    **component_scheduling("push pod"),
                 },
-                required=["enabled", "tokenSecret", "tokenSecretKey"],
+                required=["enabled", "tokenSecret", "tokenSecretKey", "pollSeconds", "waitTimeoutSeconds",
+                          "deadlineSeconds"],
             ),
-            "testImage": string("image of the helm test pod (needs sh and wget)", minLength=1),
+            "tests": obj(
+                {
+                    "image": string("image of the helm test pod (needs sh and wget)", minLength=1),
+                    **component_scheduling("test pod"),
+                },
+                required=["image"],
+            ),
             # Helm adds this key to the values of every chart; it must be allowed.
             "global": {"type": "object"},
         },
-        required=["image", "backend", "gpus", "gpusPerNode", "config", "storage", "tensorboard", "push", "securityContext"],
+        required=["image", "backend", "gpus", "gpusPerNode", "config", "storage", "tensorboard", "push",
+                  "podSecurityContext", "containerSecurityContext", "serviceAccount", "kubeflow", "shm",
+                  "defaultResources", "tests"],
     )
 
 

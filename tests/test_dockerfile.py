@@ -82,7 +82,7 @@ def test_runs_as_the_chart_non_root_user_with_the_launcher():
     args = dict(re.findall(r"^ARG (\w+)=(\S+)", DOCKERFILE.read_text(), flags=re.M))
     uid = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], users[-1]).split(":")[0]
     chart = yaml.safe_load((ROOT / "helm" / "values.yaml").read_text())
-    assert int(uid) == chart["securityContext"]["runAsUser"], "the chart's runAsUser must be the image's user"
+    assert int(uid) == chart["podSecurityContext"]["runAsUser"], "the chart's runAsUser must be the image's user"
     entrypoint = [rest for word, rest in steps if word == "ENTRYPOINT"][-1]
     assert entrypoint == '["ddpm", "launch"]'
     env = " ".join(rest for word, rest in steps if word == "ENV")
@@ -98,3 +98,33 @@ def test_dockerignore_keeps_the_context_small():
               for part in rest.split()[:-1]}
     assert copied <= allowed, f"COPY needs {copied - allowed} which .dockerignore excludes"
     assert not allowed & {".venv", ".tools", ".git", "runs"}
+
+
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """Instructions per build stage, by stage name ("" for an unnamed stage)."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for word, rest in instructions():
+        if word == "FROM":
+            parts = rest.split()
+            current = parts[2] if len(parts) > 2 and parts[1].upper() == "AS" else ""
+            found[current] = []
+        elif current is not None:
+            found[current].append((word, rest))
+    return found
+
+
+def test_tensorboard_target_is_small_pinned_and_non_root():
+    """`docker build --target tensorboard`: TensorBoard only (as pyproject pins it), not the CUDA torch stack."""
+    all_stages = stages()
+    assert "tensorboard" in all_stages, "no `tensorboard` build target"
+    assert list(all_stages)[-1] != "tensorboard", "the default (last) stage must stay the training image"
+    steps = all_stages["tensorboard"]
+    runs = " ".join(rest for word, rest in steps if word == "RUN")
+    pin = re.search(r'"tensorboard==([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert f"tensorboard=={pin}" in runs
+    assert "torch" not in runs.replace("tensorboard", ""), "no torch in the TensorBoard image"
+    assert not [rest for word, rest in steps if word == "COPY"], "nothing of the project is needed"
+    users = [rest for word, rest in steps if word == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert [rest for word, rest in steps if word == "ENTRYPOINT"] == ['["tensorboard"]']

@@ -12,7 +12,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-KUBERNETES_VERSION = "1.37.0"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_chart import KUBEFLOW_APIS, KUBERNETES_VERSIONS  # noqa: E402  (the minors of the chart's kubeVersion range)
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
 
 
 def tool(name: str) -> str:
@@ -38,23 +41,30 @@ def test_k8s_is_in_sync_with_the_chart():
     assert result.returncode == 0, result.stderr
 
 
-def test_k8s_objects_equal_the_default_render():
+def test_k8s_objects_equal_the_default_render_without_helm_ownership():
     out = subprocess.run([tool("helm"), "template", "ddpm", str(ROOT / "helm"), "--skip-tests"],
                          capture_output=True, text=True, check=True).stdout
     rendered = [d for d in yaml.safe_load_all(out) if d]
+    for doc in rendered:
+        assert doc["metadata"]["labels"].pop(MANAGED_BY) == "Helm"
     key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
-    assert sorted(kustomization_objects(), key=key) == sorted(rendered, key=key)
+    plain = kustomization_objects()
+    assert sorted(plain, key=key) == sorted(rendered, key=key)
+    assert MANAGED_BY not in (ROOT / "k8s").joinpath("job.yaml").read_text()
+    assert not [d for d in plain if MANAGED_BY in d["metadata"].get("labels", {})]
 
 
-def test_k8s_objects_validate_strictly():
+def test_k8s_objects_validate_strictly_on_every_minor():
     docs = kustomization_objects()
-    assert {d["kind"] for d in docs} >= {"ConfigMap", "PersistentVolumeClaim", "Service", "Job", "Deployment"}
-    for doc in docs:
-        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    assert {d["kind"] for d in docs} >= {"ConfigMap", "PersistentVolumeClaim", "Service", "Job", "Deployment",
+                                         "ServiceAccount"}
+    for version in KUBERNETES_VERSIONS:
+        for doc in docs:
+            kubernetes_validate.validate(doc, version, strict=True)
 
 
 def test_yaml_lint():
-    targets = ["k8s", "helm/values.yaml", "helm/Chart.yaml", ".yamllint.yaml"]
+    targets = ["k8s", "helm/values.yaml", "helm/Chart.yaml", "helm/checkov-exceptions.yaml", ".yamllint.yaml"]
     result = subprocess.run([tool("yamllint"), "--strict", "-c", ".yamllint.yaml", *targets],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -63,10 +73,12 @@ def test_yaml_lint():
 def test_rendered_chart_is_clean_yaml(tmp_path):
     """The templates' whitespace handling: every backend renders without yamllint findings."""
     for backend in ("job", "pytorchjob", "trainjob"):
+        apis = [arg for api in KUBEFLOW_APIS[backend] for arg in ("--api-versions", api)]
         out = subprocess.run(
             [tool("helm"), "template", "ddpm", str(ROOT / "helm"), "--set", f"backend={backend}", "--set", "gpus=16",
+             "--set", "storage.accessModes={ReadWriteMany}", "--set", "storage.storageClass=standard-rwx",
              "--set", "push.enabled=true", "--set", "push.tokenSecret=hf", "--set", "config.hub_model_id=me/m",
-             "--set", "tolerations[0].operator=Exists"],
+             "--set", "tolerations[0].operator=Exists", "--set", "storage.fixOwnership=true", *apis],
             capture_output=True, text=True, check=True).stdout
         path = tmp_path / f"{backend}.yaml"
         path.write_text(out)

@@ -13,8 +13,13 @@ what the Job controller and the kubelet would do, and nothing more:
   - network: the pod DNS names the headless Service gives (<job>-<index>.<subdomain>) resolve to 127.0.0.1; the
     rendezvous port is a free port, set with the chart's own masterPort value.
   - the image's /opt/venv is this checkout's venv (PATH); each pod gets a fresh HOME / working directory.
-Not emulated: securityContext (the processes run as this user), resources (nvidia.com/gpu is ignored: the chart has
-no CPU mode, the processes simply run on CPU), restarts and podFailurePolicy.
+  - emptyDirs (/tmp, HOME, /dev/shm) are fresh folders: paths under their mountPaths in env and args point there,
+    which is what a read-only root filesystem leaves writable.
+Not emulated: securityContext (the processes run as this user; readOnlyRootFilesystem is not enforced), resources
+(nvidia.com/gpu is ignored: the chart has no CPU mode, the processes simply run on CPU), restarts and
+podFailurePolicy, and the Kubernetes API (no API server, no ServiceAccount token: `ddpm wait-for-training` can only
+watch the volume here). Both pods share this machine's hostname, so torch's c10d rendezvous may give either of them
+rank 0 (on a cluster, pod 0's name sorts first).
 
 The Hub endpoint goes in through the chart's extraEnv, as for anyone with a mirror; HF_HUB_DISABLE_XET=1 because the
 fake Hub (tests/fake_hub.py) speaks the LFS protocol, not Xet.
@@ -34,6 +39,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -172,6 +178,7 @@ class Cluster:
 class Pod:
     def __init__(self, cluster: Cluster, name: str, hostname: str, template: dict):
         self.cluster, self.name, self.hostname = cluster, name, hostname
+        self.uid = str(uuid.uuid4())
         self.metadata, self.spec = template["metadata"], template["spec"]
         self.dir = cluster.root / "pods" / name
         self.home = self.dir / "home"  # the image's WORKDIR, the ddpm user's home
@@ -233,7 +240,8 @@ class Pod:
     def _field(self, path: str) -> str:
         if m := re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path):
             return self.metadata.get(m[1], {})[m[2]]
-        simple = {"metadata.name": self.name, "metadata.namespace": "default", "spec.nodeName": "node-0",
+        simple = {"metadata.name": self.name, "metadata.namespace": "default", "metadata.uid": self.uid,
+                  "spec.nodeName": "node-0",
                   "spec.serviceAccountName": self.spec.get("serviceAccountName", "default"),
                   "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1"}
         if path not in simple:
@@ -327,6 +335,8 @@ def cluster(hub, tmp_path):
     values = {
         "backend": "job", "gpus": 2, "gpusPerNode": 1, "masterPort": free_port(), "config": TINY_CONFIG,
         "push": {"enabled": True, "tokenSecret": "hf-token", "pollSeconds": 1},
+        # two nodes share the volume: the chart requires a ReadWriteMany class for that (here: one local folder)
+        "storage": {"accessModes": ["ReadWriteMany"], "storageClass": "nfs"},
         "extraEnv": [{"name": "HF_ENDPOINT", "value": hub.url}, {"name": "HF_HUB_DISABLE_XET", "value": "1"}],
     }
     cluster = Cluster(render(values, tmp_path), tmp_path / "cluster", SECRETS)
@@ -342,11 +352,13 @@ def test_rendered_pods_train_together_then_the_push_job_uploads(cluster, hub):
     nodes = train_job["spec"]["completions"]
     assert nodes == 2 and train_job["spec"]["completionMode"] == "Indexed"
 
-    # helm install starts the push Job with the training: its init container polls for the completion marker.
+    # helm install starts the push Job with the training: its init container waits for this run's completion marker.
     pusher = cluster.pod(push_job)
+    wait_command = pusher.container("wait-for-training")["command"]
+    assert wait_command[:4] == ["ddpm", "wait-for-training", "--workload", f"Job/{train_job['metadata']['name']}"]
     waiter = pusher.start("wait-for-training", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    marker = Path(pusher.env(pusher.container("wait-for-training"))["MARKER"])
-    assert waiter.stdout.readline().strip() == f"waiting for {marker}"
+    time.sleep(3)
+    assert waiter.poll() is None, f"wait-for-training ended before training started:\n{waiter.stdout.read()}"
 
     # One process per index, each the trainer container's own command with the pod's env, volumes and names.
     pods = [cluster.pod(train_job, index) for index in range(nodes)]
@@ -357,24 +369,28 @@ def test_rendered_pods_train_together_then_the_push_job_uploads(cluster, hub):
             trainers[pod.name] = pod.start("trainer", stdout=log, stderr=subprocess.STDOUT)
     codes = wait_all(trainers, logs, timeout=300)
     rank0, rank1 = (logs[pod.name].read_text() for pod in pods)
-    assert "--nnodes=2 --nproc_per_node=1" in rank1 and "--node_rank=1 --master_addr=127.0.0.1" in rank1, tails(logs)
-    assert "global batch 8 = 4 per process x 1 accumulation x 2 processes" in rank0, (
-        "the 2 pods did not train as one 2-process group\n" + tails(logs))
+    group = "global batch 8 = 4 per process x 1 accumulation x 2 processes"
+    assert (group in rank0) != (group in rank1), "the 2 pods did not train as one 2-process group\n" + tails(logs)
     assert list(codes.values()) == [0] * nodes, tails(logs)
 
     # What landed on the volume: checkpoints (each with both ranks' RNG state), grids, TensorBoard, the pipeline.
     config = yaml.safe_load(pusher.localize(cluster.get("ConfigMap", f"{RELEASE}-config")["data"]["config.yaml"]))
     out = Path(config["output_dir"])
-    assert out.is_relative_to(cluster.root / "volumes") and marker == out / "training_complete.json"
+    marker = out / "training_complete.json"
+    assert out.is_relative_to(cluster.root / "volumes")
     assert json.loads(marker.read_text())["global_step"] == 4
     for step in (2, 4):
         checkpoint = out / "checkpoints" / f"checkpoint-{step}"
         for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl"):
             assert (checkpoint / name).is_file(), f"{checkpoint / name} missing"
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["0000.png", "0001.png"]
-    [events] = (out / "logs").rglob("events.out.tfevents.*")
-    accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-    accumulator.Reload()
+    # The scalars' event file (the tracker may write others, e.g. hparams, beside it).
+    accumulators = []
+    for events in sorted((out / "logs").rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        accumulators += [accumulator] if "loss" in accumulator.Tags()["scalars"] else []
+    [accumulator] = accumulators
     assert [e.step for e in accumulator.Scalars("loss")] == [2, 4]
     for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
                  "README.md", "training_config.yaml"):

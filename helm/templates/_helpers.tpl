@@ -44,6 +44,29 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "ddpm.workersName" -}}{{ include "ddpm.fullname" . }}-workers{{- end }}
 {{- define "ddpm.tensorboardName" -}}{{ include "ddpm.fullname" . }}-tensorboard{{- end }}
 {{- define "ddpm.pushName" -}}{{ include "ddpm.fullname" . }}-push{{- end }}
+{{- define "ddpm.runtimeName" -}}{{ include "ddpm.fullname" . }}-runtime{{- end }}
+
+{{/* ServiceAccount of the training and TensorBoard pods. */}}
+{{- define "ddpm.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}{{ .Values.serviceAccount.name | default (include "ddpm.fullname" .) }}
+{{- else }}{{ .Values.serviceAccount.name | default "default" }}{{ end }}
+{{- end }}
+
+{{/* ServiceAccount of the push pod: the user's, or one the chart creates with read access to the workload. */}}
+{{- define "ddpm.pushServiceAccountName" -}}{{ .Values.push.serviceAccountName | default (include "ddpm.pushName" .) }}{{- end }}
+
+{{/* The training workload as `ddpm wait-for-training --workload` and TRAINING_WORKLOAD name it: <Kind>/<name>. */}}
+{{- define "ddpm.workloadKind" -}}
+{{- get (dict "job" "Job" "pytorchjob" "PyTorchJob" "trainjob" "TrainJob") .Values.backend }}
+{{- end }}
+{{- define "ddpm.workload" -}}{{ include "ddpm.workloadKind" . }}/{{ include "ddpm.trainName" . }}{{- end }}
+
+{{/*
+The `manager` of the TrainJob's runtime patch: a fixed, domain-prefixed name (the Trainer's webhook requires the
+form, pkg/runtime/framework/plugins/jobset/jobset.go IsDomainPrefixedPath; the field is immutable, so it must not
+change with the chart version).
+*/}}
+{{- define "ddpm.patchManager" -}}ddpm-trainer/helm-chart{{- end }}
 
 {{- define "ddpm.image" -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}

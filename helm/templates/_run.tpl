@@ -1,4 +1,4 @@
-{{/* Values derived from the user's values: the run's shape, its paths, and the pod pieces every backend shares. */}}
+{{/* Values derived from the user's values: the run's shape, its paths, sizes and retry budget. */}}
 
 {{/* Training pods (nodes): 1 up to gpusPerNode GPUs, else gpus / gpusPerNode. */}}
 {{- define "ddpm.nodes" -}}
@@ -12,158 +12,91 @@
 
 {{- define "ddpm.dataPath" -}}/data/{{ include "ddpm.fullname" . }}{{- end }}
 {{- define "ddpm.outputDir" -}}{{ .Values.config.output_dir | default (printf "%s/output" (include "ddpm.dataPath" .)) }}{{- end }}
+{{- define "ddpm.dataCacheDir" -}}{{ .Values.config.data_cache_dir | default (printf "%s/data-cache" (include "ddpm.dataPath" .)) }}{{- end }}
 {{- define "ddpm.hfHome" -}}{{ include "ddpm.dataPath" . }}/hf-cache{{- end }}
 {{- define "ddpm.completionMarker" -}}{{ include "ddpm.outputDir" . }}/training_complete.json{{- end }}
+{{/* HOME of every container: an emptyDir, since the root filesystem is read-only (the image's user's home). */}}
+{{- define "ddpm.home" -}}/home/ddpm{{- end }}
 
 {{/* The trainer's config file: .Values.config with output_dir and the decoded-data cache on this release's
 folder (the cache outlives a run, so a re-install with the same images skips decoding). */}}
 {{- define "ddpm.configYaml" -}}
 {{- $config := deepCopy .Values.config }}
 {{- $_ := set $config "output_dir" (include "ddpm.outputDir" .) }}
-{{- $_ := set $config "data_cache_dir" (.Values.config.data_cache_dir | default (printf "%s/data-cache" (include "ddpm.dataPath" .))) }}
+{{- $_ := set $config "data_cache_dir" (include "ddpm.dataCacheDir" .) }}
 {{- toYaml $config }}
 {{- end }}
 
-{{/* The "restricted" Pod Security profile, pod and container level. */}}
-{{- define "ddpm.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: {{ .Values.securityContext.runAsUser }}
-runAsGroup: {{ .Values.securityContext.runAsGroup }}
-fsGroup: {{ .Values.securityContext.fsGroup }}
-fsGroupChangePolicy: OnRootMismatch
-seccompProfile:
-  type: RuntimeDefault
+{{/*
+Failed pods the training workload survives: backoffLimit, or backoffLimitPerNode x nodes. With the c10d rendezvous
+one crashed pod costs one retry, but losing node 0 (the rendezvous store) fails every other pod too.
+*/}}
+{{- define "ddpm.backoffLimit" -}}
+{{- if kindIs "invalid" .Values.backoffLimit }}{{ mul (int .Values.backoffLimitPerNode) (include "ddpm.nodes" . | int) }}
+{{- else }}{{ int .Values.backoffLimit }}{{ end }}
 {{- end }}
 
-{{- define "ddpm.containerSecurityContext" -}}
-allowPrivilegeEscalation: false
-runAsNonRoot: true
-capabilities:
-  drop: ["ALL"]
-seccompProfile:
-  type: RuntimeDefault
-{{- end }}
+{{/* torchrun's rendezvous id: stable for the release, so a replaced pod joins the same rendezvous. */}}
+{{- define "ddpm.rendezvousId" -}}{{ include "ddpm.fullname" . }}{{- end }}
 
-{{/* Env of every trainer/push container: the config file, the HF cache on the volume, extraEnv. */}}
-{{- define "ddpm.commonEnv" -}}
-- name: DDPM_CONFIG_FILE
-  value: /etc/ddpm/config.yaml
-- name: HF_HOME
-  value: {{ include "ddpm.hfHome" . | quote }}
-{{- with .Values.extraEnv }}
-{{ toYaml . }}
-{{- end }}
-{{- end }}
-
-{{/* The GPU limit merged into the user's resources. */}}
-{{- define "ddpm.trainResources" -}}
-{{- $resources := deepCopy .Values.resources }}
-{{- $limits := get $resources "limits" | default dict }}
-{{- $_ := set $limits "nvidia.com/gpu" (include "ddpm.procsPerNode" . | int) }}
-{{- $_ := set $resources "limits" $limits }}
-{{- toYaml $resources }}
-{{- end }}
-
-{{- define "ddpm.volumes" -}}
-- name: data
-  persistentVolumeClaim:
-    claimName: {{ include "ddpm.claimName" . }}
-- name: config
-  configMap:
-    name: {{ include "ddpm.configName" . }}
-- name: dshm
-  emptyDir:
-    medium: Memory
-    sizeLimit: {{ .Values.shm.sizeLimit }}
-{{- end }}
-
-{{- define "ddpm.trainVolumeMounts" -}}
-- name: data
-  mountPath: /data
-- name: config
-  mountPath: /etc/ddpm
-  readOnly: true
-- name: dshm
-  mountPath: /dev/shm
-{{- end }}
-
-{{/* Scheduling shared by the training pods (and, except the priority, TensorBoard and the push). */}}
-{{- define "ddpm.scheduling" -}}
-{{- with .Values.nodeSelector }}
-nodeSelector:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with .Values.tolerations }}
-tolerations:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with .Values.affinity }}
-affinity:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- end }}
-
-{{- define "ddpm.imagePullSecrets" -}}
-{{- with .Values.imagePullSecrets }}
-imagePullSecrets:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
+{{/* The c10d rendezvous endpoint: node 0's stable DNS name, per backend. */}}
+{{- define "ddpm.rendezvousEndpoint" -}}
+{{- $train := include "ddpm.trainName" . }}
+{{- if eq .Values.backend "job" }}{{ printf "%s-0.%s:%d" $train (include "ddpm.workersName" .) (int .Values.masterPort) }}
+{{- else if eq .Values.backend "pytorchjob" }}{{ printf "%s-worker-0:%d" $train (int .Values.masterPort) }}
+{{- else }}{{ printf "%s-node-0-0.%s:%d" $train $train (int .Values.masterPort) }}{{ end }}
 {{- end }}
 
 {{/*
-The training pod spec for the `job` and `pytorchjob` backends. Call with (dict "root" $ "container" NAME
-"restartPolicy" POLICY "env" EXTRA_ENV_YAML).
+Whether the volume can only be attached to one node: then TensorBoard and the push Job are scheduled next to the
+trainer, with its nodeSelector and tolerations.
 */}}
-{{- define "ddpm.trainPodSpec" -}}
-{{- $root := .root -}}
-restartPolicy: {{ .restartPolicy }}
-{{- /* No Service env vars: a Service named <release>-* (this release's TensorBoard, for release `ddpm`) would inject
-DDPM_*_SERVICE_HOST/_PORT variables, which the trainer reads as config and rejects. */}}
-enableServiceLinks: false
-terminationGracePeriodSeconds: {{ $root.Values.terminationGracePeriodSeconds }}
-{{- with $root.Values.priorityClassName }}
-priorityClassName: {{ . }}
-{{- end }}
-{{- include "ddpm.imagePullSecrets" $root }}
-{{- include "ddpm.scheduling" $root }}
-securityContext:
-  {{- include "ddpm.podSecurityContext" $root | nindent 2 }}
-{{- with .podExtra }}
-{{ . }}
-{{- end }}
-containers:
-  - name: {{ .container }}
-    image: {{ include "ddpm.image" $root }}
-    imagePullPolicy: {{ $root.Values.image.pullPolicy }}
-    command: ["ddpm", "launch"]
-    env:
-      {{- with .env }}
-      {{- . | nindent 6 }}
-      {{- end }}
-      {{- include "ddpm.commonEnv" $root | nindent 6 }}
-    {{- with .ports }}
-    ports:
-      {{- . | nindent 6 }}
-    {{- end }}
-    resources:
-      {{- include "ddpm.trainResources" $root | nindent 6 }}
-    securityContext:
-      {{- include "ddpm.containerSecurityContext" $root | nindent 6 }}
-    volumeMounts:
-      {{- include "ddpm.trainVolumeMounts" $root | nindent 6 }}
-volumes:
-  {{- include "ddpm.volumes" $root | nindent 2 }}
+{{- define "ddpm.singleNodeVolume" -}}
+{{- if has "ReadWriteMany" .Values.storage.accessModes }}{{ else }}true{{ end }}
 {{- end }}
 
-{{- define "ddpm.trainPodMetadata" -}}
-labels:
-  {{- include "ddpm.selectorLabels" . | nindent 2 }}
-  app.kubernetes.io/component: train
-  {{- with .Values.podLabels }}
-  {{- toYaml . | nindent 2 }}
-  {{- end }}
-{{- with .Values.podAnnotations }}
-annotations:
-  {{- toYaml . | nindent 2 }}
+{{/*
+Bytes in a Kubernetes quantity ("16Gi", "512Mi", "2G", "1e9", 1073741824), as an integer string; 0 for empty.
+*/}}
+{{- define "ddpm.bytes" -}}
+{{- $q := toString . | trim }}
+{{- if not $q }}0{{ else }}
+{{- $suffix := regexFind "(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)$" $q }}
+{{- $number := trimSuffix $suffix $q | float64 }}
+{{- $factor := get (dict "" 1.0 "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18
+  "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0) $suffix }}
+{{- printf "%.0f" (mulf $number $factor) }}
 {{- end }}
+{{- end }}
+
+{{/* /dev/shm size: shm.sizeLimit, or shm.perProcessGiB x processes. */}}
+{{- define "ddpm.shmSize" -}}
+{{- if .Values.shm.sizeLimit }}{{ .Values.shm.sizeLimit }}
+{{- else }}{{ include "ddpm.gibQuantity" (mulf .Values.shm.perProcessGiB (include "ddpm.procsPerNode" . | int)) }}{{ end }}
+{{- end }}
+
+{{/* A number of GiB as a quantity: "16Gi", or "1536Mi" for fractions. */}}
+{{- define "ddpm.gibQuantity" -}}
+{{- $mib := mulf . 1024 | ceil | int }}
+{{- if eq (mod $mib 1024) 0 }}{{ div $mib 1024 }}Gi{{ else }}{{ $mib }}Mi{{ end }}
+{{- end }}
+
+{{/*
+The training container's resources: .Values.resources, or when empty defaultResources per process plus /dev/shm
+(memory limit = request); either way with the GPU limit from gpus/gpusPerNode.
+*/}}
+{{- define "ddpm.trainResources" -}}
+{{- $procs := include "ddpm.procsPerNode" . | int }}
+{{- $resources := deepCopy .Values.resources }}
+{{- if not $resources }}
+{{- $cpuMilli := mulf .Values.defaultResources.cpuPerProcess 1000 $procs | ceil | int }}
+{{- $cpu := ternary (toString (div $cpuMilli 1000)) (printf "%dm" $cpuMilli) (eq (mod $cpuMilli 1000) 0) }}
+{{- $shmGiB := divf (include "ddpm.bytes" (include "ddpm.shmSize" .) | float64) 1073741824.0 }}
+{{- $memory := include "ddpm.gibQuantity" (addf $shmGiB (mulf .Values.defaultResources.memoryGiBPerProcess $procs)) }}
+{{- $resources = dict "requests" (dict "cpu" $cpu "memory" $memory) "limits" (dict "memory" $memory) }}
+{{- end }}
+{{- $limits := get $resources "limits" | default dict }}
+{{- $_ := set $limits "nvidia.com/gpu" $procs }}
+{{- $_ := set $resources "limits" $limits }}
+{{- toYaml $resources }}
 {{- end }}

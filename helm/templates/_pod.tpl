@@ -1,0 +1,362 @@
+{{/* Pod pieces the training workloads (Job, PyTorchJob, TrainingRuntime/TrainJob), TensorBoard and the push share. */}}
+
+{{- define "ddpm.podSecurityContext" -}}
+{{- toYaml .Values.podSecurityContext }}
+{{- end }}
+
+{{- define "ddpm.containerSecurityContext" -}}
+{{- toYaml .Values.containerSecurityContext }}
+{{- end }}
+
+{{/*
+Who the pod is, for the trainer's logs and run records (downward API), and which workload it belongs to.
+Never DDPM_*: the trainer reads those as TrainingConfig fields and rejects unknown ones.
+*/}}
+{{- define "ddpm.identityEnv" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: POD_UID
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.uid
+- name: TRAINING_WORKLOAD
+  value: {{ include "ddpm.workload" . | quote }}
+{{- end }}
+
+{{/* Env of every trainer/push container: the config file, the HF cache on the volume, HOME, extraEnv. */}}
+{{- define "ddpm.commonEnv" -}}
+- name: DDPM_CONFIG_FILE
+  value: /etc/ddpm/config.yaml
+- name: HF_HOME
+  value: {{ include "ddpm.hfHome" . | quote }}
+- name: HOME
+  value: {{ include "ddpm.home" . | quote }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+torchrun's c10d rendezvous, read by `ddpm launch` from torchrun's own PET_* names: every node joins the store on
+node 0 (whose `ddpm launch` adds is_host=true from JOB_COMPLETION_INDEX 0), so a replaced pod rejoins and the
+others restart their workers from the newest checkpoint instead of failing. The `job` backend also gives the run's
+shape; TrainJob's torch plugin injects PET_NNODES/PET_NPROC_PER_NODE itself and forbids setting them
+(kubeflow/trainer release-2.3 pkg/constants/constants.go TorchRunReservedEnvNames).
+*/}}
+{{- define "ddpm.rendezvousEnv" -}}
+{{- if eq .Values.backend "job" }}
+- name: PET_NNODES
+  value: {{ include "ddpm.nodes" . | quote }}
+- name: PET_NPROC_PER_NODE
+  value: {{ include "ddpm.procsPerNode" . | quote }}
+{{- end }}
+- name: PET_RDZV_BACKEND
+  value: c10d
+- name: PET_RDZV_ENDPOINT
+  value: {{ include "ddpm.rendezvousEndpoint" . | quote }}
+- name: PET_RDZV_ID
+  value: {{ include "ddpm.rendezvousId" . | quote }}
+- name: PET_MAX_RESTARTS
+  value: {{ int64 .Values.maxRestarts | toString | quote }}
+- name: PET_RDZV_CONF
+  value: {{ printf "join_timeout=%d" (int .Values.rendezvousTimeoutSeconds) | quote }}
+{{- end }}
+
+{{/* Volumes of the training pods: the shared volume, the config, /dev/shm, and writable /tmp and HOME. */}}
+{{- define "ddpm.volumes" -}}
+- name: data
+  persistentVolumeClaim:
+    claimName: {{ include "ddpm.claimName" . }}
+- name: config
+  configMap:
+    name: {{ include "ddpm.configName" . }}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ include "ddpm.shmSize" . }}
+{{ include "ddpm.scratchVolumes" . }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "ddpm.trainVolumeMounts" -}}
+- name: data
+  mountPath: /data
+- name: config
+  mountPath: /etc/ddpm
+  readOnly: true
+- name: dshm
+  mountPath: /dev/shm
+{{ include "ddpm.scratchMounts" . }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The only writable places besides the volume when the root filesystem is read-only. */}}
+{{- define "ddpm.scratchVolumes" -}}
+- name: tmp
+  emptyDir: {}
+- name: home
+  emptyDir: {}
+{{- end }}
+
+{{- define "ddpm.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: {{ include "ddpm.home" . }}
+{{- end }}
+
+{{/*
+storage.fixOwnership: the one container that is not "restricted". Root with CHOWN (chown), FOWNER and DAC_OVERRIDE
+(to enter and fix folders another uid left); it creates this release's folders and gives what is not already the
+runtime user's to it. Only for volumes whose CSI driver does not apply fsGroup (docs/KUBERNETES.md "Storage").
+*/}}
+{{- define "ddpm.fixOwnershipContainer" -}}
+{{- $uid := .Values.podSecurityContext.runAsUser | default 1000 | int }}
+{{- $gid := .Values.podSecurityContext.runAsGroup | default $uid | int }}
+- name: fix-ownership
+  image: {{ include "ddpm.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command:
+    - sh
+    - -c
+    - |
+      set -eu
+      for dir in "$@"; do
+        mkdir -p "$dir"
+        find "$dir" \( ! -user {{ $uid }} -o ! -group {{ $gid }} \) -exec chown {{ $uid }}:{{ $gid }} {} +
+      done
+    - fix-ownership
+    - {{ include "ddpm.dataPath" . }}
+    {{- if not (hasPrefix (printf "%s/" (include "ddpm.dataPath" .)) (include "ddpm.outputDir" .)) }}
+    - {{ include "ddpm.outputDir" . }}
+    {{- end }}
+    {{- if not (hasPrefix (printf "%s/" (include "ddpm.dataPath" .)) (include "ddpm.dataCacheDir" .)) }}
+    - {{ include "ddpm.dataCacheDir" . }}
+    {{- end }}
+  resources:
+    requests:
+      cpu: 100m
+      memory: 64Mi
+    limits:
+      memory: 256Mi
+  securityContext:
+    runAsUser: 0
+    runAsGroup: 0
+    runAsNonRoot: false
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+    capabilities:
+      drop: ["ALL"]
+      add: ["CHOWN", "FOWNER", "DAC_OVERRIDE"]
+    seccompProfile:
+      type: RuntimeDefault
+  volumeMounts:
+    - name: data
+      mountPath: /data
+{{- end }}
+
+{{- define "ddpm.trainInitContainers" -}}
+{{- if .Values.storage.fixOwnership }}
+{{ include "ddpm.fixOwnershipContainer" . }}
+{{- end }}
+{{- with .Values.initContainers }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "ddpm.trainPodMetadata" -}}
+labels:
+  {{- include "ddpm.selectorLabels" . | nindent 2 }}
+  app.kubernetes.io/component: train
+  {{- with .Values.podLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- with .Values.podAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The training pod spec of the `job` and `pytorchjob` backends and of the chart's TrainingRuntime. Call with
+(dict "root" $ "container" NAME "restartPolicy" POLICY-or-"" "env" YAML "ports" YAML "subdomain" NAME).
+*/}}
+{{- define "ddpm.trainPodSpec" -}}
+{{- $root := .root -}}
+{{- $v := $root.Values -}}
+{{- with .restartPolicy }}
+restartPolicy: {{ . }}
+{{- end }}
+{{- /* No Service env vars: a Service named <release>-* (this release's TensorBoard, for release `ddpm`) would inject
+DDPM_*_SERVICE_HOST/_PORT variables, which the trainer would have to tell apart from config. */}}
+enableServiceLinks: false
+serviceAccountName: {{ include "ddpm.serviceAccountName" $root }}
+automountServiceAccountToken: {{ $v.serviceAccount.automountServiceAccountToken }}
+terminationGracePeriodSeconds: {{ int64 $v.terminationGracePeriodSeconds }}
+{{- with $v.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $v.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with .subdomain }}
+subdomain: {{ . }}
+{{- end }}
+{{- with $v.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- include "ddpm.podSecurityContext" $root | nindent 2 }}
+{{- with (include "ddpm.trainInitContainers" $root | trim) }}
+initContainers:
+  {{- . | nindent 2 }}
+{{- end }}
+containers:
+  - name: {{ .container }}
+    image: {{ include "ddpm.image" $root }}
+    imagePullPolicy: {{ $v.image.pullPolicy }}
+    command: ["ddpm", "launch"]
+    {{- with .env }}
+    env:
+      {{- . | nindent 6 }}
+    {{- end }}
+    {{- with $v.envFrom }}
+    envFrom:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with .ports }}
+    ports:
+      {{- . | nindent 6 }}
+    {{- end }}
+    resources:
+      {{- include "ddpm.trainResources" $root | nindent 6 }}
+    securityContext:
+      {{- include "ddpm.containerSecurityContext" $root | nindent 6 }}
+    volumeMounts:
+      {{- include "ddpm.trainVolumeMounts" $root | nindent 6 }}
+volumes:
+  {{- include "ddpm.volumes" $root | nindent 2 }}
+{{- end }}
+
+{{/*
+The training container's env for the Job and PyTorchJob (the TrainJob passes the same through spec.trainer.env).
+*/}}
+{{- define "ddpm.trainEnv" -}}
+{{- if ne .Values.backend "pytorchjob" }}
+{{ include "ddpm.rendezvousEnv" . }}
+{{- end }}
+{{ include "ddpm.identityEnv" . }}
+{{ include "ddpm.commonEnv" . }}
+{{- end }}
+
+{{/*
+Scheduling of TensorBoard, the push and the test pod. Call with (dict "root" $ "own" .Values.<component>
+"onVolume" BOOL). Each of nodeSelector, tolerations, affinity, imagePullSecrets: the component's own value, or when
+null the training pods' tolerations (only allow, never force, a node) and the global imagePullSecrets. With a
+single-node volume a pod on it also gets the training pods' nodeSelector and tolerations and a pod affinity to the
+trainer: the volume can only be attached there while the trainer runs. The affinity is preferred, not required,
+so that a pod created after the trainer has finished (a TensorBoard restart, a push retry) still schedules.
+*/}}
+{{- define "ddpm.componentScheduling" -}}
+{{- $root := .root }}
+{{- $v := $root.Values }}
+{{- $own := .own }}
+{{- $colocate := and .onVolume (include "ddpm.singleNodeVolume" $root) }}
+{{- $nodeSelector := dict }}
+{{- if $colocate }}{{ $nodeSelector = merge $nodeSelector (deepCopy $v.nodeSelector) }}{{ end }}
+{{- if not (kindIs "invalid" $own.nodeSelector) }}{{ $nodeSelector = merge (deepCopy $own.nodeSelector) $nodeSelector }}{{ end }}
+{{- $tolerations := list }}
+{{- if kindIs "invalid" $own.tolerations }}{{ $tolerations = $v.tolerations }}
+{{- else }}{{ $tolerations = $own.tolerations }}
+{{- if $colocate }}{{ $tolerations = concat $own.tolerations $v.tolerations | uniq }}{{ end }}
+{{- end }}
+{{- $affinity := dict }}
+{{- if not (kindIs "invalid" $own.affinity) }}{{ $affinity = deepCopy $own.affinity }}{{ end }}
+{{- if $colocate }}
+{{- $podAffinity := get $affinity "podAffinity" | default dict }}
+{{- $preferred := get $podAffinity "preferredDuringSchedulingIgnoredDuringExecution" | default list }}
+{{- $term := dict "weight" 100 "podAffinityTerm" (dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (dict "app.kubernetes.io/name" (include "ddpm.name" $root) "app.kubernetes.io/instance" $root.Release.Name "app.kubernetes.io/component" "train"))) }}
+{{- $_ := set $podAffinity "preferredDuringSchedulingIgnoredDuringExecution" (append $preferred $term) }}
+{{- $_ := set $affinity "podAffinity" $podAffinity }}
+{{- end }}
+{{- $pullSecrets := $v.imagePullSecrets }}
+{{- if not (kindIs "invalid" $own.imagePullSecrets) }}{{ $pullSecrets = $own.imagePullSecrets }}{{ end }}
+{{- with $pullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Job podFailurePolicy, for the `job` backend and the TrainingRuntime's Job: the trainer's exit codes decide.
+Kubernetes applies the first matching rule (pkg/controller/job/pod_failure_policy.go); a pod no rule matches
+counts against backoffLimit. Call with (dict "container" NAME).
+*/}}
+{{- define "ddpm.podFailurePolicy" -}}
+rules:
+  # 2: bad configuration or input, 3: training diverged. Retrying cannot help: the Job fails at once.
+  - action: FailJob
+    onExitCodes:
+      containerName: {{ .container }}
+      operator: In
+      values: [2, 3]
+  # 143: preempted (SIGTERM), checkpoint written; the replacement resumes from it and is not counted.
+  - action: Ignore
+    onExitCodes:
+      containerName: {{ .container }}
+      operator: In
+      values: [143]
+  # Evicted, preempted or drained by Kubernetes: not the run's fault, not counted.
+  - action: Ignore
+    onPodConditions:
+      - type: DisruptionTarget
+        status: "True"
+{{- end }}
+
+{{/* The Hub token, only ever from the existing Secret. */}}
+{{- define "ddpm.tokenEnv" -}}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.push.tokenSecret }}
+      key: {{ .Values.push.tokenSecretKey }}
+{{- end }}
