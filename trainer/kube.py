@@ -61,6 +61,10 @@ class NotFound(KubeError):
     """404: the object (or its resource type: a CRD that is not installed) does not exist."""
 
 
+class NotOwner(KubeError):
+    """TRAINING_WORKLOAD does not own this pod (a chart or environment mistake)."""
+
+
 class ApiFailure(KubeError):
     """Any other HTTP error status."""
 
@@ -391,7 +395,7 @@ def controller_of(obj: dict) -> dict | None:
 def resolve_workload(cluster: Cluster, pod: PodIdentity) -> tuple[ObjectRef, ObjectRef | None]:
     """(this pod, the workload that owns it) from the pod's controller ownerReferences, going up through the kinds
     above (Pod -> Job -> JobSet -> TrainJob, Pod -> PyTorchJob). With TRAINING_WORKLOAD set, that is the workload
-    and only the owners below it are read; a chain that does not reach it raises KubeError. Without it, the top
+    and only the owners below it are read; a chain that does not reach it raises NotOwner. Without it, the top
     known owner is the workload (None for a bare pod)."""
     obj = get_object(cluster, POD, pod.namespace, pod.name)
     meta = obj["metadata"]
@@ -406,7 +410,7 @@ def resolve_workload(cluster: Cluster, pod: PodIdentity) -> tuple[ObjectRef, Obj
             break  # top-level kinds: nothing this code knows owns them
         ref = controller_of(get_object(cluster, WORKLOAD_KINDS[ref["kind"]], pod.namespace, ref["name"]))
     if pod.workload:
-        raise KubeError(f"{WORKLOAD_ENV}={pod.workload} does not own pod {pod.name} "
+        raise NotOwner(f"{WORKLOAD_ENV}={pod.workload} does not own pod {pod.name} "
                         f"(its owners: {' -> '.join(chain) or 'none'})")
     return pod_ref, found
 
