@@ -224,9 +224,13 @@ class FakeKube:
         if request.verb not in allowed:
             raise ApiError(405, "MethodNotAllowed", f"the fake does not serve {request.verb} {request.resource}")
         if self.deny_all or request.call in self.denied:
-            raise ApiError(403, "Forbidden", f'{request.resource} is forbidden: User "system:serviceaccount:'
+            # the API server's wording (k8s.io/apiserver/pkg/endpoints/handlers/responsewriters/errors.go)
+            resource = f"{request.resource}.{request.group}" if request.group else request.resource
+            named = f' "{request.name}"' if request.name else ""
+            raise ApiError(403, "Forbidden", f'{resource}{named} is forbidden: User "system:serviceaccount:'
                                              f'{request.namespace}:ddpm" cannot {request.verb} resource '
-                                             f'"{request.resource}" in API group "{request.group}"')
+                                             f'"{request.resource}" in API group "{request.group}" in the '
+                                             f'namespace "{request.namespace}"')
         if request.verb == "get":
             return "json", self._get(request)
         if request.verb == "list":
@@ -487,8 +491,14 @@ def put_training_run(fake: FakeKube, kind: str, *, release: str = "ddpm", namesp
     and one pod per node rank with the labels those controllers add. Pod 0 is rank 0."""
     name = name or (release if "ddpm" in release else f"{release}-ddpm") + "-train"
     labels, restarts, phases = chart_labels(release), restarts or {}, phases or {}
-    top = fake.put(workload(kind, name, namespace, labels=labels, conditions=conditions,
-                            status={"active": nodes} if kind == "Job" else {}))
+    status = {  # what each controller reports while the pods run
+        "Job": {"active": nodes},
+        "PyTorchJob": {"replicaStatuses": {"Master": {"active": 1}} | ({"Worker": {"active": nodes - 1}}
+                                                                       if nodes > 1 else {})},
+        "TrainJob": {"jobsStatus": [{"name": "node", "active": nodes, "ready": nodes, "succeeded": 0, "failed": 0,
+                                     "suspended": 0}]},
+    }[kind]
+    top = fake.put(workload(kind, name, namespace, labels=labels, conditions=conditions, status=status))
     pods = []
     if kind == "PyTorchJob":
         for rank in range(nodes):
