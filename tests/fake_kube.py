@@ -497,6 +497,8 @@ def put_training_run(fake: FakeKube, kind: str, *, release: str = "ddpm", namesp
                                                                        if nodes > 1 else {})},
         "TrainJob": {"jobsStatus": [{"name": "node", "active": nodes, "ready": nodes, "succeeded": 0, "failed": 0,
                                      "suspended": 0}]},
+        "JobSet": {"replicatedJobsStatus": [{"name": "node", "active": 1, "ready": 1, "succeeded": 0, "failed": 0,
+                                             "suspended": 0}]},
     }[kind]
     top = fake.put(workload(kind, name, namespace, labels=labels, conditions=conditions, status=status))
     pods = []
@@ -511,12 +513,12 @@ def put_training_run(fake: FakeKube, kind: str, *, release: str = "ddpm", namesp
                                      node=f"node-{rank}", container="pytorch")))
         return TrainingRun(top, pods)
     job = top
-    if kind == "TrainJob":
-        jobset = fake.put(workload("JobSet", name, namespace, owned_by=top))
+    if kind in ("TrainJob", "JobSet"):  # TrainJob -> JobSet (same name) -> Job <jobset>-<replicatedJob>-<index>
+        jobset = top if kind == "JobSet" else fake.put(workload("JobSet", name, namespace, owned_by=top))
         job = fake.put(workload("Job", f"{name}-node-0", namespace, owned_by=jobset, status={"active": nodes}))
     for rank in range(nodes):
         pod_labels = labels | {"batch.kubernetes.io/job-name": job["metadata"]["name"], INDEX_LABEL: str(rank)}
-        if kind == "TrainJob":
+        if kind in ("TrainJob", "JobSet"):
             pod_labels |= {"jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": "node"}
         pods.append(fake.put(pod(f"{job['metadata']['name']}-{rank}-{uuid.uuid4().hex[:5]}", namespace,
                                  labels=pod_labels, owned_by=job, restarts=restarts.get(rank, 0),

@@ -9,6 +9,7 @@ import json
 import logging
 import time
 
+import kubernetes_validate
 import pytest
 
 from fake_kube import TOKEN, FakeKube, closed_port, kube_server, pod_env, put_training_run  # noqa: F401 (fixture)
@@ -95,6 +96,25 @@ def test_short_run_posts_each_milestone_on_the_pod_and_the_job_in_order(kube_ser
         "swd_mean": 512.25, "color_w1": 7.5}
     assert on_job["Completed"]["metadata"]["annotations"] == {A + "step": "6", A + "output-dir": "/data/runs/ddpm"}
     assert TOKEN not in json.dumps(held)
+
+
+@pytest.mark.parametrize("version", ["1.31.0", "1.37.0"])  # the chart's oldest Kubernetes, and the newest schema
+def test_posted_events_and_patches_are_valid_core_v1_events(kube_server, tmp_path, version):
+    run = put_training_run(kube_server, "Job", nodes=1)
+    clock = Clock()
+    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run), clock=clock)
+    short_run(events, clock)
+    events.preempted(6, CKPT.format(6))
+    events.failed("x" * 5000)
+    assert events.close(timeout_s=10)
+    writes = [r for r in kube_server.requests if r.resource == "events"]
+    assert {r.content_type for r in writes if r.verb == "patch"} == {"application/strategic-merge-patch+json"}
+    for request in writes:
+        if request.verb == "create":
+            kubernetes_validate.validate(request.body, version, strict=True)
+            assert len(request.body["message"]) <= ev.MAX_MESSAGE
+    for event in kube_server.events():  # what the patches made of them
+        kubernetes_validate.validate(event, version, strict=True)
 
 
 def test_rate_limit_posts_the_newest_checkpoint_after_the_interval(kube_server, tmp_path):

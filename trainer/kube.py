@@ -313,6 +313,8 @@ def _call(cluster: Cluster, fn, *args, **kwargs) -> dict:
 
 
 def _api_error(e) -> KubeError:
+    if not e.status:  # the client turns urllib3's SSLError into ApiException(status=0, reason="SSLError\n...")
+        return Unreachable(" ".join(str(e.reason or "no answer").split()))
     message = e.reason or ""
     try:
         message = json.loads(e.body).get("message") or message
