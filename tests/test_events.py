@@ -271,3 +271,16 @@ def test_a_hanging_api_server_never_blocks_the_caller(tmp_path, caplog):
     events._thread.join(timeout=10)  # the stopped server closed the hung connection: the thread gives up
     assert not events._thread.is_alive()
     assert len(warnings_from(caplog)) == 1
+
+
+def test_numpy_scores_and_tensor_losses_become_plain_numbers(kube_server, tmp_path):
+    import numpy as np
+    import torch
+
+    run = put_training_run(kube_server, "Job", nodes=1)
+    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run))
+    events.evaluated(4, {"swd_mean": np.float32(512.25)})
+    events.checkpoint(4, 6, CKPT.format(4), loss=torch.tensor(0.5))
+    assert events.close(timeout_s=10)
+    notes = [e["metadata"]["annotations"] for e in kube_server.events() if e["involvedObject"]["kind"] == "Pod"]
+    assert notes[0][A + "scores"] == '{"swd_mean": 512.25}' and notes[1][A + "loss"] == "0.5"

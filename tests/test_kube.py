@@ -23,7 +23,8 @@ def test_pod_identity_from_the_downward_api_and_the_charts_workload():
            "TRAINING_WORKLOAD": "PyTorchJob/ddpm-train"}
     assert kube.PodIdentity.from_env(env) == kube.PodIdentity(
         "ddpm-train-0-abcde", "ml", "u-1", kube.WorkloadRef("PyTorchJob", "ddpm-train"))
-    assert kube.PodIdentity.from_env({"POD_NAME": "p", "POD_NAMESPACE": "ml"}) == kube.PodIdentity("p", "ml", None, None)
+    bare = kube.PodIdentity.from_env({"POD_NAME": "p", "POD_NAMESPACE": "ml"})
+    assert bare == kube.PodIdentity("p", "ml", None, None)
     assert kube.PodIdentity.from_env({"POD_NAME": "p"}) is None
     assert kube.PodIdentity.from_env({}) is None
     with pytest.raises(ValueError, match="not <Kind>/<name>"):

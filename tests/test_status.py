@@ -78,7 +78,8 @@ def test_a_failed_run_exits_2_with_the_reason_and_the_trainers_error(kube_server
     assert f"  0     {run.pods[0]['metadata']['name']}  Failed  0         node-0" in lines
     assert "progress    step 0/6 (0%)" in lines[5]  # the last step an event gave: the start
     assert "error       Diverged: 5 consecutive non-finite losses" in lines
-    assert "  kubectl -n default port-forward svc/exp1-ddpm-tensorboard 6006:6006   # then http://localhost:6006" in lines
+    assert "  kubectl -n default port-forward svc/exp1-ddpm-tensorboard 6006:6006   # then http://localhost:6006" \
+        in lines
 
 
 def test_a_completed_pytorchjob_ranks_master_then_workers(kube_server, tmp_path):
@@ -96,8 +97,9 @@ def test_a_completed_pytorchjob_ranks_master_then_workers(kube_server, tmp_path)
     assert "  kubectl -n default logs -f --tail=-1 ddpm-train-master-0 -c pytorch" in lines
 
 
-def test_a_trainjob_is_found_when_the_pytorchjob_crd_is_missing(kube_server, tmp_path):
+def test_a_trainjob_is_found_when_the_pytorchjob_crd_is_missing_and_jobs_may_not_be_listed(kube_server, tmp_path):
     kube_server.uninstalled.add(("kubeflow.org", "pytorchjobs"))
+    kube_server.deny(("batch", "jobs", "list"))
     run = put_training_run(kube_server, "TrainJob")
     code, lines = ddpm_status(kube_server, tmp_path)
     assert code == STATUS_OK

@@ -80,14 +80,13 @@ def test_failed_workload_exits_2_at_once_with_its_reason(kube_server, tmp_path):
 
 def test_failure_while_watching_exits_2(kube_server, tmp_path):
     run = put_training_run(kube_server, "PyTorchJob", conditions=[condition("Running")])
-    finisher = complete_after_watch_starts(kube_server, run, [
-        condition("Running", status="False"), condition("Failed", "PyTorchJobFailed", "PyTorchJob ddpm-train is failed "
-                                                                                       "because 1 Master replica(s) failed.")])
+    message = "PyTorchJob ddpm-train is failed because 1 Master replica(s) failed."
+    finisher = complete_after_watch_starts(kube_server, run, [condition("Running", status="False"),
+                                                              condition("Failed", "PyTorchJobFailed", message)])
     lines = []
     assert wait(in_cluster(kube_server, tmp_path), run.ref, Marker(), lines) == WAIT_FAILED
     finisher.join()
-    assert lines[-1] == ("PyTorchJob/ddpm-train failed: PyTorchJobFailed: PyTorchJob ddpm-train is failed because "
-                         "1 Master replica(s) failed.")
+    assert lines[-1] == f"PyTorchJob/ddpm-train failed: PyTorchJobFailed: {message}"
 
 
 def test_suspended_then_deadline_exits_1(kube_server, tmp_path):
@@ -95,8 +94,7 @@ def test_suspended_then_deadline_exits_1(kube_server, tmp_path):
     lines = []
     assert wait(in_cluster(kube_server, tmp_path), run.ref, Marker(), lines, timeout_seconds=0.5) == WAIT_TIMEOUT
     assert lines == ["Job/ddpm-train is suspended (JobSuspended: Job suspended); waiting",
-                     "timed out after 0.5s waiting for Job/ddpm-train: Job/ddpm-train is suspended (JobSuspended: "
-                     "Job suspended); waiting"]
+                     "timed out after 0.5s waiting for Job/ddpm-train: it is suspended (JobSuspended: Job suspended)"]
 
 
 def test_succeeded_but_marker_behind_polls_the_marker(kube_server, tmp_path):

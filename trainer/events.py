@@ -147,6 +147,7 @@ class RunEvents:
                    eta_seconds: float | None = None) -> None:
         """Rate-limited: within `checkpoint_interval_s` of the last one posted, only the newest is kept, and posted
         with the next one after the interval or before any final milestone or close()."""
+        loss = None if loss is None else float(loss)
         loss_text = f", loss {loss:.4g}" if loss is not None else ""
         milestone = Milestone(CHECKPOINT_SAVED, "Normal",
                               f"checkpoint saved at step {step}/{total_steps}: {path}{loss_text}{_eta(eta_seconds)}",
@@ -162,9 +163,10 @@ class RunEvents:
         self._post(milestone)
 
     def evaluated(self, step: int, scores: Mapping[str, float]) -> None:
+        scores = {k: float(v) for k, v in scores.items()}  # numpy/torch scalars are not JSON
         shown = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
         self._post(Milestone(EVALUATION_DONE, "Normal", f"evaluation at step {step}: {shown}",
-                             _annotations(step=step, scores=json.dumps(dict(scores), sort_keys=True)), repeats=True))
+                             _annotations(step=step, scores=json.dumps(scores, sort_keys=True)), repeats=True))
 
     def preempted(self, step: int, checkpoint: str) -> None:
         self._final(Milestone(PREEMPTED, "Warning",

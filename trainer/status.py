@@ -88,7 +88,8 @@ def _report(cluster: kube.Cluster, release: str, namespace: str, say) -> int:
     kind, obj = found
     state = kube.workload_status(kind.kind, obj)
     name = obj["metadata"]["name"]
-    pods = pod_rows(kind.kind, kube.list_objects(cluster, kube.POD, namespace, label_selector=release_selector(release)))
+    selector = release_selector(release)
+    pods = pod_rows(kind.kind, kube.list_objects(cluster, kube.POD, namespace, label_selector=selector))
     progress = read_progress(kube.list_objects(cluster, kube.EVENT, namespace,
                                                field_selector=f"involvedObject.uid={obj['metadata']['uid']}"))
     for line in render(release, namespace, kind, name, state, pods, progress):
@@ -97,14 +98,20 @@ def _report(cluster: kube.Cluster, release: str, namespace: str, say) -> int:
 
 
 def find_workload(cluster: kube.Cluster, release: str, namespace: str) -> tuple[kube.Kind, dict] | None:
-    """The newest workload labelled as the release's training run, among the kinds the chart creates."""
-    found = []
+    """The newest workload labelled as the release's training run, among the kinds the chart creates. A kind the
+    user may not list is skipped unless nothing is found (then that refusal is the answer)."""
+    found, refused = [], None
     for kind in kube.CHART_WORKLOAD_KINDS:
         try:
             items = kube.list_objects(cluster, kind, namespace, label_selector=release_selector(release))
         except kube.NotFound:  # that operator's CRD is not installed
             continue
+        except kube.Refused as e:
+            refused = refused or e
+            continue
         found += [(kind, item) for item in items]
+    if not found and refused:
+        raise refused
     return max(found, key=lambda f: f[1]["metadata"].get("creationTimestamp") or "", default=None)
 
 
@@ -125,10 +132,11 @@ def pod_rows(kind: str, pods: list[dict]) -> list[PodRow]:
         waiting = [s["state"]["waiting"].get("reason") for s in statuses
                    if (s.get("state") or {}).get("waiting", {}).get("reason")]
         phase = "Terminating" if meta.get("deletionTimestamp") else st.get("phase") or "Unknown"
+        container = ((spec.get("containers") or [{}])[0]).get("name") or ""
         rows.append(PodRow(node_rank(kind, meta.get("labels") or {}), meta["name"],
                            f"{phase} ({waiting[0]})" if waiting else phase,
                            sum(s.get("restartCount") or 0 for s in statuses), spec.get("nodeName") or "-",
-                           ((spec.get("containers") or [{}])[0]).get("name") or "", meta.get("creationTimestamp") or ""))
+                           container, meta.get("creationTimestamp") or ""))
     return sorted(rows, key=lambda r: (int(r.rank) if r.rank.isdigit() else 1 << 30, r.created, r.name))
 
 
@@ -185,8 +193,8 @@ def render(release: str, namespace: str, kind: kube.Kind, name: str, state: kube
     rank0 = next((p for p in reversed(pods) if p.rank == "0"), None)  # the newest rank-0 pod
     logs = (f"kubectl -n {namespace} logs -f --tail=-1 {rank0.name} -c {rank0.container}" if rank0 else
             f"kubectl -n {namespace} logs -f --tail=-1 -l {release_selector(release)} --prefix")
-    lines += ["next", f"  {logs}",
-              f"  kubectl -n {namespace} port-forward svc/{fullname}-tensorboard 6006:6006   # then http://localhost:6006",
+    forward = f"kubectl -n {namespace} port-forward svc/{fullname}-tensorboard 6006:6006"
+    lines += ["next", f"  {logs}", f"  {forward}   # then http://localhost:6006",
               f"  kubectl -n {namespace} describe {kind.kind.lower()} {name}"]
     return lines
 

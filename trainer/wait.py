@@ -7,8 +7,8 @@ Without access (no service account token, 401/403, API unreachable) it says so i
 marker every `poll_seconds` until the deadline, as the chart's shell loop did.
 
 The workload's states come from trainer.kube.workload_status (its docstring cites the condition types). A watch is
-the API's way to wait without polling (https://kubernetes.io/docs/reference/using-api/api-concepts/#efficient-detection-of-changes):
-GET gives the object and its resourceVersion, a watch from there streams each change; a watch ends after its
+the API's way to wait without polling
+(https://kubernetes.io/docs/reference/using-api/api-concepts/#efficient-detection-of-changes): GET gives the object and its resourceVersion, a watch from there streams each change; a watch ends after its
 timeoutSeconds or with 410 Gone when that version is too old, and either way the object is read again.
 """
 
@@ -54,6 +54,7 @@ class _Waiter:
         self.marker_matches, self.poll_seconds, self.timeout_seconds = marker_matches, poll_seconds, timeout_seconds
         self.deadline, self.say = deadline, say
         self._last_said: str | None = None
+        self.last_seen = "not read yet"  # the workload's state, for the timeout message
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -89,7 +90,7 @@ class _Waiter:
             if (decided := self.decide(obj)) is not None:
                 return decided
             if self.remaining() <= 0:
-                return self.timed_out(self._last_said or "still running")
+                return self.timed_out(f"it is {self.last_seen}")
             if obj is None:  # not created yet: nothing to watch from
                 time.sleep(min(self.poll_seconds, self.remaining()))
                 continue
@@ -110,9 +111,11 @@ class _Waiter:
             if matches:  # finished and already cleaned up (ttlSecondsAfterFinished)
                 self.say(f"{self.ref} not found, but the completion marker matches: {why}")
                 return WAIT_OK
+            self.last_seen = "not found"
             self.tell(f"{self.ref} not found yet; waiting for it")
             return None
         status = kube.workload_status(self.ref.kind, obj)
+        self.last_seen = status.describe()
         if status.state == kube.FAILED:
             self.say(f"{self.ref} failed: {': '.join(p for p in (status.reason, status.message) if p) or 'no reason'}")
             return WAIT_FAILED
