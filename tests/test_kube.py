@@ -209,3 +209,11 @@ def test_the_role_for_each_backend():
     assert kube.role_calls("TrainJob") == {("", "events"): {"create", "patch"}, ("", "pods"): {"get"},
                                            ("batch", "jobs"): {"get"}, ("jobset.x-k8s.io", "jobsets"): {"get"},
                                            ("trainer.kubeflow.org", "trainjobs"): {"get", "watch"}}
+
+
+def test_role_rules_are_the_role_calls_as_rbac_rules():
+    assert kube.role_rules("Job") == [
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "watch"]},
+    ]

@@ -75,7 +75,7 @@ def _annotations(**values) -> dict[str, str]:
 def _eta(seconds: float | None) -> str:
     if seconds is None:
         return ""
-    minutes, secs = divmod(int(seconds), 60)
+    minutes, secs = divmod(max(0, int(seconds)), 60)
     return f", eta {minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 

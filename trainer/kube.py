@@ -120,6 +120,12 @@ def role_calls(workload_kind: str) -> Calls:
     return _merge(events, {(kind.group, kind.plural): frozenset({"get", "watch"})})
 
 
+def role_rules(workload_kind: str) -> list[dict]:
+    """role_calls() as the `rules` of an rbac.authorization.k8s.io/v1 Role: one rule per resource, sorted."""
+    return [{"apiGroups": [group], "resources": [resource], "verbs": sorted(verbs)}
+            for (group, resource), verbs in sorted(role_calls(workload_kind).items())]
+
+
 # `ddpm status` runs with the user's own kubeconfig rights: it lists the chart's workload kinds, pods and Events.
 STATUS_CALLS: Calls = _merge({(EVENT.group, EVENT.plural): frozenset({"list"}),
                               (POD.group, POD.plural): frozenset({"list"})},
