@@ -1,0 +1,286 @@
+"""trainer/events.py against the fake API server (tests/fake_kube.py), reached as a pod reaches the real one: the
+in-cluster variables and a service-account folder (token, ca.crt, namespace) at K8S_SERVICE_ACCOUNT_DIR.
+
+The RunEvents methods are called as the training loop calls them; what the server recorded is the assertion."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import kubernetes_validate
+import pytest
+
+from fake_kube import TOKEN, FakeKube, closed_port, kube_server, pod_env, put_training_run  # noqa: F401 (fixture)
+from trainer import events as ev
+from trainer.events import RunEvents
+
+A = ev.ANNOTATION_PREFIX
+CKPT = "/data/runs/ddpm/checkpoints/checkpoint-{}"
+
+
+class Clock:
+    """A monotonic clock the test moves, for the checkpoint rate limit."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def warnings_from(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "trainer.events" and r.levelno >= logging.WARNING]
+
+
+def posted(fake: FakeKube) -> list[tuple[str, str, str]]:
+    """(verb, involved kind, reason) of every Event write, in the order the server received them."""
+    out, by_name = [], {e["metadata"]["name"]: e for e in fake.events()}
+    for r in fake.requests:
+        if r.resource == "events" and r.verb in ("create", "patch"):
+            event = r.body if r.verb == "create" else by_name[r.name]
+            out.append((r.verb, event["involvedObject"]["kind"], event["reason"]))
+    return out
+
+
+def short_run(events: RunEvents, clock: Clock) -> None:
+    """What the loop does in a 6-step run with a checkpoint every 2 steps and an evaluation at step 4."""
+    events.started(global_batch=8, processes=2, step=0, total_steps=6, resumed_from=None)
+    events.checkpoint(2, 6, CKPT.format(2), loss=0.52, eta_seconds=40)  # posted
+    clock.now += 10
+    events.checkpoint(4, 6, CKPT.format(4), loss=0.41, eta_seconds=20)  # within 60 s: held back
+    events.evaluated(4, {"swd_mean": 512.25, "color_w1": 7.5})
+    clock.now += 5
+    events.checkpoint(6, 6, CKPT.format(6), loss=0.33, eta_seconds=0)  # replaces step 4, still held back
+    events.completed(6, "/data/runs/ddpm")  # posts the held-back checkpoint first
+
+
+def test_short_run_posts_each_milestone_on_the_pod_and_the_job_in_order(kube_server, tmp_path):
+    run = put_training_run(kube_server, "Job")
+    clock = Clock()
+    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run),
+                       checkpoint_interval_s=60, clock=clock)
+    short_run(events, clock)
+    assert events.close(timeout_s=10)
+
+    steps = [("create", "Pod", "RunStarted"), ("create", "Job", "RunStarted"),
+             ("create", "Pod", "CheckpointSaved"), ("create", "Job", "CheckpointSaved"),
+             ("create", "Pod", "EvaluationDone"), ("create", "Job", "EvaluationDone"),
+             ("patch", "Pod", "CheckpointSaved"), ("patch", "Job", "CheckpointSaved"),  # the same Event, count 2
+             ("create", "Pod", "Completed"), ("create", "Job", "Completed")]
+    assert posted(kube_server) == steps
+    assert kube_server.calls() == {("", "pods", "get"), ("", "events", "create"), ("", "events", "patch")}
+    assert all(r.token == TOKEN for r in kube_server.requests)  # the mounted token, over TLS with the mounted CA
+
+    pod_meta, job_meta = run.pods[0]["metadata"], run.workload["metadata"]
+    held = kube_server.events()
+    assert {e["involvedObject"]["uid"] for e in held} == {pod_meta["uid"], job_meta["uid"]}
+    for event in held:
+        assert event["metadata"]["namespace"] == "default" == event["involvedObject"]["namespace"]
+        assert event["source"] == {"component": "ddpm-trainer"} and event["reportingInstance"] == pod_meta["name"]
+    on_job = {e["reason"]: e for e in held if e["involvedObject"]["kind"] == "Job"}
+    assert on_job["RunStarted"]["involvedObject"] == {
+        "apiVersion": "batch/v1", "kind": "Job", "name": job_meta["name"], "namespace": "default",
+        "uid": job_meta["uid"]}
+    assert on_job["RunStarted"]["message"] == "training started at step 0/6: global batch 8 (2 processes)"
+    assert on_job["RunStarted"]["metadata"]["annotations"] == {
+        A + "step": "0", A + "total-steps": "6", A + "global-batch": "8", A + "processes": "2", A + "resumed-from": ""}
+    checkpoint = on_job["CheckpointSaved"]
+    assert checkpoint["count"] == 2 and checkpoint["type"] == "Normal"
+    assert checkpoint["metadata"]["annotations"] == {
+        A + "step": "6", A + "total-steps": "6", A + "checkpoint": CKPT.format(6), A + "loss": "0.33",
+        A + "eta-seconds": "0"}
+    assert checkpoint["message"] == f"checkpoint saved at step 6/6: {CKPT.format(6)}, loss 0.33, eta 0:00:00"
+    assert json.loads(on_job["EvaluationDone"]["metadata"]["annotations"][A + "scores"]) == {
+        "swd_mean": 512.25, "color_w1": 7.5}
+    assert on_job["Completed"]["metadata"]["annotations"] == {A + "step": "6", A + "output-dir": "/data/runs/ddpm"}
+    assert TOKEN not in json.dumps(held)
+
+
+@pytest.mark.parametrize("version", ["1.31.0", "1.37.0"])  # the chart's oldest Kubernetes, and the newest schema
+def test_posted_events_and_patches_are_valid_core_v1_events(kube_server, tmp_path, version):
+    run = put_training_run(kube_server, "Job", nodes=1)
+    clock = Clock()
+    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run), clock=clock)
+    short_run(events, clock)
+    events.preempted(6, CKPT.format(6))
+    events.failed("x" * 5000)
+    assert events.close(timeout_s=10)
+    writes = [r for r in kube_server.requests if r.resource == "events"]
+    assert {r.content_type for r in writes if r.verb == "patch"} == {"application/strategic-merge-patch+json"}
+    for request in writes:
+        if request.verb == "create":
+            kubernetes_validate.validate(request.body, version, strict=True)
+            assert len(request.body["message"]) <= ev.MAX_MESSAGE
+    for event in kube_server.events():  # what the patches made of them
+        kubernetes_validate.validate(event, version, strict=True)
+
+
+def test_rate_limit_posts_the_newest_checkpoint_after_the_interval(kube_server, tmp_path):
+    run = put_training_run(kube_server, "Job", nodes=1)
+    clock = Clock()
+    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run),
+                       checkpoint_interval_s=30, clock=clock)
+    for step in range(1, 11):  # a checkpoint every 5 s for 50 s
+        events.checkpoint(step, 10, CKPT.format(step))
+        clock.now += 5
+    assert events.close(timeout_s=10)
+    [on_pod] = [e for e in kube_server.events() if e["involvedObject"]["kind"] == "Pod"]
+    # posted at t=0 (step 1) and t=30 (step 7); step 10 held back, then posted by close()
+    assert on_pod["count"] == 3 and on_pod["metadata"]["annotations"][A + "step"] == "10"
+    assert [r.verb for r in kube_server.requests if r.resource == "events"] == ["create", "create"] + ["patch"] * 4
+
+
+def test_resumed_preempted_diverged_and_failed_are_warnings_with_their_details(kube_server, tmp_path):
+    run = put_training_run(kube_server, "Job", nodes=1)
+    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run))
+    events.started(global_batch=16, processes=1, step=4, total_steps=6, resumed_from=CKPT.format(4))
+    events.preempted(5, CKPT.format(5))
+    events.diverged(6, "5 consecutive non-finite losses\nTraceback ...")
+    events.failed("RuntimeError: CUDA out of memory\n  at line 3")
+    assert events.close(timeout_s=10)
+    on_pod = {e["reason"]: e for e in kube_server.events() if e["involvedObject"]["kind"] == "Pod"}
+    assert on_pod["RunStarted"]["message"] == (
+        f"training resumed from {CKPT.format(4)} at step 4/6: global batch 16 (1 process)")
+    assert on_pod["RunStarted"]["metadata"]["annotations"][A + "resumed-from"] == CKPT.format(4)
+    assert {r: e["type"] for r, e in on_pod.items()} == {
+        "RunStarted": "Normal", "Preempted": "Warning", "Diverged": "Warning", "Failed": "Warning"}
+    assert on_pod["Preempted"]["metadata"]["annotations"] == {A + "step": "5", A + "checkpoint": CKPT.format(5)}
+    assert on_pod["Diverged"]["message"] == "training diverged at step 6: 5 consecutive non-finite losses"
+    assert on_pod["Failed"]["message"] == "training failed: RuntimeError: CUDA out of memory"
+    assert on_pod["Failed"]["metadata"]["annotations"] == {A + "error": "RuntimeError: CUDA out of memory"}
+
+
+@pytest.mark.parametrize("kind, workload_env", [("TrainJob", True), ("TrainJob", False), ("PyTorchJob", True)])
+def test_events_go_to_the_owning_workload_through_the_owner_chain(kube_server, tmp_path, kind, workload_env):
+    run = put_training_run(kube_server, kind)
+    env = pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run, workload_env=workload_env)
+    events = RunEvents(env)
+    events.started(global_batch=8, processes=2, step=0, total_steps=6, resumed_from=None)
+    assert events.close(timeout_s=10)
+    involved = [e["involvedObject"] for e in kube_server.events()]
+    top = run.workload["metadata"]
+    assert [(o["kind"], o["uid"]) for o in involved] == [("Pod", run.pods[0]["metadata"]["uid"]), (kind, top["uid"])]
+    assert involved[1]["apiVersion"] == run.workload["apiVersion"]
+    reads = [(r.resource, r.name) for r in kube_server.requests if r.verb == "get"]
+    if kind == "TrainJob":  # pod -> Job -> JobSet -> TrainJob: the two in between are read, the TrainJob is not
+        assert reads == [("pods", run.pods[0]["metadata"]["name"]), ("jobs", f"{top['name']}-node-0"),
+                         ("jobsets", top["name"])]
+    else:  # the PyTorchJob's operator owns the pod directly
+        assert reads == [("pods", run.pods[0]["metadata"]["name"])]
+
+
+def test_a_wrong_training_workload_still_posts_on_the_pod(kube_server, tmp_path, caplog):
+    run = put_training_run(kube_server, "Job", nodes=1)
+    env = pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run) | {
+        "TRAINING_WORKLOAD": "PyTorchJob/someone-else"}
+    events = RunEvents(env)
+    events.completed(6, "/data/runs/ddpm")
+    assert events.close(timeout_s=10)
+    assert [e["involvedObject"]["kind"] for e in kube_server.events()] == ["Pod"]
+    assert warnings_from(caplog) == [
+        "Kubernetes events on the pod only: TRAINING_WORKLOAD=PyTorchJob/someone-else does not own pod "
+        f"{run.pods[0]['metadata']['name']} (its owners: Job/ddpm-train)"]
+
+
+def test_outside_a_pod_nothing_is_posted_and_one_info_line_says_so(kube_server, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="trainer.events")
+    env = kube_server.in_cluster_env(kube_server.write_service_account(tmp_path / "sa"))  # no POD_NAME: not a pod
+    events = RunEvents(env)
+    short_run(events, Clock())
+    assert events.close(timeout_s=1) and not events.active
+    assert kube_server.requests == []
+    assert [r.getMessage() for r in caplog.records if r.name == "trainer.events"] == [
+        "Kubernetes events: not in a pod (POD_NAME/POD_NAMESPACE unset), none posted"]
+    silent = RunEvents.off()  # other ranks
+    silent.started(global_batch=8, processes=2, step=0, total_steps=6, resumed_from=None)
+    assert silent.close() and len(caplog.records) == 1
+
+
+@pytest.mark.parametrize("deny, expected_requests", [
+    ("all", [("", "pods", "get")]),  # the Role is missing altogether
+    ("events", [("", "pods", "get"), ("", "events", "create")]),  # pods readable, events not
+])
+def test_refused_turns_events_off_with_one_warning_and_no_further_requests(kube_server, tmp_path, caplog, deny,
+                                                                            expected_requests):
+    run = put_training_run(kube_server, "Job", nodes=1)
+    if deny == "all":
+        kube_server.deny_all = True
+    else:
+        kube_server.deny(("", "events", "create"))
+    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run))
+    short_run(events, Clock())
+    assert events.close(timeout_s=10)
+    assert [r.call for r in kube_server.requests] == expected_requests
+    [warning] = warnings_from(caplog)
+    assert warning.startswith("Kubernetes events off: 403 ") and "forbidden" in warning
+    assert not events.active and kube_server.events() == []
+
+
+def test_no_service_account_token_turns_events_off_with_one_warning(kube_server, tmp_path, caplog):
+    run = put_training_run(kube_server, "Job", nodes=1)
+    sa = kube_server.write_service_account(tmp_path / "sa")
+    (sa / "token").unlink()  # automountServiceAccountToken: false
+    events = RunEvents(pod_env(kube_server, sa, run))
+    short_run(events, Clock())
+    assert events.close(timeout_s=10)
+    assert kube_server.requests == []
+    [warning] = warnings_from(caplog)
+    assert warning.startswith("Kubernetes events off: in-cluster config from ") and "token" in warning
+
+
+def test_absent_api_server_turns_events_off_with_one_warning(kube_server, tmp_path, caplog):
+    run = put_training_run(kube_server, "Job", nodes=1)
+    env = pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run)
+    env["KUBERNETES_SERVICE_PORT"] = str(closed_port())
+    events = RunEvents(env)
+    short_run(events, Clock())
+    assert events.close(timeout_s=10)
+    [warning] = warnings_from(caplog)
+    assert warning.startswith("Kubernetes events off: ") and "refused" in warning.lower()
+
+
+def test_a_timed_out_call_turns_events_off_with_one_warning(tmp_path, caplog):
+    with FakeKube(hang=True) as fake:
+        run = put_training_run(fake, "Job", nodes=1)
+        events = RunEvents(pod_env(fake, fake.write_service_account(tmp_path / "sa"), run),
+                           request_timeout=(1.0, 0.2))
+        short_run(events, Clock())
+        assert events.close(timeout_s=10)  # the read timeout (0.2 s) ends the only call; the rest is drained
+        assert len(fake.requests) == 1
+    [warning] = warnings_from(caplog)
+    assert warning.startswith("Kubernetes events off: ") and "timed out" in warning
+
+
+def test_a_hanging_api_server_never_blocks_the_caller(tmp_path, caplog):
+    with FakeKube(hang=True) as fake:
+        run = put_training_run(fake, "Job", nodes=1)
+        # the default timeouts: the events thread stays stuck in its first call for the whole test
+        events = RunEvents(pod_env(fake, fake.write_service_account(tmp_path / "sa"), run), queue_size=64)
+        start = time.monotonic()
+        for step in range(1000):
+            events.evaluated(step, {"swd_mean": 1.0})
+        posting = time.monotonic() - start
+        start = time.monotonic()
+        flushed = events.close(timeout_s=0.5)
+        closing = time.monotonic() - start
+        assert posting < 0.5, f"1,000 posts took {posting:.3f}s"
+        assert not flushed and 0.4 < closing < 1.0, f"close(0.5) took {closing:.3f}s"
+        assert events.dropped == 1000 - 64
+    events._thread.join(timeout=10)  # the stopped server closed the hung connection: the thread gives up
+    assert not events._thread.is_alive()
+    assert len(warnings_from(caplog)) == 1
+
+
+def test_numpy_scores_and_tensor_losses_become_plain_numbers(kube_server, tmp_path):
+    import numpy as np
+    import torch
+
+    run = put_training_run(kube_server, "Job", nodes=1)
+    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run))
+    events.evaluated(4, {"swd_mean": np.float32(512.25)})
+    events.checkpoint(4, 6, CKPT.format(4), loss=torch.tensor(0.5))
+    assert events.close(timeout_s=10)
+    notes = [e["metadata"]["annotations"] for e in kube_server.events() if e["involvedObject"]["kind"] == "Pod"]
+    assert notes[0][A + "scores"] == '{"swd_mean": 512.25}' and notes[1][A + "loss"] == "0.5"
