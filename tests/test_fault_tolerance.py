@@ -55,7 +55,7 @@ def test_checkpoint_contents_and_rotation(straight_run, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
 
 
-def test_sigterm_saves_exits_75_and_resumes(tmp_path):
+def test_sigterm_saves_exits_143_and_resumes(tmp_path):
     out = tmp_path / "out"
     args = [*TINY, "--max_train_steps", "400", "--logging_steps", "1", "--checkpointing_steps", "1000",
             "--output_dir", out, "--save_image_epochs", "1000"]
@@ -63,7 +63,7 @@ def test_sigterm_saves_exits_75_and_resumes(tmp_path):
     assert code == EXIT_PREEMPTED, log
     [ckpt] = checkpoint.complete_checkpoints(out)
     step = int(ckpt.name.split("-")[1])
-    assert 3 <= step < 400 and f"SIGTERM received: checkpoint saved at step {step}; exiting with 75" in log
+    assert 3 <= step < 400 and f"SIGTERM received: checkpoint saved at step {step}; exiting with 143" in log
     assert max(scalar_series(out / "logs", "loss")) == step  # TensorBoard was flushed up to the last step
 
     resumed = run_train(1, [*args[:-6], "--max_train_steps", str(step + 2), *args[-4:]])

@@ -92,7 +92,7 @@ def ddpm_launch(*args, **env):
 
 @pytest.mark.slow
 def test_worker_exit_codes_come_through_torchrun(tmp_path):
-    """2 (a data error inside the worker, with restarts allowed: they are not used), 3 (divergence) and 75
+    """2 (a data error inside the worker, with restarts allowed: they are not used), 3 (divergence) and 143
     (SIGTERM to the launcher, as the kubelet sends it) reach the pod's exit code."""
     config_error = ddpm_launch(*TINY, "--output_dir", tmp_path / "a", "--dataset_name", "imagefolder",
                                "--train_data_dir", tmp_path / "missing", PET_MAX_RESTARTS="2")
@@ -115,3 +115,51 @@ def test_worker_exit_codes_come_through_torchrun(tmp_path):
     rest, _ = preempted.communicate(timeout=300)
     assert preempted.returncode == EXIT_PREEMPTED, rest
     assert "checkpoint saved at step" in rest
+
+
+@pytest.mark.slow
+def test_two_nodes_survive_losing_node_0_and_resume_from_the_newest_checkpoint(tmp_path):
+    """The chart's `job` backend on one machine: two `ddpm launch` pods meet through a c10d rendezvous hosted by
+    node 0. Node 0 dies (SIGKILL of its whole tree, as when its node is lost): node 1's workers fail, torchrun
+    restarts them, the rendezvous host is gone, and node 1 exits 143 (retryable, not counted). The replacement pods
+    rejoin and every rank resumes from the newest checkpoint."""
+    from helpers import kill_tree
+
+    out = tmp_path / "out"
+    port = free_port()
+    args = [*TINY, "--output_dir", out, "--max_train_steps", 10, "--checkpointing_steps", 2, "--logging_steps", 1,
+            "--save_image_epochs", 100, "--eval_quality_images", 0]
+
+    def pod(index):
+        env = {"PET_NNODES": "2", "PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": f"127.0.0.1:{port}",
+               "PET_RDZV_ID": "test", "PET_MAX_RESTARTS": "1", "PET_RDZV_CONF": "join_timeout=120",
+               "JOB_COMPLETION_INDEX": str(index)}
+        log = tmp_path / f"pod{index}-{len(list(tmp_path.glob(f'pod{index}-*')))}.log"
+        with open(log, "w") as sink:
+            return subprocess.Popen([sys.executable, "-m", "trainer", "launch", *map(str, args)], cwd=REPO,
+                                    env=clean_env(**ENV, **env), stdout=sink, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    node0, node1 = pod(0), pod(1)
+    checkpoint = out / "checkpoints" / "checkpoint-4"  # renamed into place only once complete
+    while not checkpoint.exists():
+        assert node0.poll() is None and node1.poll() is None, (tmp_path / "pod0-0.log").read_text()
+        _pause(node1)
+    kill_tree(node0.pid)
+    node0.wait()
+    assert node1.wait(timeout=180) == EXIT_PREEMPTED, (tmp_path / "pod1-0.log").read_text()
+    assert "lost the rendezvous after training started" in (tmp_path / "pod1-0.log").read_text()
+
+    node0, node1 = pod(0), pod(1)  # the Job controller's replacement pods
+    assert node0.wait(timeout=300) == 0 and node1.wait(timeout=300) == 0
+    logs = (tmp_path / "pod0-1.log").read_text() + (tmp_path / "pod1-1.log").read_text()
+    assert "resumed from" in logs and "global batch 8 = 4 per process x 1 accumulation x 2 processes" in logs
+    assert (out / "training_complete.json").is_file()
+
+
+def _pause(proc):
+    """Wait a little for `proc` (it must keep running): the poll interval of the loop above."""
+    try:
+        proc.wait(timeout=0.2)
+    except subprocess.TimeoutExpired:
+        pass

@@ -1,5 +1,5 @@
 """Signals at any moment (issue 9 section 7): SIGTERM during imports, the data scan, the cache build, the final
-save, or twice in a row exits 75 with nothing half-written; SIGINT checkpoints like SIGTERM and exits 130.
+save, or twice in a row exits 143 with nothing half-written; SIGINT checkpoints like SIGTERM and exits 130.
 
 tests/fault_driver.py makes the process signal itself at the exact point under test, so no timing is guessed."""
 
@@ -27,14 +27,14 @@ def files(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
 
 
-def test_sigterm_during_imports_exits_75_with_nothing_written(tmp_path):
+def test_sigterm_during_imports_exits_143_with_nothing_written(tmp_path):
     proc = drive("import", *TINY, "--output_dir", tmp_path / "out")
     assert proc.returncode == EXIT_PREEMPTED, proc.stderr
     assert "SIGTERM received: stopped before training started" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_sigterm_during_the_data_scan_exits_75_with_nothing_written(tmp_path):
+def test_sigterm_during_the_data_scan_exits_143_with_nothing_written(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     for i in range(4):
@@ -54,7 +54,7 @@ def test_sigterm_twice_during_the_cache_build_leaves_no_half_written_cache(tmp_p
     assert not out.exists(), files(out)  # not the cache's .tmp file, not the lock, not the folder
 
 
-def test_sigterm_during_the_final_save_exits_75_and_the_retry_completes(tmp_path):
+def test_sigterm_during_the_final_save_exits_143_and_the_retry_completes(tmp_path):
     out = tmp_path / "out"
     args = [*TINY, "--output_dir", out, "--max_train_steps", "3", "--save_image_epochs", "100",
             "--eval_quality_images", "0"]

@@ -18,7 +18,7 @@ from trainer.errors import EXIT_OK, ConfigError, DdpmError, Stopped
 
 EPILOG = """Config sources, lowest to highest: defaults < --config FILE (or $DDPM_CONFIG_FILE) < DDPM_<FIELD> env < --<field> VALUE.
 Exit codes: 0 done, 1 unexpected or network error (retry), 2 bad configuration/input, 3 diverged (non-finite
-losses), 75 preempted by SIGTERM (checkpoint saved; retry resumes), 130 interrupted by Ctrl-C (checkpoint saved)."""
+losses), 143 preempted by SIGTERM (checkpoint saved; retry resumes), 130 interrupted by Ctrl-C (checkpoint saved)."""
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -63,6 +63,29 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     evaluate.add_argument("--num-images", "--num_images", dest="num_images", type=int, default=64, metavar="N",
                           help="generated and real images compared (at least 2; default 64)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+
+    wait = commands.add_parser(
+        "wait-for-training", help="wait until the training workload finished and its completion marker matches",
+        description="The push Job's init container. With Kubernetes API access it watches the training workload: "
+                    "exit 0 when it succeeded and output_dir's completion marker is this config's run, 2 at once when "
+                    "it failed (with its reason). Without access it polls the marker. Exit 1 at the deadline.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli_sources["wait-for-training"] = build_cli_parser(wait)
+    wait.add_argument("--workload", metavar="KIND/NAME", help="the training workload, e.g. Job/ddpm-train "
+                      "(default: $TRAINING_WORKLOAD)")
+    wait.add_argument("--namespace", "-n", help="its namespace (default: the pod's)")
+    wait.add_argument("--poll-seconds", type=float, default=30.0, metavar="SECONDS", help="marker checks; default 30")
+    wait.add_argument("--timeout-seconds", type=float, default=7 * 24 * 3600.0, metavar="SECONDS",
+                      help="give up (exit 1) after this long; default 7 days")
+    wait.add_argument("--context", help="kubeconfig context (outside a cluster)")
+
+    status = commands.add_parser(
+        "status", help="a training release on the cluster: state, pods per rank, progress, preemptions",
+        description="Reads the release's training workload, its pods and its Events through your kubeconfig. "
+                    "Exit 0 running or done, 2 when the run failed, 1 when it cannot be found or read.")
+    status.add_argument("--release", default="ddpm", help="the Helm release name; default ddpm")
+    status.add_argument("--namespace", "-n", help="default: the kubeconfig context's namespace")
+    status.add_argument("--context", help="kubeconfig context")
 
     commands.add_parser(
         "launch", help="container entrypoint: torchrun from PET_*/JOB_COMPLETION_INDEX env, then `ddpm train`",
@@ -174,6 +197,33 @@ def cmd_eval(args, unknown, cli_source) -> int:
     return EXIT_OK
 
 
+def cmd_wait(config: TrainingConfig, args) -> int:
+    import os
+
+    from trainer.run_record import marker_matches
+    from trainer.wait import wait_for_training
+
+    workload = args.workload or os.environ.get("TRAINING_WORKLOAD", "")
+    problems = [] if "/" in workload else [f"--workload {workload!r} must be KIND/NAME, e.g. Job/ddpm-train (or set "
+                                           "$TRAINING_WORKLOAD)"]
+    problems += [f"--poll-seconds must be > 0, got {args.poll_seconds}"] if args.poll_seconds <= 0 else []
+    problems += [f"--timeout-seconds must be > 0, got {args.timeout_seconds}"] if args.timeout_seconds <= 0 else []
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return wait_for_training(workload, args.namespace, lambda: marker_matches(config, workload),
+                                 poll_seconds=args.poll_seconds, timeout_seconds=args.timeout_seconds,
+                                 say=lambda line: print(line, flush=True), context=args.context)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from e
+
+
+def cmd_status(args) -> int:
+    from trainer.status import status
+
+    return status(args.release, args.namespace, context=args.context)
+
+
 def run_command(argv: list[str]) -> int:
     if argv[:1] == ["launch"]:  # everything after `launch` belongs to `ddpm train`, verbatim
         rest = argv[1:]
@@ -186,12 +236,18 @@ def run_command(argv: list[str]) -> int:
         return cmd_sample(args)
     if args.command == "eval":
         return cmd_eval(args, unknown, cli_sources["eval"])
+    if args.command == "status":
+        if unknown:
+            raise ConfigError([f"unrecognized arguments: {' '.join(unknown)}"])
+        return cmd_status(args)
     config, sources = _load(args, unknown, cli_sources)
     if args.command == "config":
         sys.stdout.write(config_yaml(config, sources))
         return EXIT_OK
     if args.command == "push":
         return cmd_push(config, args)
+    if args.command == "wait-for-training":
+        return cmd_wait(config, args)
     return cmd_train(config, config_file_of(args))
 
 

@@ -11,7 +11,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # an unexpected or transient error (network): a retry may help
 EXIT_CONFIG = 2  # bad configuration or input: retrying cannot help
 EXIT_DIVERGED = 3  # too many consecutive non-finite losses: retrying cannot help
-EXIT_PREEMPTED = 75  # stopped on SIGTERM (checkpoint saved if training had started): retry to resume
+EXIT_PREEMPTED = 143  # stopped on SIGTERM (128 + 15; checkpoint saved if training had started): retry to resume
 EXIT_INTERRUPTED = 130  # stopped on SIGINT (Ctrl-C), checkpoint saved if training had started: 128 + SIGINT
 
 
@@ -77,7 +77,7 @@ class Diverged(DdpmError):
 
 
 class Stopped(BaseException):
-    """A signal stopped the run; a checkpoint was written if training had started. Exit 75 (SIGTERM) or 130.
+    """A signal stopped the run; a checkpoint was written if training had started. Exit 143 (SIGTERM) or 130.
 
     A BaseException, like KeyboardInterrupt: the signal handler may raise it anywhere, and a library's broad
     `except Exception` (an image decoder's, say) must not mistake it for a corrupt file and carry on."""

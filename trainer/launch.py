@@ -7,7 +7,7 @@ and a PyTorchJob's elasticPolicy), and on a plain Indexed Job the node rank JOB_
 validated first: a bad one is exit 2 naming the variable, never a traceback or a rendezvous that waits forever.
 
 What torchrun does not do, this adds:
-- The worker exit codes survive (2 config, 3 diverged, 75 preempted), so a Job's podFailurePolicy or an operator's
+- The worker exit codes survive (2 config, 3 diverged, 143 preempted), so a Job's podFailurePolicy or an operator's
   ExitCode policy can tell "retry" from "give up".
 - torchrun restarts a failed worker group up to --max-restarts times (with c10d every node restarts and all ranks
   resume from the newest checkpoint), but a worker that exited 2 or 3 would fail again the same way: those stop
@@ -31,6 +31,7 @@ from trainer.errors import (
     EXIT_OK,
     EXIT_PREEMPTED,
     LaunchError,
+    TransientError,
 )
 
 # Seconds torchrun waits, after forwarding SIGTERM, beyond the trainer's own grace before it SIGKILLs workers.
@@ -144,11 +145,18 @@ def exit_code_of(worker_codes: list[int]) -> int:
 
 def permanent_failure_agent():
     """torch's LocalElasticAgent, except that a worker exiting 2 or 3 uses up the restarts: restarting would only
-    fail again (torch/distributed/elastic/agent/server/api.py `_invoke_run` restarts on any failure)."""
+    fail again (torch/distributed/elastic/agent/server/api.py `_invoke_run` restarts on any failure). It also
+    records whether workers ever started, to tell a lost rendezvous from one never joined."""
     from torch.distributed.elastic.agent.server.api import WorkerState
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
     class PermanentFailureAgent(LocalElasticAgent):
+        workers_started = False
+
+        def _start_workers(self, worker_group):
+            PermanentFailureAgent.workers_started = True
+            return super()._start_workers(worker_group)
+
         def _monitor_workers(self, worker_group):
             result = super()._monitor_workers(worker_group)
             if result.state == WorkerState.FAILED and any(
@@ -161,7 +169,9 @@ def permanent_failure_agent():
 
 def launch(train_args: list[str], grace_seconds: float, environ: dict[str, str] | None = None) -> int:
     import torch.distributed.launcher.api as launcher_api
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -169,11 +179,21 @@ def launch(train_args: list[str], grace_seconds: float, environ: dict[str, str] 
     argv = torchrun_argv(environ, grace_seconds, train_args)
     print("ddpm launch: torchrun " + " ".join(argv), file=sys.stderr, flush=True)
     # launch_agent() builds the agent from this module attribute (torch/distributed/launcher/api.py).
-    launcher_api.LocalElasticAgent = permanent_failure_agent()
+    agent = launcher_api.LocalElasticAgent = permanent_failure_agent()
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as e:
         return exit_code_of([failure.exitcode for failure in e.failures.values()])
     except SignalException as e:  # the workers got the signal too, and up to the grace period to checkpoint
         return EXIT_INTERRUPTED if e.sigval == signal.SIGINT else EXIT_PREEMPTED
+    except (RendezvousError, DistError) as e:
+        if not agent.workers_started:
+            raise TransientError(f"the rendezvous was never completed ({type(e).__name__}: {e}); check "
+                                 "PET_RDZV_ENDPOINT / PET_MASTER_ADDR and that every node's pod is running") from e
+        # The gang lost its rendezvous host (node 0's pod was replaced, or its node preempted): not this pod's
+        # fault, and the retry resumes from the newest checkpoint, like a preemption (143 is retryable for the
+        # training operator's ExitCode policy; an exit 1 would fail a PyTorchJob for good).
+        print(f"ddpm launch: lost the rendezvous after training started ({type(e).__name__}: {e}); exiting "
+              f"{EXIT_PREEMPTED} to be retried", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     return EXIT_OK

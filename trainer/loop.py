@@ -2,7 +2,7 @@
 
 Every rank runs this same code. Signals are deferred while it runs: a SIGTERM/SIGINT is noticed at the next check
 (every step with one process, every `preemption_check_steps` and every log with several), one checkpoint is
-written, and `Stopped` ends the process with 75 (retry) or 130.
+written, and `Stopped` ends the process with 143 (retry) or 130.
 """
 
 from __future__ import annotations

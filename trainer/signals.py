@@ -1,7 +1,7 @@
 """SIGTERM (eviction, preemption, `kubectl delete`) and SIGINT (Ctrl-C), handled for the whole life of a process.
 
 Installed first thing, before the heavy imports (`trainer.main`), and never removed, so a signal at any moment ends
-the process with its documented code: 75 for SIGTERM (a retry resumes), 130 for SIGINT. Two modes:
+the process with its documented code: 143 for SIGTERM (a retry resumes), 130 for SIGINT. Two modes:
 
 - `raise` (the default: imports, config, data scan, cache build, model setup): the handler raises `Stopped`, so
   the code being interrupted unwinds through its own cleanup (a half-built cache file is deleted) and the CLI
