@@ -3,7 +3,7 @@ them, so no test has to guess timings:
 
     python tests/fault_driver.py [--nan SPEC] [--signal PHASE[:SIGNAL[:COUNT]]] ddpm-args...
 
---nan SPEC      the loss is NaN on the micro-steps in SPEC ("3,4", or "5-" for 5 onward)
+--nan SPEC      the loss is NaN in the optimizer updates (0-based) in SPEC ("3,4", or "5-" for 5 onward)
 --signal ...    the process sends itself SIGNAL (TERM or INT, default TERM), COUNT times (default 1), during PHASE:
                 import (while diffusers is being imported), scan (while the image folder is decoded), cache (half-way
                 through writing the data cache), final_save (while the final pipeline is written), step-N (just
@@ -31,14 +31,14 @@ def inject_nan(spec: str) -> None:
 
     real = loop.training_loss
 
-    def bad(micro_step: int) -> bool:
+    def bad(update: int) -> bool:
         if spec.endswith("-"):
-            return micro_step >= int(spec[:-1])
-        return micro_step in {int(s) for s in spec.split(",")}
+            return update >= int(spec[:-1])
+        return update in {int(s) for s in spec.split(",")}
 
-    def training_loss(*args, micro_step, **kwargs):
-        loss = real(*args, micro_step=micro_step, **kwargs)
-        return loss * float("nan") if bad(micro_step) else loss
+    def training_loss(*args, update, **kwargs):
+        loss = real(*args, update=update, **kwargs)
+        return loss * float("nan") if bad(update) else loss
 
     loop.training_loss = training_loss
 

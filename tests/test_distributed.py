@@ -1,4 +1,5 @@
-"""Two real ranks (torchrun, gloo on CPU) against one: sharding, batch-split invariance, rank-0-only outputs,
+"""Two real ranks (torchrun, gloo on CPU) against one: sharding, the same global batch split into processes or
+accumulation steps computes the same thing, resume on another number of processes (issue 11), rank-0-only outputs,
 the LR schedule under accumulation, sharded sample grids, exact resume (issue 3)."""
 
 import signal
@@ -25,9 +26,11 @@ COMMON = [*TINY, "--max_train_steps", str(STEPS), "--logging_steps", "1", "--lea
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     made = {}
-    for name, nproc, batch in (("one", 1, 8), ("two", 2, 4), ("control", 1, 4)):
+    # global batch 16 as 1 process x 4 accumulation and as 2 processes x 2; the control's is 8
+    for name, nproc, accumulation in (("one", 1, 4), ("two", 2, 2), ("control", 1, 2)):
         out = root / name
-        made[name] = (out, run_train(nproc, [*COMMON, "--train_batch_size", str(batch), "--output_dir", out]))
+        made[name] = (out, run_train(nproc, [*COMMON, "--train_batch_size", "4", "--gradient_accumulation_steps",
+                                             str(accumulation), "--output_dir", out]))
     return made
 
 
@@ -114,6 +117,35 @@ def test_exact_resume_with_two_ranks(runs, tmp_path):
     resumed = run_train(2, args)
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
     assert_same_run(runs["two"][0], out, 4, STEPS)
+
+
+def final_weights(out):
+    return weights(out / f"checkpoints/checkpoint-{STEPS}/model.safetensors")
+
+
+def max_difference(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("first,then,given", [(2, 1, []), (1, 2, ["--global_batch_size", "16"])])
+def test_resume_on_another_number_of_processes_continues_the_same_computation(runs, tmp_path, first, then, given):
+    """A checkpoint of N processes resumed on M: accumulation is re-derived from the run's global batch (kept by the
+    run when not given, 2 -> 1; given, 1 -> 2) and the final weights equal the uninterrupted run's to rounding,
+    while a different global batch differs far more. No rank's RNG state of the old world size is needed: noise,
+    timesteps, flips and data order come from (seed, update, position)."""
+    out = tmp_path / "out"
+    accumulation = str(4 // first)
+    args = [*COMMON, "--train_batch_size", "4", "--gradient_accumulation_steps", accumulation, *given,
+            "--output_dir", out]
+    code, log = run_until(first, args, "(step 3)", signal.SIGKILL)
+    assert code == -signal.SIGKILL, log
+    resumed = run_train(then, args)
+    assert f"global batch 16 = 4 per process x {4 // then} accumulation x {then} processes" in resumed.stdout
+    assert "at step 3" in resumed.stdout
+    assert f"gradient_accumulation_steps {accumulation} -> {4 // then}" in resumed.stdout
+    reference = final_weights(runs["two"][0])
+    same, other = max_difference(final_weights(out), reference), max_difference(final_weights(runs["control"][0]), reference)
+    assert same < 1e-5 and other > 100 * same, (same, other)
 
 
 def test_accelerate_launch_runs_the_same_training_as_torchrun(runs, tmp_path):

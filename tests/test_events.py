@@ -284,3 +284,53 @@ def test_numpy_scores_and_tensor_losses_become_plain_numbers(kube_server, tmp_pa
     assert events.close(timeout_s=10)
     notes = [e["metadata"]["annotations"] for e in kube_server.events() if e["involvedObject"]["kind"] == "Pod"]
     assert notes[0][A + "scores"] == '{"swd_mean": 512.25}' and notes[1][A + "loss"] == "0.5"
+
+
+# ---- a real `ddpm train` as a pod runs it ---------------------------------------------------------------------------
+
+def train_in_pod(tmp_path, env: dict, *extra) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    from conftest import REPO, TINY, clean_env
+
+    args = [*TINY, "--output_dir", tmp_path / "out", "--max_train_steps", "4", "--checkpointing_steps", "2",
+            "--save_image_epochs", "1", "--eval_quality_images", "4", "--logging_steps", "2",
+            "--builtin_num_images", "8", *extra]
+    return subprocess.run([sys.executable, "-m", "trainer", "train", *map(str, args)], cwd=REPO,
+                          env=clean_env(**env), capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_a_training_run_posts_its_milestones_and_is_unaffected_when_the_api_is_not(kube_server, tmp_path):
+    run = put_training_run(kube_server, "Job", nodes=1)
+    env = pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run)
+    proc = train_in_pod(tmp_path / "ok", env)
+    assert proc.returncode == 0, proc.stderr
+    reasons = [reason for verb, kind, reason in posted(kube_server) if kind == "Job" and verb == "create"]
+    assert reasons[0] == "RunStarted" and reasons[-1] == "Completed", reasons
+    assert {"CheckpointSaved", "EvaluationDone"} <= set(reasons)
+    assert [r for _, kind, r in posted(kube_server) if kind == "Pod" and r == "RunStarted"], "on the pod too"
+    started = next(e for e in kube_server.events() if e["reason"] == "RunStarted")
+    assert started["metadata"]["annotations"][A + "global-batch"] == "4"
+
+    # The same run against an API that refuses, then one that never answers: it trains the same, exits 0, warns once.
+    reference = step_line(proc.stdout)
+    kube_server.deny_all = True
+    refused = train_in_pod(tmp_path / "refused", env)
+    assert refused.returncode == 0 and refused.stderr.count("Kubernetes events off") == 1, refused.stderr
+    assert step_line(refused.stdout) == reference
+    with FakeKube(hang=True) as hanging:
+        run = put_training_run(hanging, "Job", nodes=1)
+        env = pod_env(hanging, hanging.write_service_account(tmp_path / "sa2"), run)
+        start = time.monotonic()
+        stuck = train_in_pod(tmp_path / "hang", env)
+        elapsed = time.monotonic() - start
+    assert stuck.returncode == 0 and stuck.stderr.count("Kubernetes events off") == 1, stuck.stderr
+    assert step_line(stuck.stdout) == reference
+    assert elapsed < 60, "a hanging API costs at most the events' own close timeout"
+
+
+def step_line(stdout: str) -> str:
+    """The last status line without its timing: loss and learning rate, which must not depend on the API."""
+    return [line for line in stdout.splitlines() if line.startswith("step 4/4")][0].split(" img/s")[0]

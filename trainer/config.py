@@ -62,7 +62,8 @@ class TrainingConfig(BaseSettings):
     train_batch_size: int = identity(16, "images per process per micro-batch", gt=0)
     eval_batch_size: int = setting(16, "images in each sample grid", gt=0)
     num_epochs: int = length(50, "passes over the dataset (ignored if max_train_steps is set)", gt=0)
-    gradient_accumulation_steps: int = identity(1, "micro-batches per optimizer update", gt=0)
+    gradient_accumulation_steps: int = setting(
+        1, "micro-batches per optimizer update; derived from global_batch_size once a run has one", gt=0)
     learning_rate: float = identity(1e-4, "peak learning rate after warmup", gt=0)
     lr_warmup_steps: int = identity(500, "warmup length in optimizer updates", ge=0)
     save_image_epochs: int = setting(10, "write a sample grid every N epochs (and at the end)", gt=0)
@@ -77,6 +78,11 @@ class TrainingConfig(BaseSettings):
         False, "allow starting a different run in output_dir: deletes the old run (only a ddpm-trainer run or an "
         "empty folder)")
     seed: int = identity(0, "seeds init, data order, noise and sample grids", ge=0, le=2**32 - 1)
+    global_batch_size: int | None = identity(
+        None, "images per optimizer update over all processes, the run's invariant: gradient_accumulation_steps is "
+        "derived from it at every start (global / (train_batch_size x processes)), so a run resumes on another "
+        "number of GPUs with the same math; default train_batch_size x gradient_accumulation_steps x processes at "
+        "the run's first start, kept by the run afterwards", gt=0)
 
     # --- data ------------------------------------------------------------------------------------
     dataset_name: str = identity(
@@ -183,9 +189,6 @@ class TrainingConfig(BaseSettings):
     @property
     def resolved_data_cache_dir(self) -> Path:
         return Path(self.data_cache_dir or Path(self.output_dir) / "data_cache")
-
-    def global_batch_size(self, world_size: int) -> int:
-        return self.train_batch_size * self.gradient_accumulation_steps * world_size
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, **_sources):
@@ -350,6 +353,9 @@ def cross_field_problems(config: TrainingConfig) -> list[str]:
         problems.append(f"train_data_dir is set but dataset_name is '{config.dataset_name}'; set dataset_name: imagefolder")
     if config.dataset_name.startswith("builtin:") and config.dataset_name != "builtin:butterflies":
         problems.append(f"unknown built-in dataset '{config.dataset_name}'; the built-in dataset is builtin:butterflies")
+    if config.global_batch_size is not None and config.global_batch_size % config.train_batch_size:
+        problems.append(f"global_batch_size {config.global_batch_size} must be a multiple of train_batch_size "
+                        f"{config.train_batch_size} (it is split into micro-batches of that size)")
     if config.eval_quality_images == 1:
         problems.append("eval_quality_images must be 0 (off) or at least 2 (a distance between sets of images)")
     if config.eval_scheduler == "ddpm" and config.num_inference_steps > config.ddpm_num_steps:

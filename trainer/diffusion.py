@@ -1,8 +1,10 @@
-"""The DDPM training objective as a pure function of (model, scheduler, clean images, seed, step).
+"""The DDPM training objective as a pure function of (model, scheduler, clean images, seed, where in the run).
 
-Noise, timesteps and flips are drawn for the whole global batch from a generator seeded by (seed, micro_step),
-then each rank takes its slice. So a run's randomness does not depend on the world size, on how the batch is
-split, or on where it was resumed; and no global RNG is touched.
+Noise, timesteps and flips for one micro-batch are drawn from a generator seeded by (seed, optimizer update,
+position of the micro-batch in that update's global batch). The position is accumulation index x processes + rank:
+the same images sit at the same position whether the global batch is 2 processes x 1 micro-batch or 1 process x 2
+micro-batches (trainer.setup.Run.batches). So a run's randomness does not depend on the number of processes, on how
+the global batch is split into accumulation steps, or on where it was resumed; and no global RNG is touched.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, step) over the 63-bit seed space
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, update, position) over the 63-bit seed space
 
 
-def step_generator(seed: int, micro_step: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed((seed * _MIX + micro_step) % (2**63 - 1))
+def step_generator(seed: int, update: int, position: int, device: torch.device) -> torch.Generator:
+    key = ((seed * _MIX + update) * _MIX + position) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(key)
 
 
 def training_loss(
@@ -24,19 +27,17 @@ def training_loss(
     clean: torch.Tensor,
     *,
     seed: int,
-    micro_step: int,
-    rank: int = 0,
-    world_size: int = 1,
+    update: int,
+    position: int = 0,
     random_flip: bool = True,
 ) -> torch.Tensor:
-    """MSE between the UNet's output and the target of scheduler.config.prediction_type (noise for epsilon)."""
+    """MSE between the UNet's output and the target of scheduler.config.prediction_type (noise for epsilon), for
+    the micro-batch at `position` of optimizer update `update`."""
     batch, device = clean.shape[0], clean.device
-    gen = step_generator(seed, micro_step, device)
-    shape = (batch * world_size, *clean.shape[1:])
-    mine = slice(rank * batch, (rank + 1) * batch)
-    flips = torch.rand(shape[0], generator=gen, device=device)[mine] < 0.5
-    noise = torch.randn(shape, generator=gen, device=device, dtype=clean.dtype)[mine]
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (shape[0],), generator=gen, device=device)[mine]
+    gen = step_generator(seed, update, position, device)
+    flips = torch.rand(batch, generator=gen, device=device) < 0.5
+    noise = torch.randn(clean.shape, generator=gen, device=device, dtype=clean.dtype)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen, device=device)
     if random_flip:
         clean = torch.where(flips[:, None, None, None], clean.flip(-1), clean)
 

@@ -7,6 +7,7 @@ written, and `Stopped` ends the process with 143 (retry) or 130.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -16,7 +17,8 @@ from trainer.checkpoint import TrainState
 from trainer.data import to_model_range
 from trainer.diffusion import training_loss
 from trainer.distributed import any_process
-from trainer.errors import Diverged
+from trainer.errors import Diverged, Stopped
+from trainer.events import RunEvents
 from trainer.model import ema_weights
 from trainer.sampling import sample_for_eval, shard, to_grid
 from trainer.setup import Run, setup
@@ -25,16 +27,32 @@ from trainer.tracking import StepStats
 
 
 def train(config, stream=None, config_file: Path | None = None) -> TrainState:
-    run = setup(config, stream, config_file)
+    # Rank 0 posts the run's milestones as Kubernetes Events (best effort, never blocking: trainer.events).
+    events = RunEvents() if int(os.environ.get("RANK", "0")) == 0 else RunEvents.off()
+    run = None
     try:
-        with SIGNALS.deferred():
-            fit(run)
-            finish(run)
+        run = setup(config, stream, config_file, events)
+        try:
+            with SIGNALS.deferred():
+                fit(run)
+                finish(run)
+        finally:
+            run.tracker.close()
+            if run.lock is not None:
+                run.lock.release()
+        return run.state
+    except Stopped:
+        step = run.state.global_step if run else 0
+        events.preempted(step, str(checkpoint.checkpoints_dir(config.output_dir) / f"checkpoint-{step}") if run else "")
+        raise
+    except Diverged as e:
+        events.diverged(run.state.global_step if run else 0, str(e))
+        raise
+    except BaseException as e:
+        events.failed(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        raise
     finally:
-        run.tracker.close()
-        if run.lock is not None:
-            run.lock.release()
-    return run.state
+        events.close(timeout_s=5.0)
 
 
 def fit(run: Run) -> None:
@@ -46,8 +64,8 @@ def fit(run: Run) -> None:
         if state.global_step >= run.total_steps:
             break
         state.epoch = epoch
-        for micro_step, images in run.batches(epoch):
-            if not train_step(run, stats, images, micro_step):
+        for update, position, images in run.batches(epoch):
+            if not train_step(run, stats, images, update, position):
                 continue  # gradients accumulate: no optimizer update yet
             state.global_step += 1
             run.tracker.step()
@@ -72,13 +90,13 @@ def fit(run: Run) -> None:
             save_model(run)
 
 
-def train_step(run: Run, stats: StepStats, images: torch.Tensor, micro_step: int) -> bool:
+def train_step(run: Run, stats: StepStats, images: torch.Tensor, update: int, position: int) -> bool:
     """One micro-batch, forward and backward; True when it completed an optimizer update. No host sync."""
     accelerator, config = run.accelerator, run.config
     clean = to_model_range(images).contiguous(memory_format=run.memory_format)
     with accelerator.accumulate(run.unet):
-        loss = training_loss(run.forward, run.noise_scheduler, clean, seed=config.seed, micro_step=micro_step,
-                             rank=run.rank, world_size=run.world, random_flip=config.random_flip)
+        loss = training_loss(run.forward, run.noise_scheduler, clean, seed=config.seed, update=update,
+                             position=position, random_flip=config.random_flip)
         accelerator.backward(loss)
         update = True
         if accelerator.sync_gradients:
@@ -157,6 +175,7 @@ def evaluate(run: Run, epoch: int) -> Path | None:
         scores = quality.swd(run.reference, images[:run.num_quality], seed=config.seed)
         accelerator.log({f"quality/{name}": value for name, value in scores.items()}, step=step)
         run.tracker.message(f"sample quality at step {step}: {quality.format_scores(scores)}")
+        run.events.evaluated(step, scores)
     grid = to_grid(images[: config.eval_batch_size])
     path = Path(config.output_dir) / "samples" / f"{epoch:04d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +200,8 @@ def save_checkpoint(run: Run) -> None:
                                       run.config.checkpoints_total_limit, run.checkpoint_bytes)
     run.last_checkpoint_step = run.state.global_step
     run.tracker.message(f"saved checkpoint {path} (step {run.state.global_step})")
+    run.events.checkpoint(run.state.global_step, run.total_steps, str(path), loss=run.tracker.last_loss,
+                          eta_seconds=run.tracker.last_eta_s)
 
 
 def finish(run: Run) -> None:
@@ -199,6 +220,7 @@ def finish(run: Run) -> None:
     if accelerator.is_main_process:
         outputs.write_model_card(config, run.last_grid, state.global_step)
         run_record.write_marker(config, run.record, state.global_step, state.epoch)
+        run.events.completed(state.global_step, str(config.output_dir))
         run.tracker.message(
             f"done: {state.global_step} steps (run {run.record.run_id}).\n"
             f"  samples:     {Path(config.output_dir) / 'samples'}\n"

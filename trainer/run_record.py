@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from trainer.config import RUN_IDENTITY_FIELDS, RUN_LENGTH_FIELDS, TrainingConfig
+from trainer.config import RESOLVED_CONFIG_NAME, RUN_IDENTITY_FIELDS, RUN_LENGTH_FIELDS, TrainingConfig
 from trainer.outputs import COMPLETE_MARKER, HISTORY_NAME, PIPELINE_ENTRIES, sha256_file, write_resolved_config
 
 KUBERNETES_ENV = {"namespace": "POD_NAMESPACE", "pod": "POD_NAME", "pod_uid": "POD_UID",
@@ -160,6 +160,14 @@ def marker_matches(config: TrainingConfig, workload: str | None = None) -> tuple
     marker = read_marker(out)
     if marker is None:
         return False, f"no completion marker in {out} yet"
+    if config.global_batch_size is None:  # as the trainer resolved it: the run's own (trainer.setup.with_global_batch)
+        import yaml
+
+        try:
+            saved = yaml.safe_load((out / RESOLVED_CONFIG_NAME).read_text()) or {}
+        except (OSError, ValueError):
+            saved = {}
+        config = config.model_copy(update={"global_batch_size": saved.get("global_batch_size")})
     if marker.get("run_digest") != run_digest(config):
         return False, (f"{out / COMPLETE_MARKER} is from another run or length (run {marker.get('run_id')}, step "
                        f"{marker.get('global_step')}); waiting for this config's run to finish")

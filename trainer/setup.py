@@ -24,11 +24,12 @@ from diffusers.optimization import get_scheduler
 
 from trainer import checkpoint, outputs, quality, run_record
 from trainer.checkpoint import Resume, TrainState
-from trainer.config import TrainingConfig, config_yaml
+from trainer.config import RUN_IDENTITY_FIELDS, TrainingConfig, config_yaml
 from trainer.data import build_dataloader
 from trainer.data_cache import training_dataset
 from trainer.distributed import decided_by_main, local_world_size
 from trainer.errors import ConfigError, OutputDirError
+from trainer.events import RunEvents
 from trainer.lock import RunLock, holder_info
 from trainer.model import build_ema, build_noise_scheduler, build_unet, model_identity
 from trainer.perf import peak_flops, training_flops_per_image
@@ -64,7 +65,7 @@ class Run:
     last_checkpoint_step: int = -1
     last_grid: Path | None = None
     checkpoint_bytes: int = 0
-    events: object | None = field(default=None)
+    events: RunEvents = field(default_factory=RunEvents.off)  # Kubernetes Events (rank 0; no-op elsewhere)
 
     @property
     def rank(self) -> int:
@@ -76,17 +77,21 @@ class Run:
 
     @property
     def global_batch(self) -> int:
-        return self.config.global_batch_size(self.world)
+        return self.config.global_batch_size
 
     def batches(self, epoch: int):
-        """(micro-step, batch) of `epoch`, continuing mid-epoch after a resume without replaying or skipping data."""
+        """(optimizer update, position in its global batch, micro-batch) for `epoch`'s whole global batches, continuing
+        mid-epoch after a resume without replaying or skipping data. Rank r's m-th micro-batch is the dataloader's
+        batch m x processes + r (Accelerate shards by batches), so position accumulation-index x processes + rank
+        holds the same images for any split of the global batch into processes and accumulation steps."""
+        accumulation = self.config.gradient_accumulation_steps
         self.dataloader.set_epoch(epoch)
-        first = 0
-        if epoch == self.state.global_step // self.steps_per_epoch:
-            first = (self.state.global_step % self.steps_per_epoch) * self.config.gradient_accumulation_steps
+        first = max(0, self.state.global_step - epoch * self.steps_per_epoch) * accumulation
         batches = self.accelerator.skip_first_batches(self.dataloader, first) if first else self.dataloader
         for i, images in enumerate(self.tracker.timed(batches), start=first):
-            yield epoch * len(self.dataloader) + i, images
+            if i >= self.steps_per_epoch * accumulation:
+                return  # the rest cannot fill a global batch: every epoch has the same whole updates
+            yield epoch * self.steps_per_epoch + i // accumulation, (i % accumulation) * self.world + self.rank, images
 
 
 def build_accelerator(config: TrainingConfig) -> Accelerator:
@@ -168,6 +173,36 @@ def check_before_writing(config: TrainingConfig, config_file: Path | None, write
     return Checked(plan, resume, resume_state)
 
 
+def with_global_batch(config: TrainingConfig, world: int) -> TrainingConfig:
+    """The config with the run's global batch fixed and gradient_accumulation_steps derived for `world` processes.
+    Without global_batch_size, the run in output_dir keeps the one it started with (when it is the same run), else
+    it is train_batch_size x gradient_accumulation_steps x processes."""
+    total = config.global_batch_size
+    if total is None:
+        saved = _saved_config(config)
+        mine = run_record.config_values(config)
+        same_run = saved and all(saved.get(k) == mine[k] for k in RUN_IDENTITY_FIELDS if k != "global_batch_size")
+        total = saved.get("global_batch_size") if same_run else None
+        total = total or config.train_batch_size * config.gradient_accumulation_steps * world
+    per_update = config.train_batch_size * world
+    if total % per_update:
+        micro = total // config.train_batch_size
+        valid = [n for n in range(1, micro + 1) if micro % n == 0]
+        raise ConfigError([f"the global batch of {total} images cannot be split into micro-batches of "
+                           f"train_batch_size {config.train_batch_size} over {world} processes; process counts that "
+                           f"keep it: {', '.join(map(str, valid))} (or start a new run with another global_batch_size)"])
+    return config.model_copy(update={"global_batch_size": total, "gradient_accumulation_steps": total // per_update})
+
+
+def _saved_config(config: TrainingConfig) -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load((Path(config.output_dir) / outputs.RESOLVED_CONFIG_NAME).read_text()) or {}
+    except (OSError, ValueError):
+        return {}
+
+
 def build_unet_on_meta(config: TrainingConfig):
     with torch.device("meta"):
         return build_unet(config)
@@ -191,17 +226,22 @@ def begin(config: TrainingConfig, checked: Checked) -> run_record.RunRecord:
 
 # ---- all of it ---------------------------------------------------------------------------------------------------
 
-def setup(config: TrainingConfig, stream=None, config_file: Path | None = None) -> Run:
+def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, events=None) -> Run:
     SIGNALS.grace_seconds = config.preemption_grace_seconds
     accelerator = build_accelerator(config)
     rank, world = accelerator.process_index, accelerator.num_processes
+    given_accumulation = config.gradient_accumulation_steps
+    config = decided_by_main(accelerator, lambda: with_global_batch(config, world))
+    accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
     writes = FirstWrites(config) if accelerator.is_main_process else None
     try:
         checked = decided_by_main(accelerator, lambda: check_before_writing(config, config_file, writes))
         source, dataset, data_note = training_dataset(config, accelerator.local_main_process_first)
-        if len(dataset) < config.train_batch_size * world:
-            raise ConfigError([f"the dataset ({len(dataset)} images) is smaller than one batch on every process "
-                               f"({config.train_batch_size} x {world} processes); lower train_batch_size"])
+        if len(dataset) < config.global_batch_size:
+            raise ConfigError([f"the dataset ({len(dataset)} images) is smaller than one global batch "
+                               f"({config.global_batch_size} = {config.train_batch_size} per process x "
+                               f"{config.gradient_accumulation_steps} accumulation x {world} processes); lower "
+                               "train_batch_size or global_batch_size"])
         record = decided_by_main(accelerator, lambda: begin(config, checked))
     except BaseException:
         if writes is not None:
@@ -229,7 +269,7 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None) 
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
+    steps_per_epoch = len(dataset) // config.global_batch_size  # whole global batches only
     total_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
     # Counted in optimizer updates: warmup N means N updates whatever the accumulation and world size.
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer.optimizer,
@@ -239,6 +279,10 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None) 
     resume = checked.resume
     if resume.path is not None:
         accelerator.load_state(str(resume.path))
+        # load_state also restores Accelerate's micro-step counter (accelerate/checkpointing.py, states["step"]); a
+        # checkpoint is always taken on an update boundary, and with another number of processes the old count
+        # would misplace the next sync. Every resume starts a fresh accumulation.
+        accelerator.step = 0
         state.load_state_dict({**checked.resume_state, "model": state.model})
 
     # --- trackers and what the log says first ----------------------------------------------------------------------
@@ -253,8 +297,14 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None) 
               num_epochs=math.ceil(total_steps / steps_per_epoch), memory_format=memory_format,
               resumed_step=state.global_step if resume.path else None, num_quality=0, reference=None,
               last_checkpoint_step=state.global_step if resume.path else -1,
-              checkpoint_bytes=checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema))
+              checkpoint_bytes=checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema),
+              events=events or RunEvents.off())
     announce(run, source, data_note, num_params, flops, resume)
+    run.events.started(run.global_batch, world, state.global_step, total_steps,
+                       str(resume.path) if resume.path else None)
+    if config.gradient_accumulation_steps != given_accumulation:
+        tracker.message(f"gradient_accumulation_steps {given_accumulation} -> {config.gradient_accumulation_steps}: the "
+                        f"run's global batch of {config.global_batch_size} over {world} processes")
     run.num_quality = quality.num_quality_images(config, len(dataset))
     if run.num_quality and accelerator.is_main_process:
         run.reference = quality.real_images(config, run.num_quality, dataset=dataset, device=accelerator.device)

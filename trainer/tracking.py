@@ -79,6 +79,8 @@ class Tracker:
 
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, file=self.stream)
         self._last_time, self.last_step = time.perf_counter(), start_step
+        self.last_loss: float | None = None  # of the newest logged interval, for the Events
+        self.last_eta_s: float | None = None
 
     def timed(self, batches):
         """Yield from `batches`, adding the time spent waiting for each to data_wait (host clock only)."""
@@ -114,8 +116,9 @@ class Tracker:
             scalars["cuda_max_memory_allocated"] = float(torch.cuda.max_memory_allocated())
         self._last_time, self.last_step, self.data_wait = now, step, 0.0
         self.accelerator.log(scalars, step=step)
+        self.last_loss, self.last_eta_s = scalars["loss"], (self.total - step) * seconds_per_step
         if self.accelerator.is_main_process:
-            eta = (self.total - step) * seconds_per_step
+            eta = self.last_eta_s
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}", epoch=epoch)
             else:
