@@ -317,7 +317,9 @@ def test_a_training_run_posts_its_milestones_and_is_unaffected_when_the_api_is_n
     # The same run against an API that refuses, then one that never answers: it trains the same, exits 0, warns once.
     reference = step_line(proc.stdout)
     kube_server.deny_all = True
+    start = time.monotonic()
     refused = train_in_pod(tmp_path / "refused", env)
+    refused_s = time.monotonic() - start
     assert refused.returncode == 0 and refused.stderr.count("Kubernetes events off") == 1, refused.stderr
     assert step_line(refused.stdout) == reference
     with FakeKube(hang=True) as hanging:
@@ -328,7 +330,9 @@ def test_a_training_run_posts_its_milestones_and_is_unaffected_when_the_api_is_n
         elapsed = time.monotonic() - start
     assert stuck.returncode == 0 and stuck.stderr.count("Kubernetes events off") == 1, stuck.stderr
     assert step_line(stuck.stdout) == reference
-    assert elapsed < 60, "a hanging API costs at most the events' own close timeout"
+    # A hanging API costs at most the events' own timeouts at start and close, not a slower loop (the same run
+    # against a refusing API, just before, is the yardstick: the machine's load affects both alike).
+    assert elapsed < refused_s + 30, (elapsed, refused_s)
 
 
 def step_line(stdout: str) -> str:

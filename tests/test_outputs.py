@@ -147,7 +147,9 @@ def test_space_preflight_counts_the_checkpoints_the_run_will_keep(tmp_path):
 # ---- 2. exit 2 writes nothing; the corrected command simply works ------------------------------------------------
 
 @pytest.mark.slow
-def test_user_errors_write_nothing_and_the_corrected_command_works(tmp_path):
+def test_user_errors_write_nothing_and_the_corrected_command_works(tmp_path, capsys):
+    from trainer.cli import main
+
     root = project(tmp_path)
     empty, corrupt = root / "empty", root / "corrupt"
     empty.mkdir()
@@ -166,9 +168,10 @@ def test_user_errors_write_nothing_and_the_corrected_command_works(tmp_path):
                                 "is not a checkpoint folder"),
     }
     before = tree(root)
-    for name, (extra, message) in cases.items():
-        proc = ddpm("train", *base, *extra, check=False)
-        assert proc.returncode == 2 and message in proc.stderr, f"{name}: {proc.returncode}\n{proc.stderr}"
+    for name, (extra, message) in cases.items():  # in-process: the same CLI, without a new interpreter each time
+        code = main(["train", *map(str, base), *map(str, extra)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, f"{name}: {code}\n{err}"
         assert tree(root) == before, f"{name} left files behind"
     ddpm("train", *base, "--train_data_dir", root / "images")  # the corrected command
     assert (out / "training_complete.json").is_file()
