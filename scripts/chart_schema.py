@@ -35,6 +35,7 @@ K8S_TYPES = ["Affinity", "Toleration", "EnvVar", "ResourceRequirements", "LocalO
 NUMBER_STRING = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 
 DNS_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"  # a Kubernetes label value (63 characters at most)
 
 
 def ref(name: str) -> dict:
@@ -119,7 +120,8 @@ def chart_values(config_schema: dict) -> dict:
                 required=["repository", "tag", "pullPolicy"],
             ),
             "imagePullSecrets": array_of("LocalObjectReference"),
-            "backend": {"enum": ["job", "pytorchjob", "trainjob"], "description": "how the training pods are run"},
+            "backend": {"enum": ["job", "jobset", "pytorchjob", "trainjob"], "description": "how the training pods are run"},
+            "checkAPIVersions": boolean("fail when the cluster does not serve the backend's API"),
             "gpus": integer("total GPUs for the run", minimum=1),
             "gpusPerNode": integer("GPUs on each node", minimum=1),
             "config": config_schema,
@@ -136,11 +138,33 @@ def chart_values(config_schema: dict) -> dict:
             "ttlSecondsAfterFinished": nullable({"type": "integer", "minimum": 0},
                                                 "seconds before a finished workload is deleted; null: kept"),
             # queueing
-            "jobLabels": {**STRING_MAP, "description": "labels on the training workload (Kueue queue-name)"},
+            "queueName": string("Kueue LocalQueue (label kueue.x-k8s.io/queue-name); empty: not queued",
+                                pattern=LABEL_VALUE, maxLength=63),
+            "workloadPriorityClassName": string("Kueue WorkloadPriorityClass (label kueue.x-k8s.io/priority-class)",
+                                                pattern=LABEL_VALUE, maxLength=63),
+            "jobLabels": {**STRING_MAP, "description": "more labels on the training workload"},
             "jobAnnotations": {**STRING_MAP, "description": "annotations on the training workload"},
+            "jobset": obj(
+                {
+                    "pushInJobSet": boolean("run the push as the JobSet's replicated Job after training (dependsOn)"),
+                    "exclusiveTopology": string("node label whose domains each hold one JobSet's training pods; "
+                                                "empty: none", pattern=r"^([A-Za-z0-9][-A-Za-z0-9_./]*)?$"),
+                },
+                required=["pushInJobSet", "exclusiveTopology"],
+                description="settings of the jobset backend",
+            ),
+            "elastic": obj(
+                {
+                    "enabled": boolean("train on minNodes..maxNodes nodes (torchrun --nnodes MIN:MAX)"),
+                    "minNodes": integer("fewest nodes the run trains on", minimum=1),
+                    "maxNodes": nullable({"type": "integer", "minimum": 1},
+                                         "most nodes; null: gpus / gpusPerNode"),
+                },
+                required=["enabled", "minNodes"],
+                description="elastic training (job, jobset and pytorchjob backends)",
+            ),
             "kubeflow": obj(
                 {
-                    "checkAPIVersions": boolean("fail when the cluster does not serve the backend's API"),
                     "schedulingPolicy": obj(
                         {
                             "minAvailable": integer("pods that must start together", minimum=1),
@@ -168,7 +192,7 @@ def chart_values(config_schema: dict) -> dict:
                     "runtimeName": string("(Cluster)TrainingRuntime of the TrainJob", minLength=1),
                     "runtimeKind": {"enum": ["ClusterTrainingRuntime", "TrainingRuntime"]},
                 },
-                required=["checkAPIVersions", "trainingRuntime", "runtimeName", "runtimeKind"],
+                required=["trainingRuntime", "runtimeName", "runtimeKind"],
             ),
             # the training pods
             "resources": container_resources("CPU and memory of each training pod (the chart adds nvidia.com/gpu); "
@@ -208,9 +232,12 @@ def chart_values(config_schema: dict) -> dict:
                     "name": string("its name; empty: the fullname (or `default` when not created)",
                                    pattern=r"^([a-z0-9]([-.a-z0-9]*[a-z0-9])?)?$"),
                     "annotations": STRING_MAP,
-                    "automountServiceAccountToken": boolean("mount an API token into the training and TensorBoard pods"),
                 },
-                required=["create", "name", "annotations", "automountServiceAccountToken"],
+                required=["create", "name", "annotations"],
+            ),
+            "rbac": obj(
+                {"create": boolean("create Roles for the training pods (Events) and the push (watch the workload)")},
+                required=["create"],
             ),
             "podSecurityContext": k8s("PodSecurityContext", "pod securityContext of every pod"),
             "containerSecurityContext": k8s("SecurityContext", "securityContext of every container"),
@@ -274,9 +301,9 @@ def chart_values(config_schema: dict) -> dict:
             # Helm adds this key to the values of every chart; it must be allowed.
             "global": {"type": "object"},
         },
-        required=["image", "backend", "gpus", "gpusPerNode", "config", "storage", "tensorboard", "push",
-                  "podSecurityContext", "containerSecurityContext", "serviceAccount", "kubeflow", "shm",
-                  "defaultResources", "tests"],
+        required=["image", "backend", "checkAPIVersions", "gpus", "gpusPerNode", "config", "storage", "tensorboard",
+                  "push", "podSecurityContext", "containerSecurityContext", "serviceAccount", "rbac", "kubeflow",
+                  "jobset", "elastic", "shm", "defaultResources", "tests"],
     )
 
 

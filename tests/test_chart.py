@@ -1,6 +1,7 @@
 """The Helm chart in helm/, proven with real tools: the real helm binary, the strict Kubernetes JSON schemas of every
-minor in the chart's kubeVersion range (kubernetes-validate), and the Kubeflow SDKs' own PyTorchJob, TrainJob and
-TrainingRuntime models. Offline; no cluster. docs/KUBERNETES.md states what each test here proves.
+minor in the chart's kubeVersion range (kubernetes-validate), the Kubeflow SDKs' own PyTorchJob, TrainJob and
+TrainingRuntime models and kubeflow-trainer-api's JobSet models, and the trainer's own list of API calls
+(trainer/kube.py role_rules) for the Roles. Offline; no cluster. docs/KUBERNETES.md states what each test here proves.
 
 helm is found on PATH (`make test` puts .tools/bin first); without it these tests fail rather than skip.
 """
@@ -25,12 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm"
 RELEASE = "ddpm"
 PREEMPTED, CONFIG_ERROR, DIVERGED, UNEXPECTED = 143, 2, 3, 1  # the trainer's exit codes (README "Exit codes")
-KUBEFLOW_APIS = {  # what --api-versions must announce for each backend (helm template has no cluster to ask)
+BACKEND_APIS = {  # what --api-versions must announce for each backend (helm template has no cluster to ask)
     "job": [],
+    "jobset": ["jobset.x-k8s.io/v1alpha2/JobSet"],
     "pytorchjob": ["kubeflow.org/v1/PyTorchJob"],
     "trainjob": ["trainer.kubeflow.org/v1alpha1/TrainJob", "trainer.kubeflow.org/v1alpha1/TrainingRuntime"],
 }
 RWX = {"storage": {"accessModes": ["ReadWriteMany"], "storageClass": "standard-rwx"}}
+BACKENDS = {"job": "Job", "jobset": "JobSet", "pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}  # backend -> kind
 
 
 def kubernetes_minors() -> list[str]:
@@ -69,7 +72,7 @@ def values_args(values: dict, tmp: Path | None = None) -> list[str]:
 
 
 def api_args(values: dict) -> list[str]:
-    return [arg for api in KUBEFLOW_APIS.get(values.get("backend", "job"), []) for arg in ("--api-versions", api)]
+    return [arg for api in BACKEND_APIS.get(values.get("backend", "job"), []) for arg in ("--api-versions", api)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,7 +138,9 @@ BUSY = {  # the values people change: resources, scheduling, env, identity, an e
                                             "seccompProfile": {"type": "RuntimeDefault"}}}],
     "podAnnotations": {"example.com/team": "vision"},
     "podLabels": {"example.com/cost-center": "research"},
-    "jobLabels": {"kueue.x-k8s.io/queue-name": "gpu-queue", "kueue.x-k8s.io/priority-class": "research"},
+    "queueName": "gpu-queue",
+    "workloadPriorityClassName": "research",
+    "jobLabels": {"example.com/team": "vision"},
     "jobAnnotations": {"example.com/owner": "vision-team"},
     "serviceAccount": {"annotations": {"iam.gke.io/gcp-service-account": "ddpm@p.iam.gserviceaccount.com"}},
     "runtimeClassName": "nvidia",
@@ -160,6 +165,15 @@ MATRIX = {
     f"{backend}-gpus{gpus}-push{'On' if push else 'Off'}-{'busy' if busy else 'plain'}": case_values(backend, gpus, push, busy)
     for backend, gpus, push, busy in itertools.product(["job", "pytorchjob", "trainjob"], [1, 8, 16], [False, True], [False, True])
 }
+# The JobSet shares the Job's pod spec and push pod: 1 and 2 nodes, each with and without the push and the busy values.
+MATRIX.update({
+    f"jobset-gpus{gpus}-push{'On' if push else 'Off'}-{'busy' if busy else 'plain'}": case_values("jobset", gpus, push, busy)
+    for gpus, push, busy in [(1, False, False), (1, True, True), (16, True, False), (16, False, True)]
+})
+# Elastic (4 nodes, down to 2: accumulation 3 keeps a global batch every count divides) and queued, per backend.
+ELASTIC = merge({"gpus": 32, "elastic": {"enabled": True, "minNodes": 2}, "config": {"gradient_accumulation_steps": 3}}, RWX)
+for _backend in ("job", "jobset", "pytorchjob"):
+    MATRIX[f"{_backend}-elastic-queued"] = merge(ELASTIC, PUSH_ON, {"backend": _backend, "queueName": "gpu-queue"})
 # The stock ClusterTrainingRuntime takes only what runtimePatches allow (no priority, runtime class, spread, ...).
 STOCK_ALLOWED = {k: v for k, v in BUSY.items() if k not in (
     "priorityClassName", "runtimeClassName", "topologySpreadConstraints", "initContainers", "envFrom",
@@ -177,7 +191,7 @@ def nodes_and_procs(values: dict) -> tuple[int, int]:
 @pytest.mark.parametrize("case", sorted(MATRIX))
 def test_helm_lint(case, tmp_path):
     # helm lint cannot announce API versions: the API check is switched off for it (and tested on its own below).
-    values = merge(MATRIX[case], {"kubeflow": {"checkAPIVersions": False}})
+    values = merge(MATRIX[case], {"checkAPIVersions": False})
     result = run_helm("lint", "--strict", str(CHART), *values_args(values, tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -196,6 +210,8 @@ def pod_templates(doc: dict) -> list[tuple[str, dict]]:
     if kind == "TrainingRuntime":
         return [(f"TrainingRuntime/{rjob['name']}", rjob["template"]["spec"]["template"])
                 for rjob in doc["spec"]["template"]["spec"]["replicatedJobs"]]
+    if kind == "JobSet":
+        return [(f"JobSet/{rjob['name']}", rjob["template"]["spec"]["template"]) for rjob in doc["spec"]["replicatedJobs"]]
     if kind == "TrainJob":
         found = []
         for patch in doc["spec"].get("runtimePatches", []):
@@ -211,7 +227,7 @@ def full_pod_templates(docs: list[dict]) -> list[tuple[str, dict]]:
 
 
 def training_pods(docs: list[dict]) -> list[tuple[str, dict]]:
-    return [(w, t) for d in docs if d["kind"] in ("Job", "PyTorchJob", "TrainingRuntime", "TrainJob")
+    return [(w, t) for d in docs if d["kind"] in ("Job", "JobSet", "PyTorchJob", "TrainingRuntime", "TrainJob")
             for w, t in pod_templates(d) if t["metadata"]["labels"].get("app.kubernetes.io/component") == "train"]
 
 
@@ -222,7 +238,12 @@ def validate_kubernetes(doc: dict, version: str) -> None:
 def kubernetes_problems(docs: list[dict], version: str) -> list[str]:
     problems = []
     for doc in docs:
-        if doc["apiVersion"].startswith(("kubeflow.org/", "trainer.kubeflow.org/")):
+        if doc["kind"] == "JobSet":  # its Jobs are whole batch/v1 JobTemplateSpecs: checked as the Jobs they become
+            checks = [(f"JobSet/{rjob['name']}/Job", {"apiVersion": "batch/v1", "kind": "Job",
+                                                     "metadata": {"name": "check", **rjob["template"].get("metadata", {})},
+                                                     "spec": rjob["template"]["spec"]})
+                      for rjob in doc["spec"]["replicatedJobs"]]
+        elif doc["apiVersion"].startswith(("kubeflow.org/", "trainer.kubeflow.org/")):
             # CRDs: their pod templates still get the full Kubernetes check, as PodTemplates.
             checks = [(where, {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"}, "template": t})
                       for where, t in pod_templates(doc)]
@@ -259,6 +280,8 @@ def test_every_object_validates_strictly_on_every_minor(case):
             check_trainjob(doc)
         elif doc["kind"] == "TrainingRuntime":
             check_training_runtime(doc)
+        elif doc["kind"] == "JobSet":
+            check_jobset(doc)
 
 
 def test_strict_kubernetes_validation_catches_a_misspelt_field():
@@ -334,6 +357,14 @@ def check_training_runtime(doc: dict) -> None:
     assert_round_trip(doc, runtime.to_dict(), "TrainerV1alpha1TrainingRuntime")
 
 
+def check_jobset(doc: dict) -> None:
+    """The JobSet against kubeflow-trainer-api's JobsetV1alpha2JobSet (the JobSet API the Trainer ships)."""
+    from kubeflow_trainer_api.models import JobsetV1alpha2JobSet
+
+    jobset = JobsetV1alpha2JobSet.from_dict(doc)
+    assert_round_trip(doc, jobset.to_dict(), "JobsetV1alpha2JobSet")
+
+
 @pytest.mark.parametrize("case", sorted(c for c in MATRIX if c.startswith("pytorchjob")))
 def test_pytorchjob_runs_workers_with_the_operators_c10d_rendezvous(case):
     values = MATRIX[case]
@@ -347,7 +378,8 @@ def test_pytorchjob_runs_workers_with_the_operators_c10d_rendezvous(case):
     worker = spec["pytorchReplicaSpecs"]["Worker"]
     assert worker["replicas"] == nodes and worker["restartPolicy"] == "ExitCode"
     elastic = spec["elasticPolicy"]
-    assert elastic["rdzvBackend"] == "c10d" and elastic["minReplicas"] == elastic["maxReplicas"] == nodes
+    min_nodes = values["elastic"]["minNodes"] if values.get("elastic", {}).get("enabled") else nodes
+    assert elastic["rdzvBackend"] == "c10d" and (elastic["minReplicas"], elastic["maxReplicas"]) == (min_nodes, nodes)
     assert elastic["rdzvHost"] == f"{RELEASE}-train-worker-0" and elastic["rdzvId"] == RELEASE
     assert {"key": "join_timeout", "value": "1800"} in elastic["rdzvConf"]
     assert spec["runPolicy"]["cleanPodPolicy"] == "Running"
@@ -464,7 +496,7 @@ def test_rendezvous_timeout_outlasts_node_autoscaling_and_is_a_value():
     assert env_of(trainer)["PET_RDZV_CONF"] == "join_timeout=3600" and env_of(trainer)["PET_MAX_RESTARTS"] == "5"
 
 
-@pytest.mark.parametrize("backend,kind", [("job", "Job"), ("pytorchjob", "PyTorchJob"), ("trainjob", "TrainJob")])
+@pytest.mark.parametrize("backend,kind", sorted(BACKENDS.items()))
 def test_every_training_container_knows_its_pod_and_workload(backend, kind):
     docs = render({"backend": backend})
     envs = [env_of(t["spec"]["containers"][0]) for _, t in training_pods(docs)]
@@ -548,10 +580,11 @@ def test_failure_table_pytorchjob(event, expected):
         assert decision == "Recreate"
 
 
-@pytest.mark.parametrize("backend,nodes", [("job", 1), ("job", 4), ("pytorchjob", 2), ("trainjob", 2)])
+@pytest.mark.parametrize("backend,nodes", [("job", 1), ("job", 4), ("jobset", 2), ("pytorchjob", 2), ("trainjob", 2)])
 def test_retry_budget_scales_with_the_nodes(backend, nodes):
     docs = render(merge({"backend": backend, "gpus": 8 * nodes}, RWX if nodes > 1 else {}))
     limits = {"job": lambda: one(docs, "Job", "train")["spec"]["backoffLimit"],
+              "jobset": lambda: one(docs, "JobSet")["spec"]["failurePolicy"]["maxRestarts"],
               "pytorchjob": lambda: one(docs, "PyTorchJob")["spec"]["runPolicy"]["backoffLimit"],
               "trainjob": lambda: one(docs, "TrainingRuntime")["spec"]["template"]["spec"]["replicatedJobs"][0][
                   "template"]["spec"]["backoffLimit"]}
@@ -573,7 +606,10 @@ def test_deadlines_and_ttl_reach_every_workload():
     assert one(docs, "TrainJob")["spec"]["activeDeadlineSeconds"] == 14 * day
     assert one(docs, "TrainingRuntime")["spec"]["template"]["spec"]["ttlSecondsAfterFinished"] == 30 * day
     assert env_of(one(docs, "TrainJob")["spec"]["trainer"])["PET_MAX_RESTARTS"] == "1000000"
-    for backend in ("job", "pytorchjob", "trainjob"):
+    jobset = one(render(merge(values, {"backend": "jobset"})), "JobSet")["spec"]
+    node = jobset["replicatedJobs"][0]["template"]["spec"]
+    assert (jobset["ttlSecondsAfterFinished"], node["activeDeadlineSeconds"]) == (30 * day, 14 * day)
+    for backend in BACKENDS:
         assert not kubernetes_problems(render(merge(values, {"backend": backend})), KUBERNETES_VERSIONS[-1])
     assert "activeDeadlineSeconds" not in one(render(), "Job", "train")["spec"]
 
@@ -706,7 +742,7 @@ def test_shared_volume_lets_tensorboard_and_push_go_anywhere():
 
 def test_ownership_fix_is_opt_in_and_the_only_non_restricted_container():
     assert not any(t["spec"].get("initContainers") for _, t in training_pods(render()))
-    for backend in ("job", "pytorchjob", "trainjob"):
+    for backend in BACKENDS:
         docs = render({"backend": backend, "storage": {"fixOwnership": True}})
         for where, template in training_pods(docs):
             init = template["spec"]["initContainers"][0]
@@ -809,12 +845,11 @@ def test_components_can_override_pull_secrets_and_tensorboard_image():
     assert default == one(render(), "Job", "train")["spec"]["template"]["spec"]["containers"][0]["image"]
 
 
-@pytest.mark.parametrize("backend,kind", [("job", "Job"), ("pytorchjob", "PyTorchJob"), ("trainjob", "TrainJob")])
+@pytest.mark.parametrize("backend,kind", sorted(BACKENDS.items()))
 def test_job_labels_reach_the_workload_and_pod_labels_the_pods(backend, kind):
     docs = render(merge(BUSY, {"backend": backend}))
     workload = one(docs, kind, "train")
-    assert workload["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
-    assert workload["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "research"
+    assert workload["metadata"]["labels"]["example.com/team"] == "vision"
     assert workload["metadata"]["annotations"] == {"example.com/owner": "vision-team"}
     assert "example.com/cost-center" not in workload["metadata"]["labels"]
     for _, template in training_pods(docs):
@@ -827,12 +862,14 @@ def test_gang_scheduling_policy_for_pytorchjob_only():
     job = one(render(merge(RWX, {"backend": "pytorchjob", "gpus": 16, "kubeflow": {"schedulingPolicy": policy}})), "PyTorchJob")
     assert job["spec"]["runPolicy"]["schedulingPolicy"] == policy
     assert "kubeflow.schedulingPolicy is a PyTorchJob setting" in render_error({"kubeflow": {"schedulingPolicy": policy}})
+    assert "for a Job or JobSet use Kueue (queueName)" in render_error({"backend": "jobset",
+                                                                         "kubeflow": {"schedulingPolicy": policy}})
     runtime = one(render({"backend": "trainjob", "kubeflow": {"trainingRuntime": {"podGroupPolicy": {"volcano": {}}}}}),
                   "TrainingRuntime")
     assert runtime["spec"]["podGroupPolicy"] == {"volcano": {}}
 
 
-@pytest.mark.parametrize("backend", ["job", "pytorchjob", "trainjob"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_pod_knobs_reach_the_training_pods(backend):
     docs = render(merge(BUSY, {"backend": backend}))
     [(where, template)] = training_pods(docs)
@@ -847,7 +884,7 @@ def test_pod_knobs_reach_the_training_pods(backend):
     assert any(v["name"] == "datasets" for v in spec["volumes"])
     account = one(docs, "ServiceAccount")
     assert account["metadata"]["annotations"] == BUSY["serviceAccount"]["annotations"]
-    assert account["automountServiceAccountToken"] is False
+    assert account["automountServiceAccountToken"] is False, "no pod of this account gets the default token"
 
 
 def test_an_existing_service_account_is_used_as_is():
@@ -859,10 +896,10 @@ def test_an_existing_service_account_is_used_as_is():
 # ---- the push ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend,kind,group,resource", [
-    ("job", "Job", "batch", "jobs"), ("pytorchjob", "PyTorchJob", "kubeflow.org", "pytorchjobs"),
-    ("trainjob", "TrainJob", "trainer.kubeflow.org", "trainjobs")])
+    ("job", "Job", "batch", "jobs"), ("jobset", "JobSet", "jobset.x-k8s.io", "jobsets"),
+    ("pytorchjob", "PyTorchJob", "kubeflow.org", "pytorchjobs"), ("trainjob", "TrainJob", "trainer.kubeflow.org", "trainjobs")])
 def test_push_job_waits_for_this_run_with_deadlines(backend, kind, group, resource):
-    docs = render(merge(PUSH_ON, {"backend": backend}))
+    docs = render(merge(PUSH_ON, {"backend": backend, "jobset": {"pushInJobSet": False}}))
     push = one(docs, "Job", "push")
     assert not push["metadata"].get("annotations", {}).get("helm.sh/hook"), "a hook would block helm install"
     assert push["spec"]["activeDeadlineSeconds"] == 1209600 + 3600 + 600
@@ -876,12 +913,13 @@ def test_push_job_waits_for_this_run_with_deadlines(backend, kind, group, resour
     container, = pod["containers"]
     assert container["command"] == ["ddpm", "push", "--deadline-seconds", "3600"]
     assert env_of(container)["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
-    # It reads only its own workload's state.
-    assert pod["serviceAccountName"] == f"{RELEASE}-push" and pod["automountServiceAccountToken"] is True
-    role = one(docs, "Role")
+    # It follows only its own workload's state: get, then watch (trainer/wait.py), through a token of its own.
+    assert pod["serviceAccountName"] == f"{RELEASE}-push" and pod["automountServiceAccountToken"] is False
+    assert api_access_of(pod, wait) and not api_access_of(pod, container), "the upload gets no API token"
+    role = one(docs, "Role", "push")
     assert role["rules"] == [{"apiGroups": [group], "resources": [resource], "resourceNames": [f"{RELEASE}-train"],
-                              "verbs": ["get"]}]
-    binding = one(docs, "RoleBinding")
+                              "verbs": ["get", "watch"]}]
+    binding = one(docs, "RoleBinding", "push")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"][0]["name"] == f"{RELEASE}-push"
 
@@ -894,7 +932,9 @@ def test_push_deadlines_are_values():
     pod = push["spec"]["template"]["spec"]
     assert pod["initContainers"][0]["command"][-4:] == ["--poll-seconds", "5", "--timeout-seconds", "7200"]
     assert pod["containers"][0]["command"][-1] == "900"
-    assert pod["serviceAccountName"] == "pusher" and not by_kind(docs, "Role"), "the user's account, no RBAC"
+    assert pod["serviceAccountName"] == "pusher" and not [r for r in by_kind(docs, "Role")
+                                                          if r["metadata"]["labels"]["app.kubernetes.io/component"] == "push"], \
+        "the user's account, no RBAC"
     assert "push.activeDeadlineSeconds=100 must be larger" in render_error(
         merge(PUSH_ON, {"push": {"activeDeadlineSeconds": 100}}))
 
@@ -902,6 +942,7 @@ def test_push_deadlines_are_values():
 # ---- versions ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("values,missing", [
+    ({"backend": "jobset"}, ["jobset.x-k8s.io/v1alpha2/JobSet"]),
     ({"backend": "pytorchjob"}, ["kubeflow.org/v1/PyTorchJob"]),
     ({"backend": "trainjob"}, ["trainer.kubeflow.org/v1alpha1/TrainJob", "trainer.kubeflow.org/v1alpha1/TrainingRuntime"]),
     ({"backend": "trainjob", "kubeflow": {"trainingRuntime": {"create": False}}}, ["trainer.kubeflow.org/v1alpha1/TrainJob"]),
@@ -911,9 +952,10 @@ def test_kubeflow_backends_need_their_api(values, missing):
     for api in missing:
         assert f"needs the API {api}, which this cluster does not serve" in error
         assert f"helm template --api-versions {api}" in error
-    assert ("Training Operator >= 1.7" if values["backend"] == "pytorchjob" else "Trainer >= 2.3") in error
+    assert {"jobset": "JobSet >= 0.10", "pytorchjob": "Training Operator >= 1.7", "trainjob": "Trainer >= 2.3"}[
+        values["backend"]] in error
     render(values)  # with --api-versions
-    render(merge(values, {"kubeflow": {"checkAPIVersions": False}}), apis=False)
+    render(merge(values, {"checkAPIVersions": False}), apis=False)
 
 
 def test_job_backend_needs_no_operator():
@@ -928,10 +970,13 @@ def test_job_backend_needs_no_operator():
                    "training.kubeflow.org/replica-index=0"),
     ("trainjob", "-l jobset.sigs.k8s.io/jobset-name=ddpm-train,jobset.sigs.k8s.io/replicatedjob-name=node,"
                  "jobset.sigs.k8s.io/job-index=0,batch.kubernetes.io/job-completion-index=0"),
+    ("jobset", "-l jobset.sigs.k8s.io/jobset-name=ddpm-train,jobset.sigs.k8s.io/replicatedjob-name=node,"
+               "jobset.sigs.k8s.io/job-index=0,batch.kubernetes.io/job-completion-index=0"),
 ])
 def test_notes_print_this_release_commands(backend, expected):
     # `helm install --dry-run` cannot announce API versions: the check is off here (tested on its own above).
-    values = merge({"backend": backend, "gpus": 16, "kubeflow": {"checkAPIVersions": False}}, RWX, PUSH_ON)
+    values = merge({"backend": backend, "gpus": 16, "checkAPIVersions": False, "jobset": {"pushInJobSet": False}},
+                   RWX, PUSH_ON)
     result = run_helm("install", RELEASE, str(CHART), "--dry-run=client", "--namespace", "vision", *values_args(values))
     assert result.returncode == 0, result.stderr
     notes = result.stdout.split("NOTES:", 1)[1]
@@ -939,6 +984,11 @@ def test_notes_print_this_release_commands(backend, expected):
     assert "kubectl -n vision port-forward svc/ddpm-tensorboard 6006:6006" in notes
     assert "kubectl -n vision logs -f job/ddpm-push -c push" in notes
     assert "/data/ddpm/output" in notes
+    # the run's milestones: rank 0's Events on the workload
+    kind = BACKENDS[backend].lower()
+    assert "ddpm status --release ddpm -n vision" in notes
+    assert f"kubectl -n vision describe {kind} ddpm-train" in notes
+    assert "kubectl -n vision get events --field-selector involvedObject.name=ddpm-train" in notes
 
 
 def test_runtime_patch_manager_is_a_stable_domain_prefixed_name():
@@ -969,6 +1019,10 @@ def test_runtime_patch_manager_is_a_stable_domain_prefixed_name():
     ({"tensorboard": {"tolerations": [{"operatr": "Exists"}]}}, "additional properties 'operatr' not allowed"),
     ({"extraVolumes": [{"name": "x", "hostPth": {}}]}, "additional properties 'hostPth' not allowed"),
     ({"kubeflow": {"schedulingPolicy": {"minAvailble": 1}}}, "additional properties 'minAvailble' not allowed"),
+    ({"elastic": {"minNode": 2}}, "additional properties 'minNode' not allowed"),
+    ({"jobset": {"exclusiveTopolgy": "zone"}}, "additional properties 'exclusiveTopolgy' not allowed"),
+    ({"queueName": "Not A Label!"}, "queueName"),
+    ({"rbac": {"create": "yes"}}, "rbac"),
 ])
 def test_schema_rejects(values, message):
     assert message in render_error(values)
@@ -991,6 +1045,15 @@ def test_schema_rejects(values, message):
     ({"extraEnv": [{"name": "HF_TOKEN", "value": "hf_leak"}]}, "extraEnv HF_TOKEN has a literal value"),
     ({"extraEnv": [{"name": "DDPM_SEED", "value": "1"}]}, "extraEnv DDPM_SEED: DDPM_* variables are TrainingConfig fields, set them as config.seed"),
     ({"podSecurityContext": {"runAsUser": 0}}, "podSecurityContext.runAsUser must not be 0"),
+    ({"jobLabels": {"kueue.x-k8s.io/queue-name": "q"}}, "jobLabels must not set kueue.x-k8s.io/queue-name: set queueName"),
+    ({"jobLabels": {"kueue.x-k8s.io/priority-class": "p"}}, "set workloadPriorityClassName"),
+    ({"workloadPriorityClassName": "high"}, "workloadPriorityClassName is a Kueue priority, which only a queued run has"),
+    ({"jobset": {"exclusiveTopology": "topology.kubernetes.io/zone"}}, "jobset.exclusiveTopology is a JobSet setting"),
+    ({"backend": "jobset", "fullnameOverride": "1-run"}, "which the JobSet webhook refuses"),
+    ({"serviceAccount": {"create": False}}, "rbac.create would bind the trainer's Role to the namespace's `default`"),
+    (merge(ELASTIC, {"backend": "trainjob"}), "elastic.enabled is not possible with backend=trainjob"),
+    ({"elastic": {"enabled": True}}, "elastic.minNodes=1 must be below the 1 node(s)"),
+    (merge(ELASTIC, {"elastic": {"maxNodes": 8}}), "elastic.maxNodes=8 but gpus=32 with gpusPerNode=8 makes 4 pods"),
 ])
 def test_impossible_combinations_fail(values, message):
     assert message in render_error(values)
@@ -1058,8 +1121,8 @@ def test_every_pod_meets_restricted_with_a_read_only_root(case):
         spec = template["spec"]
         if "fsGroup" not in spec.get("securityContext", {}) and not where.startswith("Pod/"):
             problems.append(f"{where}: no fsGroup, the volume would not be writable")
-        if not where.startswith("Pod/") and spec.get("automountServiceAccountToken") is not (where == f"Job/{RELEASE}-push"):
-            problems.append(f"{where}: an API token only for the push pod")
+        if spec.get("automountServiceAccountToken") is not False:
+            problems.append(f"{where}: the default API token is mounted (only explicit projected tokens)")
         mounts_by_volume = {v["name"]: v for v in spec.get("volumes", [])}
         for c in spec["containers"] + spec.get("initContainers", []):
             if c["name"] == "warm-cache":  # the user's own init container (BUSY)
@@ -1131,11 +1194,17 @@ def _try_render(values: dict) -> list[dict]:
     return [] if result.returncode else [d for d in yaml.safe_load_all(result.stdout) if d]
 
 
-@pytest.mark.parametrize("backend", ["job", "pytorchjob", "trainjob"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_token_reaches_only_the_push_pod(backend):
     """The push container and its wait-for-training init container (which references it so a misspelt Secret
     fails at once); nothing else."""
     docs = render(merge(PUSH_ON, {"backend": backend}))
+    if backend == "jobset":  # the push is the JobSet's replicated Job `push`
+        docs = [d for d in docs if d["kind"] == "JobSet"]
+        holders = [f"{where}/{c['name']}" for doc in docs for where, t in pod_templates(doc)
+                   for c in t["spec"].get("containers", []) + t["spec"].get("initContainers", []) if "HF_TOKEN" in env_of(c)]
+        assert sorted(holders) == ["JobSet/push/push", "JobSet/push/wait-for-training"]
+        return
     holders = [
         f"{where}/{c['name']}"
         for doc in docs for where, t in pod_templates(doc)
@@ -1189,3 +1258,345 @@ def test_every_value_is_in_the_schema():
         return found
 
     assert not missing(yaml.safe_load((CHART / "values.yaml").read_text()), schema, "")
+
+
+# ---- the JobSet backend -------------------------------------------------------------------------------------------
+
+def jobset_pod_hostname(jobset: dict, rjob: str, job_index: int, pod_index: int) -> str:
+    """<jobset>-<replicatedJob>-<jobIndex>-<podIndex>.<subdomain>: the JobSet controller names the Job
+    <jobset>-<rjob>-<index> (pkg/util/placement GenJobName) and sets the pod subdomain (constructJob); the Job
+    controller gives an Indexed Job's pod the hostname <job>-<completion index>."""
+    subdomain = jobset["spec"].get("network", {}).get("subdomain") or jobset["metadata"]["name"]
+    return f"{jobset['metadata']['name']}-{rjob}-{job_index}-{pod_index}.{subdomain}"
+
+
+@pytest.mark.parametrize("case", sorted(c for c in MATRIX if c.startswith("jobset")))
+def test_jobset_runs_one_indexed_job_with_the_c10d_rendezvous_on_pod_0(case):
+    values = MATRIX[case]
+    docs = render(values)
+    jobset = one(docs, "JobSet")
+    nodes, procs = nodes_and_procs(values)
+    spec = jobset["spec"]
+    assert spec["network"] == {"enableDNSHostnames": True, "publishNotReadyAddresses": True}
+    node = spec["replicatedJobs"][0]
+    assert node["name"] == "node" and node["replicas"] == 1
+    job = node["template"]["spec"]
+    assert (job["completionMode"], job["completions"], job["parallelism"]) == ("Indexed", nodes, nodes)
+    assert job["backoffLimit"] == 0, "every counted failure goes to the JobSet's failurePolicy"
+    assert spec["failurePolicy"]["maxRestarts"] == 6 * nodes and spec["failurePolicy"]["restartStrategy"] == "BlockingRecreate"
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never", "else JobSet's webhook defaults OnFailure and podFailurePolicy is refused"
+    assert "subdomain" not in pod, "the JobSet controller sets it"
+    container = pod["containers"][0]
+    assert container["name"] == "trainer" and container["command"] == ["ddpm", "launch"]
+    env = env_of(container)
+    nnodes = f"{values['elastic']['minNodes']}:{nodes}" if values.get("elastic", {}).get("enabled") else str(nodes)
+    assert env["PET_NNODES"] == nnodes and env["PET_NPROC_PER_NODE"] == str(procs)
+    assert env["PET_RDZV_BACKEND"] == "c10d"
+    assert env["PET_RDZV_ENDPOINT"] == f"{jobset_pod_hostname(jobset, 'node', 0, 0)}:29500"
+    assert env["TRAINING_WORKLOAD"] == f"JobSet/{RELEASE}-train"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == procs
+    # `ddpm status` finds the JobSet by the chart's labels; its child Job must not look like a second workload.
+    assert jobset["metadata"]["labels"]["app.kubernetes.io/component"] == "train"
+    assert "app.kubernetes.io/component" not in node["template"].get("metadata", {}).get("labels", {})
+    names = [r["name"] for r in spec["replicatedJobs"]]
+    if values.get("push", {}).get("enabled"):
+        assert names == ["node", "push"] and not [d for d in docs if d["kind"] == "Job"]
+    else:
+        assert names == ["node"]
+
+
+def test_jobset_push_runs_after_training_inside_the_jobset():
+    docs = render(merge(PUSH_ON, {"backend": "jobset"}))
+    jobset = one(docs, "JobSet")["spec"]
+    [push] = [r for r in jobset["replicatedJobs"] if r["name"] == "push"]
+    assert push["dependsOn"] == [{"name": "node", "status": "Complete"}], "JobSet creates it once training completed"
+    assert jobset["successPolicy"] == {"operator": "All"}
+    job = push["template"]["spec"]
+    assert (job["completionMode"], job["completions"], job["backoffLimit"]) == ("NonIndexed", 1, 4)
+    assert job["activeDeadlineSeconds"] == 1209600 + 3600 + 600
+    pod = push["template"]["spec"]["template"]["spec"]
+    wait, = pod["initContainers"]
+    # It waits on the marker, not through the API: the JobSet is not complete until this very push is.
+    assert wait["command"][:4] == ["ddpm", "wait-for-training", "--workload", f"JobSet/{RELEASE}-train"]
+    assert not api_access_of(pod, wait) and pod["automountServiceAccountToken"] is False
+    assert not [r for r in by_kind(docs, "Role") if r["metadata"]["labels"]["app.kubernetes.io/component"] == "push"]
+    # Otherwise the same pod as the separate push Job's.
+    beside = one(render(merge(PUSH_ON, {"backend": "jobset", "jobset": {"pushInJobSet": False}})), "Job", "push")
+    beside_pod = beside["spec"]["template"]["spec"]
+    assert pod["containers"] == beside_pod["containers"]
+    assert [v for v in pod["volumes"] if v["name"] != "kube-api-access"] == \
+           [v for v in beside_pod["volumes"] if v["name"] != "kube-api-access"]
+
+
+def test_jobset_exclusive_placement_is_per_topology_domain():
+    docs = render({"backend": "jobset", "jobset": {"exclusiveTopology": "topology.kubernetes.io/zone"}})
+    node = one(docs, "JobSet")["spec"]["replicatedJobs"][0]
+    assert node["template"]["metadata"]["annotations"] == {
+        "alpha.jobset.sigs.k8s.io/exclusive-topology": "topology.kubernetes.io/zone"}
+    assert "metadata" not in one(render({"backend": "jobset"}), "JobSet")["spec"]["replicatedJobs"][0]["template"]
+
+
+def job_controller(spec: dict, container: str, event) -> tuple[str, str] | None:
+    """What the Job controller does with one failed pod of `spec`: None when it is replaced without counting, else
+    the Job's Failed condition (reason, message) once the failure ends the Job. Ported from kubernetes
+    pkg/controller/job/pod_failure_policy.go matchPodFailurePolicy (its messages verbatim) and job_controller.go
+    (a counted failure past backoffLimit: BackoffLimitExceeded)."""
+    namespace, pod = "vision", f"{RELEASE}-train-node-0-1-x7k2p"
+    for index, rule in enumerate(spec["podFailurePolicy"]["rules"]):
+        codes = rule.get("onExitCodes")
+        if codes and isinstance(event, int) and codes.get("containerName", container) == container \
+                and (event in codes["values"]) == (codes["operator"] == "In"):
+            if rule["action"] == "FailJob":
+                return "PodFailurePolicy", (f"Container {container} for pod {namespace}/{pod} failed with exit code "
+                                            f"{event} matching FailJob rule at index {index}")
+            return None if rule["action"] == "Ignore" else _counted(spec)
+        for pattern in rule.get("onPodConditions", []):
+            if event == pattern["type"] and pattern.get("status", "True") == "True":
+                if rule["action"] == "FailJob":
+                    return "PodFailurePolicy", (f"Pod {namespace}/{pod} has condition {event} matching FailJob rule "
+                                                f"at index {index}")
+                return None if rule["action"] == "Ignore" else _counted(spec)
+    return _counted(spec)
+
+
+def _counted(spec: dict) -> tuple[str, str] | None:
+    return ("BackoffLimitExceeded", "Job has reached the specified backoff limit") if spec["backoffLimit"] == 0 else None
+
+
+def jobset_action(jobset: dict, replicated_job: str, reason: str, message: str) -> str:
+    """The JobSet controller's choice for a failed child Job: the first rule whose reasons, message patterns (RE2;
+    these patterns mean the same in Python's re) and target replicated Jobs match, else RestartJobSet
+    (jobset v0.10.0 pkg/controllers/failure_policy.go ruleIsApplicable, defaultFailurePolicyRuleAction)."""
+    for rule in jobset["spec"]["failurePolicy"].get("rules", []):
+        if rule.get("onJobFailureReasons") and reason not in rule["onJobFailureReasons"]:
+            continue
+        if rule.get("onJobFailureMessagePatterns") and not any(re.search(p, message)
+                                                               for p in rule["onJobFailureMessagePatterns"]):
+            continue
+        if rule.get("targetReplicatedJobs") and replicated_job not in rule["targetReplicatedJobs"]:
+            continue
+        return rule["action"]
+    return "RestartJobSet"
+
+
+def jobset_outcome(jobset: dict, event) -> str:
+    node = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
+    failure = job_controller(node, node["template"]["spec"]["containers"][0]["name"], event)
+    if failure is None:
+        return "not counted"  # the Job replaced the pod itself
+    return {"FailJobSet": "fails the run", "RestartJobSet": "counted",
+            "RestartJobSetAndIgnoreMaxRestarts": "not counted"}[jobset_action(jobset, "node", *failure)]
+
+
+@pytest.mark.parametrize("elastic", [False, True], ids=["fixed", "elastic"])
+@pytest.mark.parametrize("event,expected", FAILURES)
+def test_failure_table_jobset(event, expected, elastic):
+    """docs/KUBERNETES.md's table: fixed size, a preemption recreates the gang without counting; elastic, the Job
+    replaces the preempted pod alone and the others go on. Config errors and divergence fail the JobSet at once."""
+    values = merge(ELASTIC, {"backend": "jobset"}) if elastic else {"backend": "jobset"}
+    jobset = one(render(values), "JobSet")
+    assert jobset_outcome(jobset, event) == expected
+    if event == PREEMPTED and not elastic:
+        node = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
+        assert jobset_action(jobset, "node", *job_controller(node, "trainer", event)) == "RestartJobSetAndIgnoreMaxRestarts"
+
+
+def test_jobset_without_message_patterns_never_loops_on_a_config_error():
+    """A JobSet older than 0.10 drops onJobFailureMessagePatterns (structural pruning): the first rule then fails the
+    run on any podFailurePolicy failure. A preemption fails the run instead of restarting it; exit 2 never loops."""
+    jobset = one(render({"backend": "jobset"}), "JobSet")
+    for rule in jobset["spec"]["failurePolicy"]["rules"]:
+        rule.pop("onJobFailureMessagePatterns", None)
+    assert jobset_outcome(jobset, CONFIG_ERROR) == jobset_outcome(jobset, DIVERGED) == "fails the run"
+    assert jobset_outcome(jobset, PREEMPTED) == "fails the run"
+    assert jobset_outcome(jobset, UNEXPECTED) == "counted"
+
+
+def test_jobset_push_failure_and_deadline_fail_the_run():
+    jobset = one(render(merge(PUSH_ON, {"backend": "jobset", "activeDeadlineSeconds": 3600})), "JobSet")
+    assert jobset_action(jobset, "push", "BackoffLimitExceeded", "Job has reached the specified backoff limit") == "FailJobSet"
+    assert jobset_action(jobset, "node", "DeadlineExceeded", "Job was active longer than specified deadline") == "FailJobSet"
+    names = [r["name"] for r in jobset["spec"]["failurePolicy"]["rules"]]
+    assert len(set(names)) == len(names) and all(re.fullmatch(r"[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?", n) for n in names)
+
+
+def test_jobset_model_catches_a_misspelt_field():
+    bad = one(render({"backend": "jobset"}), "JobSet")
+    bad["spec"]["failurePolicy"]["rules"][0]["onJobFailureMessagePattern"] = ["x"]
+    with pytest.raises(AssertionError, match="onJobFailureMessagePattern"):
+        check_jobset(bad)
+
+
+# ---- queueing (Kueue) ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,kind", sorted(BACKENDS.items()))
+def test_queued_runs_carry_kueues_labels_and_start_suspended(backend, kind):
+    """Kueue reads kueue.x-k8s.io/queue-name and kueue.x-k8s.io/priority-class on the workload object (kueue
+    pkg/controller/constants QueueLabel, WorkloadPriorityClassLabel); a Job or JobSet is created suspended and Kueue
+    resumes it on admission. Kueue's webhook suspends a PyTorchJob or TrainJob itself."""
+    docs = render({"backend": backend, "queueName": "gpu-queue", "workloadPriorityClassName": "research"})
+    workload = one(docs, kind, "train")
+    labels = workload["metadata"]["labels"]
+    assert (labels["kueue.x-k8s.io/queue-name"], labels["kueue.x-k8s.io/priority-class"]) == ("gpu-queue", "research")
+    suspended = {"Job": lambda s: s.get("suspend"), "JobSet": lambda s: s.get("suspend"),
+                 "PyTorchJob": lambda s: s["runPolicy"].get("suspend"), "TrainJob": lambda s: s.get("suspend")}[kind]
+    assert suspended(workload["spec"]) is (True if kind in ("Job", "JobSet") else None)
+    for doc in docs:  # only the workload is queued: not the push Job, not the pods
+        if doc is not workload:
+            assert not [k for k in doc["metadata"].get("labels", {}) if k.startswith("kueue.x-k8s.io/")], doc["kind"]
+    plain = one(render({"backend": backend}), kind, "train")
+    assert not [k for k in plain["metadata"]["labels"] if k.startswith("kueue.x-k8s.io/")]
+    assert plain["spec"].get("suspend") is None
+
+
+# ---- elastic training ----------------------------------------------------------------------------------------------
+
+def test_trainer_defaults_the_chart_computes_with():
+    sys.path.insert(0, str(ROOT))
+    from trainer.config import TrainingConfig
+
+    fields = TrainingConfig.model_fields
+    assert (fields["train_batch_size"].default, fields["gradient_accumulation_steps"].default) == (16, 1), \
+        "helm/templates/_run.tpl ddpm.trainBatchSize / ddpm.gradientAccumulation must follow the trainer"
+
+
+@pytest.mark.parametrize("backend", ["job", "jobset", "pytorchjob"])
+def test_elastic_runs_on_min_to_max_nodes_with_a_global_batch_every_count_divides(backend):
+    values = merge(ELASTIC, {"backend": backend})
+    docs = render(values)
+    config = yaml.safe_load(one(docs, "ConfigMap")["data"]["config.yaml"])
+    assert config["global_batch_size"] == 16 * 3 * 4 * 8, "train_batch_size x accumulation x maxNodes x procs"
+    for nodes in range(2, 5):  # what the trainer will compute at every start: a whole accumulation
+        assert config["global_batch_size"] % (16 * nodes * 8) == 0
+    if backend == "pytorchjob":
+        job = one(docs, "PyTorchJob")["spec"]
+        assert (job["elasticPolicy"]["minReplicas"], job["elasticPolicy"]["maxReplicas"]) == (2, 4)
+        assert job["pytorchReplicaSpecs"]["Worker"]["replicas"] == 4
+        return
+    if backend == "job":
+        job = one(docs, "Job", "train")["spec"]
+    else:
+        job = one(docs, "JobSet")["spec"]["replicatedJobs"][0]["template"]["spec"]
+        # elastic: a preempted pod is replaced alone, the others go on (no gang restart)
+        assert [r["action"] for r in job["podFailurePolicy"]["rules"]] == ["FailJob", "Ignore", "Ignore"]
+    assert job["completions"] == job["parallelism"] == 4
+    assert env_of(job["template"]["spec"]["containers"][0])["PET_NNODES"] == "2:4"
+    # pod 0 (rank 0) succeeding completes the Job; a pod still pending then is removed instead of failing it
+    assert job["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
+
+
+def test_fixed_size_runs_get_no_global_batch_or_success_policy():
+    docs = render(merge({"gpus": 32}, RWX))
+    assert "global_batch_size" not in yaml.safe_load(one(docs, "ConfigMap")["data"]["config.yaml"])
+    job = one(docs, "Job", "train")["spec"]
+    assert "successPolicy" not in job and env_of(job["template"]["spec"]["containers"][0])["PET_NNODES"] == "4"
+
+
+def test_elastic_refuses_node_counts_that_cannot_split_the_global_batch():
+    error = render_error(merge(ELASTIC, {"config": {"gradient_accumulation_steps": 1}}))
+    assert ("config.global_batch_size=512 cannot be split into whole micro-batches of config.train_batch_size=16 "
+            "over 3 node(s) (elastic: any count from 2 to 4) with 8 process(es) each (the trainer would exit 2): "
+            "set config.gradient_accumulation_steps=3 (a global batch of 16 x 3 x 4 x 8 = 1536)") in error
+    # a lower bound whose counts all divide is offered when there is one
+    error = render_error(merge(RWX, {"gpus": 64, "elastic": {"enabled": True, "minNodes": 2}}))
+    assert "over 3, 5, 6, 7 node(s)" in error and "or set elastic.minNodes=" not in error
+    error = render_error(merge(RWX, {"gpus": 40, "elastic": {"enabled": True, "minNodes": 2},
+                                     "config": {"gradient_accumulation_steps": 4}}))
+    assert "over 3 node(s)" in error
+    assert "set config.gradient_accumulation_steps=12 (a global batch of 16 x 12 x 5 x 8 = 7680), or set " \
+           "elastic.minNodes=4" in error
+
+
+def test_a_global_batch_the_user_sets_is_kept_and_checked():
+    """config.global_batch_size is a TrainingConfig field once the trainer has it (values.schema.json's `config` is
+    generated from TrainingConfig); the chart's own checks are tested here without the schema."""
+    def template(values: dict) -> subprocess.CompletedProcess:
+        return run_helm("template", RELEASE, str(CHART), "--skip-schema-validation", *values_args(values))
+
+    good = template(merge(ELASTIC, {"config": {"global_batch_size": 3072}}))
+    assert good.returncode == 0, good.stderr
+    config = yaml.safe_load(next(d for d in yaml.safe_load_all(good.stdout) if d and d["kind"] == "ConfigMap")
+                            ["data"]["config.yaml"])
+    assert config["global_batch_size"] == 3072
+    bad = template(merge(ELASTIC, {"config": {"global_batch_size": 1000}}))
+    assert "set config.global_batch_size to a multiple of 1536 = train_batch_size 16 x 8 processes per node x 12 " \
+           "(e.g. 1536)" in bad.stderr
+    fixed = template(merge(RWX, {"gpus": 16, "config": {"global_batch_size": 100}}))
+    assert "config.global_batch_size=100 cannot be split into whole micro-batches of config.train_batch_size=16 " \
+           "over 2 node(s) with 8 process(es) each" in fixed.stderr
+
+
+# ---- RBAC: exactly the calls the code makes ------------------------------------------------------------------------
+
+def api_access_of(pod: dict, container: dict, env: dict | None = None) -> str | None:
+    """The folder where `container` finds an API token, ca.crt and namespace (K8S_SERVICE_ACCOUNT_DIR, from its env or
+    `env`), checked to be a projected volume of all three; None when it has none."""
+    sys.path.insert(0, str(ROOT))
+    from trainer import kube
+
+    folder = {**(env or {}), **env_of(container)}.get(kube.SERVICE_ACCOUNT_DIR_ENV)
+    mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == folder]
+    if folder is None:
+        assert not [m for m in container.get("volumeMounts", []) if m["name"] == "kube-api-access"]
+        return None
+    [mount] = mounts
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    sources = volume["projected"]["sources"]
+    assert {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}} in sources
+    assert {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}} in sources
+    assert {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}} in sources
+    assert mount.get("readOnly") is True
+    return folder
+
+
+@pytest.mark.parametrize("backend,kind", sorted(BACKENDS.items()))
+def test_trainer_role_is_exactly_what_the_code_calls(backend, kind):
+    sys.path.insert(0, str(ROOT))
+    from trainer.kube import role_rules
+
+    docs = render({"backend": backend})
+    role = one(docs, "Role", "train")
+    assert role["rules"] == role_rules(kind)
+    binding = one(docs, "RoleBinding", "train")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": RELEASE, "namespace": "default"}]
+    # the TrainingRuntime's container gets its env from the TrainJob's spec.trainer.env
+    trainer_env = env_of(one(docs, "TrainJob")["spec"]["trainer"]) if backend == "trainjob" else {}
+    for where, template in training_pods(docs):
+        pod = template["spec"]
+        assert pod["serviceAccountName"] == RELEASE and pod["automountServiceAccountToken"] is False, where
+        assert api_access_of(pod, pod["containers"][0], trainer_env) == "/var/run/secrets/ddpm-trainer/kube-api", where
+        assert all(api_access_of(pod, c) is None for c in pod.get("initContainers", [])), where
+
+
+@pytest.mark.parametrize("backend,kind", sorted(BACKENDS.items()))
+def test_push_role_is_exactly_what_wait_for_training_calls(backend, kind):
+    """trainer/wait.py reads the workload (get) and watches it (watch): the workload's entry of role_calls."""
+    sys.path.insert(0, str(ROOT))
+    from trainer.kube import WORKLOAD_KINDS, role_calls
+
+    docs = render(merge(PUSH_ON, {"backend": backend, "jobset": {"pushInJobSet": False}}))
+    workload = WORKLOAD_KINDS[kind]
+    [rule] = one(docs, "Role", "push")["rules"]
+    assert rule == {"apiGroups": [workload.group], "resources": [workload.plural], "resourceNames": [f"{RELEASE}-train"],
+                    "verbs": sorted(role_calls(kind)[(workload.group, workload.plural)])}
+    assert rule["verbs"] == ["get", "watch"]
+
+
+def test_no_token_where_the_api_is_not_used():
+    docs = render(merge(PUSH_ON, {"tensorboard": {"enabled": True}}))
+    for where, template in full_pod_templates(docs):
+        pod = template["spec"]
+        assert pod.get("automountServiceAccountToken") is False, where
+        users = [c["name"] for c in pod["containers"] + pod.get("initContainers", []) if api_access_of(pod, c)]
+        assert users == {f"Job/{RELEASE}-train": ["trainer"], f"Job/{RELEASE}-push": ["wait-for-training"]}.get(where, []), where
+
+
+def test_without_rbac_training_is_unchanged_and_events_are_best_effort():
+    """rbac.create=false: no Role or RoleBinding; the pods are the same (trainer/events.py turns events off after
+    the first 403 and training goes on; tests/test_events.py)."""
+    docs = render(merge(PUSH_ON, {"rbac": {"create": False}}))
+    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+    assert sorted(d["metadata"]["name"] for d in by_kind(docs, "ServiceAccount")) == [RELEASE, f"{RELEASE}-push"]
+    assert one(docs, "Job", "train")["spec"] == one(render(PUSH_ON), "Job", "train")["spec"]

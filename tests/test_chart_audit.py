@@ -23,6 +23,7 @@ CHECKOV = ROOT / ".tools" / "checkov-venv" / "bin" / "checkov"
 # Every backend, the push, and the one opt-in that leaves "restricted" (rendered as release `ownership`).
 CASES = {
     "job": merge({"gpus": 16}, RWX, PUSH_ON),
+    "jobset": merge({"backend": "jobset", "gpus": 16}, RWX, PUSH_ON),
     "pytorchjob": merge({"backend": "pytorchjob", "gpus": 16}, RWX, PUSH_ON),
     "trainjob": merge({"backend": "trainjob", "gpus": 16}, RWX, PUSH_ON),
     "ownership": {"storage": {"fixOwnership": True}},
@@ -30,16 +31,16 @@ CASES = {
 
 
 def as_checkov_input(docs: list[dict], release: str) -> list[dict]:
-    """checkov knows Jobs, not Kubeflow kinds: the pod templates of a PyTorchJob or TrainingRuntime go in as the
-    Jobs their operators create. A TrainJob on the stock runtime only patches part of a pod (the rest is the
-    runtime's), so it is left out."""
+    """checkov knows Jobs, not JobSets or Kubeflow kinds: the pod templates of a JobSet, PyTorchJob or
+    TrainingRuntime go in as the Jobs their controllers create. A TrainJob on the stock runtime only patches part of a
+    pod (the rest is the runtime's), so it is left out."""
     from test_chart import pod_templates
 
     out = []
     for doc in docs:
         if doc["kind"] == "TrainJob":
             continue
-        if doc["apiVersion"].startswith(("kubeflow.org/", "trainer.kubeflow.org/")):
+        if doc["apiVersion"].startswith(("kubeflow.org/", "trainer.kubeflow.org/", "jobset.x-k8s.io/")):
             for where, template in pod_templates(doc):
                 name = re.sub(r"[^a-z0-9-]", "-", f"{release}-{where.lower()}")
                 out.append({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},

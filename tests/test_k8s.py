@@ -13,7 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_chart import KUBEFLOW_APIS, KUBERNETES_VERSIONS  # noqa: E402  (the minors of the chart's kubeVersion range)
+from test_chart import BACKEND_APIS, KUBERNETES_VERSIONS  # noqa: E402  (the minors of the chart's kubeVersion range)
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 
@@ -72,13 +72,14 @@ def test_yaml_lint():
 
 def test_rendered_chart_is_clean_yaml(tmp_path):
     """The templates' whitespace handling: every backend renders without yamllint findings."""
-    for backend in ("job", "pytorchjob", "trainjob"):
-        apis = [arg for api in KUBEFLOW_APIS[backend] for arg in ("--api-versions", api)]
+    for backend in BACKEND_APIS:
+        apis = [arg for api in BACKEND_APIS[backend] for arg in ("--api-versions", api)]
         out = subprocess.run(
             [tool("helm"), "template", "ddpm", str(ROOT / "helm"), "--set", f"backend={backend}", "--set", "gpus=16",
              "--set", "storage.accessModes={ReadWriteMany}", "--set", "storage.storageClass=standard-rwx",
              "--set", "push.enabled=true", "--set", "push.tokenSecret=hf", "--set", "config.hub_model_id=me/m",
-             "--set", "tolerations[0].operator=Exists", "--set", "storage.fixOwnership=true", *apis],
+             "--set", "tolerations[0].operator=Exists", "--set", "storage.fixOwnership=true", "--set", "queueName=gpu-queue",
+             *apis],
             capture_output=True, text=True, check=True).stdout
         path = tmp_path / f"{backend}.yaml"
         path.write_text(out)

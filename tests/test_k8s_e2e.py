@@ -2,24 +2,36 @@
 
 helm renders the chart (backend job, 2 nodes x 1 process, push on, a tiny CPU config). For each pod the test does
 what the Job controller and the kubelet would do, and nothing more:
-  - env: the image's ENV (the Dockerfile's last stage); the service links of the release's ClusterIP Services
-    (unless the pod sets enableServiceLinks: false); the container's envFrom and env in order, valueFrom resolved
-    (fieldRef, secretKeyRef from a fake Secret, configMapKeyRef) and $(VAR) expanded; an Indexed Job's
-    JOB_COMPLETION_INDEX (a fieldRef on the pod's completion-index annotation, as the Job controller adds it).
+  - env: the image's ENV (the Dockerfile's last stage); KUBERNETES_SERVICE_HOST/_PORT (and KUBERNETES_PORT*) of the
+    API server's `kubernetes` Service, which the kubelet gives every pod whatever enableServiceLinks says (kubernetes
+    pkg/kubelet/kubelet_pods.go getServiceEnvVarMap: the master services of the default namespace always, the
+    namespace's own Services only with service links), here pointing at the fake API server; the service links of
+    the release's ClusterIP Services (unless the pod sets enableServiceLinks: false); the container's envFrom and env
+    in order, valueFrom resolved (fieldRef, secretKeyRef from a fake Secret, configMapKeyRef) and $(VAR) expanded; an
+    Indexed Job's JOB_COMPLETION_INDEX (a fieldRef on the pod's completion-index annotation, as the Job controller
+    adds it).
   - volumes: each volumeMount's mountPath becomes a local folder: a PVC is one folder shared by every pod, a
-    ConfigMap or Secret its data written as files, an emptyDir a fresh folder. The spec's paths are absolute
-    (/data, /etc/ddpm), so every mountPath prefix in env values, command/args and ConfigMap files is rewritten to
-    its folder.
+    ConfigMap or Secret its data written as files, an emptyDir a fresh folder, a projected volume its sources' files
+    (a serviceAccountToken: the token the fake API server accepts for the pod's ServiceAccount; the kube-root-ca.crt
+    ConfigMap, which Kubernetes' root-ca-cert-publisher puts in every namespace: the fake's CA; downwardAPI items:
+    the pod's fields). The spec's paths are absolute (/data, /etc/ddpm, the token folder), so every mountPath prefix
+    in env values, command/args and ConfigMap files is rewritten to its folder.
+  - the API server: tests/fake_kube.py's FakeKube holds what the controllers would create: the training Job (from the
+    render, then marked Complete as the Job controller would when both pods exited 0) and its pods with their
+    controller ownerReference, so rank 0 finds its workload; each ServiceAccount has its own token, and every call a
+    pod made must be allowed by the rendered Role bound to its ServiceAccount (RBAC evaluated as the API server does
+    for these verbs, resourceNames included).
   - network: the pod DNS names the headless Service gives (<job>-<index>.<subdomain>) resolve to 127.0.0.1; the
     rendezvous port is a free port, set with the chart's own masterPort value.
-  - the image's /opt/venv is this checkout's venv (PATH); each pod gets a fresh HOME / working directory.
+  - the image's /opt/venv is the test's venv (PATH) with this checkout's `trainer` first on PYTHONPATH (the image is
+    built from this checkout, whichever checkout the venv was installed from); each pod gets a fresh HOME /
+    working directory.
   - emptyDirs (/tmp, HOME, /dev/shm) are fresh folders: paths under their mountPaths in env and args point there,
     which is what a read-only root filesystem leaves writable.
 Not emulated: securityContext (the processes run as this user; readOnlyRootFilesystem is not enforced), resources
 (nvidia.com/gpu is ignored: the chart has no CPU mode, the processes simply run on CPU), restarts and
-podFailurePolicy, and the Kubernetes API (no API server, no ServiceAccount token: `ddpm wait-for-training` can only
-watch the volume here). Both pods share this machine's hostname, so torch's c10d rendezvous may give either of them
-rank 0 (on a cluster, pod 0's name sorts first).
+podFailurePolicy, and every API object or verb the code does not use. Both pods share this machine's hostname, so
+torch's c10d rendezvous may give either of them rank 0 (on a cluster, pod 0's name sorts first).
 
 The Hub endpoint goes in through the chart's extraEnv, as for anyone with a mirror; HF_HUB_DISABLE_XET=1 because the
 fake Hub (tests/fake_hub.py) speaks the LFS protocol, not Xet.
@@ -47,6 +59,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fake_hub import FakeHub
+from fake_kube import FakeKube, condition, owner
 
 pytestmark = pytest.mark.slow  # every test here runs ddpm or torchrun as subprocesses
 
@@ -57,6 +70,12 @@ TOKEN = "hf_" + secrets.token_hex(16)
 SECRETS = {"hf-token": {"token": TOKEN}}  # the Secret the user creates before installing
 REPO_ID = "fake-user/ddpm-k8s"
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+NAMESPACE = "default"
+# One API token per ServiceAccount of the render (the kubelet mounts a token bound to the pod's ServiceAccount), and
+# one for the user running `ddpm status` from a laptop.
+SA_TOKENS = {f"{RELEASE}": "sa-train-" + secrets.token_hex(8), f"{RELEASE}-push": "sa-push-" + secrets.token_hex(8)}
+USER_TOKEN = "user-" + secrets.token_hex(8)
+MILESTONES = ["RunStarted", "CheckpointSaved", "EvaluationDone", "Completed"]  # trainer/events.py, in a short run
 # 16 images, batch 4 per process x 2 processes = 2 steps per epoch; 4 steps = 2 epochs (grids 0000 and 0001).
 TINY_CONFIG = {
     "model_preset": "small", "image_size": 16, "builtin_num_images": 16, "train_batch_size": 4, "max_train_steps": 4,
@@ -105,13 +124,21 @@ def image_config(dockerfile: Path) -> tuple[dict[str, str], list[str]]:
 
 
 class Cluster:
-    """The rendered objects plus what the test stands in for: Secrets, one folder per PVC, pod processes."""
+    """The rendered objects plus what the test stands in for: Secrets, one folder per PVC, pod processes, the API
+    server (`api`, a started FakeKube)."""
 
-    def __init__(self, objects: list[dict], root: Path, secrets: dict[str, dict[str, str]]):
-        self.objects, self.root, self.secrets = objects, root, secrets
+    def __init__(self, objects: list[dict], root: Path, secrets: dict[str, dict[str, str]], api: FakeKube):
+        self.objects, self.root, self.secrets, self.api = objects, root, secrets, api
+        # ConfigMaps the cluster itself provides in every namespace (root-ca-cert-publisher)
+        self.cluster_config_maps = {"kube-root-ca.crt": {"ca.crt": api.ca_pem.decode()}}
         self.image_env, self.entrypoint = image_config(ROOT / "Dockerfile")
         self.processes: list[subprocess.Popen] = []
         self.hosts = self._pod_dns_names()
+
+    def config_map(self, name: str) -> dict[str, str]:
+        if name in self.cluster_config_maps:
+            return self.cluster_config_maps[name]
+        return self.get("ConfigMap", name)["data"]
 
     def get(self, kind: str, name: str) -> dict:
         found = [o for o in self.objects if o["kind"] == kind and o["metadata"]["name"] == name]
@@ -139,10 +166,18 @@ class Cluster:
                 names[f"{job['metadata']['name']}-{index}.{subdomain}"] = "127.0.0.1"
         return names
 
+    def api_service_env(self) -> dict[str, str]:
+        """The `kubernetes` Service's variables, which every pod gets: here the fake API server's address."""
+        host, port = "127.0.0.1", str(self.api.port)
+        return {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port, "KUBERNETES_SERVICE_PORT_HTTPS": port,
+                "KUBERNETES_PORT": f"tcp://{host}:{port}", f"KUBERNETES_PORT_{port}_TCP": f"tcp://{host}:{port}",
+                f"KUBERNETES_PORT_{port}_TCP_PROTO": "tcp", f"KUBERNETES_PORT_{port}_TCP_PORT": port,
+                f"KUBERNETES_PORT_{port}_TCP_ADDR": host}
+
     def service_links(self) -> dict[str, str]:
-        """The env the kubelet gives every pod for each ClusterIP Service that exists when it starts (helm creates
-        Services before Jobs and Deployments), with made-up cluster IPs."""
-        env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+        """The env the kubelet gives a pod with service links for each ClusterIP Service of its namespace that exists
+        when it starts (helm creates Services before Jobs and Deployments), with made-up cluster IPs."""
+        env = {}
         services = [o for o in self.objects if o["kind"] == "Service" and o["spec"].get("clusterIP") != "None"]
         for number, service in enumerate(services, start=10):
             name, ip = service["metadata"]["name"].upper().replace("-", "_"), f"10.96.0.{number}"
@@ -201,6 +236,19 @@ class Pod:
     def containers(self) -> list[dict]:
         return self.spec.get("initContainers", []) + self.spec["containers"]
 
+    def api_object(self, controller: dict) -> dict:
+        """This pod as the API server holds it, owned by `controller` (the Job) as the Job controller sets it."""
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": self.name, "namespace": NAMESPACE, "uid": self.uid,
+                             "labels": dict(self.metadata.get("labels", {})),
+                             "annotations": dict(self.metadata.get("annotations", {})),
+                             "ownerReferences": [owner(controller)]},
+                "spec": {"nodeName": "node-0", "serviceAccountName": self.spec.get("serviceAccountName", "default"),
+                         "containers": [{"name": c["name"], "image": c["image"]} for c in self.spec["containers"]]},
+                "status": {"phase": "Running", "containerStatuses": [
+                    {"name": c["name"], "image": c["image"], "imageID": "", "ready": True, "restartCount": 0}
+                    for c in self.spec["containers"]]}}
+
     def container(self, name: str) -> dict:
         [found] = [c for c in self.containers() if c["name"] == name]
         return found
@@ -216,7 +264,7 @@ class Pod:
     def _volume_dir(self, volume: dict) -> Path:
         if "persistentVolumeClaim" in volume:
             path = self.cluster.root / "volumes" / volume["persistentVolumeClaim"]["claimName"]
-        elif {"configMap", "secret", "emptyDir"} & volume.keys():
+        elif {"configMap", "secret", "emptyDir", "projected"} & volume.keys():
             path = self.dir / "volumes" / volume["name"]
         else:
             pytest.fail(f"volume {volume} is of a kind this emulation does not know")
@@ -224,13 +272,31 @@ class Pod:
         return path
 
     def _fill(self, volume: dict, path: Path) -> None:
-        if "configMap" in volume:
-            data, source = self.cluster.get("ConfigMap", volume["configMap"]["name"])["data"], volume["configMap"]
-            data = {key: self.localize(value) for key, value in data.items()}
-        elif "secret" in volume:
-            data, source = self.cluster.secrets[volume["secret"]["secretName"]], volume["secret"]
-        else:
+        if "projected" in volume:
+            for source in volume["projected"]["sources"]:
+                self._fill_projected(source, path)
             return
+        if "configMap" in volume:
+            data = {key: self.localize(value) for key, value in self.cluster.config_map(volume["configMap"]["name"]).items()}
+            self._write_items(data, volume["configMap"], path)
+        elif "secret" in volume:
+            self._write_items(self.cluster.secrets[volume["secret"]["secretName"]], volume["secret"], path)
+
+    def _fill_projected(self, source: dict, path: Path) -> None:
+        if "serviceAccountToken" in source:
+            # a token bound to this pod's ServiceAccount (the fake accepts exactly these)
+            account = self.spec.get("serviceAccountName", "default")
+            (path / source["serviceAccountToken"]["path"]).write_text(SA_TOKENS[account])
+        elif "configMap" in source:
+            self._write_items(self.cluster.config_map(source["configMap"]["name"]), source["configMap"], path)
+        elif "downwardAPI" in source:
+            for item in source["downwardAPI"]["items"]:
+                (path / item["path"]).write_text(self._field(item["fieldRef"]["fieldPath"]))
+        else:
+            pytest.fail(f"projected source {source} is not emulated")
+
+    @staticmethod
+    def _write_items(data: dict[str, str], source: dict, path: Path) -> None:
         items = source.get("items") or [{"key": key, "path": key} for key in data]
         for item in items:
             (path / item["path"]).parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +306,7 @@ class Pod:
     def _field(self, path: str) -> str:
         if m := re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path):
             return self.metadata.get(m[1], {})[m[2]]
-        simple = {"metadata.name": self.name, "metadata.namespace": "default", "metadata.uid": self.uid,
+        simple = {"metadata.name": self.name, "metadata.namespace": NAMESPACE, "metadata.uid": self.uid,
                   "spec.nodeName": "node-0",
                   "spec.serviceAccountName": self.spec.get("serviceAccountName", "default"),
                   "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1"}
@@ -259,7 +325,7 @@ class Pod:
             return self.cluster.secrets[ref["name"]][ref["key"]]
         if "configMapKeyRef" in source:
             ref = source["configMapKeyRef"]
-            return self.localize(self.cluster.get("ConfigMap", ref["name"])["data"][ref["key"]])
+            return self.localize(self.cluster.config_map(ref["name"])[ref["key"]])
         pytest.fail(f"valueFrom {source} is not emulated")
 
     @staticmethod
@@ -270,12 +336,14 @@ class Pod:
 
     def env(self, container: dict) -> dict[str, str]:
         env = dict(self.cluster.image_env)
-        env.update(PATH=f"{Path(sys.executable).parent}:{os.defpath}", HOME=str(self.home), HOSTNAME=self.hostname)
+        env.update(PATH=f"{Path(sys.executable).parent}:{os.defpath}", HOME=str(self.home), HOSTNAME=self.hostname,
+                   PYTHONPATH=str(ROOT))
+        env.update(self.cluster.api_service_env())
         if self.spec.get("enableServiceLinks", True):
             env.update(self.cluster.service_links())
         for source in container.get("envFrom", []):
             if "configMapRef" in source:
-                data = self.cluster.get("ConfigMap", source["configMapRef"]["name"])["data"]
+                data = self.cluster.config_map(source["configMapRef"]["name"])
             else:
                 data = self.cluster.secrets[source["secretRef"]["name"]]
             env.update({source.get("prefix", "") + k: v for k, v in data.items()})
@@ -324,6 +392,33 @@ def tails(logs: dict[str, Path], lines: int = 40) -> str:
                      for name, path in logs.items())
 
 
+def rbac_denied(objects: list[dict], requests) -> list[str]:
+    """Every request a pod's token made that the rendered RBAC does not allow: the Roles bound (by RoleBinding) to
+    the token's ServiceAccount, matched as the API server's RBAC authorizer does (rbac/v1 PolicyRule: apiGroups,
+    resources, verbs, and resourceNames, which a list or watch satisfies only with a metadata.name field selector;
+    Kubernetes docs "Using RBAC Authorization", Referring to resources)."""
+    roles = {o["metadata"]["name"]: o["rules"] for o in objects if o["kind"] == "Role"}
+    rules_of: dict[str, list[dict]] = {}
+    for binding in (o for o in objects if o["kind"] == "RoleBinding"):
+        for subject in binding["subjects"]:
+            rules_of.setdefault(subject["name"], []).extend(roles[binding["roleRef"]["name"]])
+    account_of = {token: account for account, token in SA_TOKENS.items()}
+    denied = []
+    for r in requests:
+        if r.token == USER_TOKEN or not r.verb:
+            continue
+        name = r.name or (r.query.get("fieldSelector", "").partition("metadata.name=")[2] or None)
+
+        def allows(rule: dict) -> bool:
+            if r.group not in rule["apiGroups"] or r.resource not in rule["resources"] or r.verb not in rule["verbs"]:
+                return False
+            return "resourceNames" not in rule or name in rule["resourceNames"]
+
+        if not any(allows(rule) for rule in rules_of.get(account_of.get(r.token), [])):
+            denied.append(f"{account_of.get(r.token, r.token)}: {r.verb} {r.group}/{r.resource} {name or ''}")
+    return denied
+
+
 @pytest.fixture
 def hub():
     with FakeHub(tokens=(TOKEN,)) as server:
@@ -331,7 +426,13 @@ def hub():
 
 
 @pytest.fixture
-def cluster(hub, tmp_path):
+def api():
+    with FakeKube(tokens=set(SA_TOKENS.values()) | {USER_TOKEN}) as server:
+        yield server
+
+
+@pytest.fixture
+def cluster(hub, api, tmp_path):
     values = {
         "backend": "job", "gpus": 2, "gpusPerNode": 1, "masterPort": free_port(), "config": TINY_CONFIG,
         "push": {"enabled": True, "tokenSecret": "hf-token", "pollSeconds": 1},
@@ -339,7 +440,7 @@ def cluster(hub, tmp_path):
         "storage": {"accessModes": ["ReadWriteMany"], "storageClass": "nfs"},
         "extraEnv": [{"name": "HF_ENDPOINT", "value": hub.url}, {"name": "HF_HUB_DISABLE_XET", "value": "1"}],
     }
-    cluster = Cluster(render(values, tmp_path), tmp_path / "cluster", SECRETS)
+    cluster = Cluster(render(values, tmp_path), tmp_path / "cluster", SECRETS, api)
     yield cluster
     for proc in cluster.processes:  # only what this test started, each by its own process group
         if proc.poll() is None:
@@ -347,21 +448,25 @@ def cluster(hub, tmp_path):
             proc.wait()
 
 
-def test_rendered_pods_train_together_then_the_push_job_uploads(cluster, hub):
+def test_rendered_pods_train_together_then_the_push_job_uploads(cluster, hub, api):
     train_job, push_job = cluster.job("train"), cluster.job("push")
     nodes = train_job["spec"]["completions"]
     assert nodes == 2 and train_job["spec"]["completionMode"] == "Indexed"
+    # helm install creates the Job; the Job controller its pods (with their controller ownerReference).
+    job = api.put(dict(train_job, metadata=dict(train_job["metadata"], namespace=NAMESPACE), status={"active": nodes}))
+    pods = [cluster.pod(train_job, index) for index in range(nodes)]
+    for pod in pods:
+        api.put(pod.api_object(job))
 
-    # helm install starts the push Job with the training: its init container waits for this run's completion marker.
+    # helm install starts the push Job with the training: its init container follows the training Job through the API.
     pusher = cluster.pod(push_job)
     wait_command = pusher.container("wait-for-training")["command"]
     assert wait_command[:4] == ["ddpm", "wait-for-training", "--workload", f"Job/{train_job['metadata']['name']}"]
     waiter = pusher.start("wait-for-training", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(3)
+    assert api.wait_for_watches(1, timeout=60), "wait-for-training did not watch the training Job"
     assert waiter.poll() is None, f"wait-for-training ended before training started:\n{waiter.stdout.read()}"
 
     # One process per index, each the trainer container's own command with the pod's env, volumes and names.
-    pods = [cluster.pod(train_job, index) for index in range(nodes)]
     logs = {pod.name: pod.dir / "trainer.log" for pod in pods}
     trainers = {}
     for pod in pods:
@@ -396,8 +501,15 @@ def test_rendered_pods_train_together_then_the_push_job_uploads(cluster, hub):
                  "README.md", "training_config.yaml"):
         assert (out / name).is_file(), f"{name} missing"
 
-    # The init container sees the marker and ends; then the push container runs `ddpm push` against the fake Hub.
-    assert waiter.wait(timeout=30) == 0, waiter.stdout.read()
+    # Both pods exited 0: the Job controller marks the Job Complete; the init container sees it through its watch,
+    # checks the marker and ends (the API path, not marker polling); then `ddpm push` uploads to the fake Hub.
+    api.put(dict(job, status={"succeeded": nodes, "conditions": [condition("SuccessCriteriaMet"), condition("Complete")]}))
+    assert waiter.wait(timeout=60) == 0, waiter.stdout.read()
+    wait_output = waiter.stdout.read()
+    assert f"Job/{RELEASE}-train succeeded; completion marker matches" in wait_output, wait_output
+    assert "polling the completion marker" not in wait_output, wait_output
+    push_calls = {r.call for r in api.requests if r.token == SA_TOKENS[f"{RELEASE}-push"]}
+    assert push_calls == {("batch", "jobs", "get"), ("batch", "jobs", "watch")}, push_calls
     push = pusher.start("push", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output, _ = push.communicate(timeout=180)
     assert push.returncode == 0, output
@@ -409,3 +521,31 @@ def test_rendered_pods_train_together_then_the_push_job_uploads(cluster, hub):
     assert not repo.private and len(repo.commits) == 1
     assert all(r.authorization == f"Bearer {TOKEN}" for r in hub.api_requests() if not r.path.startswith("/lfs-storage/"))
     assert TOKEN not in output + rank0 + rank1
+
+    # Every API call a pod made is one the rendered Roles allow its ServiceAccount (the push's get+watch, the
+    # trainer's events, pod and workload reads); the upload container never had a token to call with.
+    assert not rbac_denied(cluster.objects, api.requests)
+    assert not [r for r in api.requests if r.status == 401], "a token the API server does not know"
+
+    # `ddpm status` from a laptop (kubeconfig, the user's own rights) finds the release's finished run.
+    bin_path = f"{Path(sys.executable).parent}:{os.defpath}"
+    laptop = {"PATH": bin_path, "HOME": str(cluster.root), "PYTHONPATH": str(ROOT),
+              "KUBECONFIG": str(api.write_kubeconfig(cluster.root / "kubeconfig", token=USER_TOKEN))}
+    status = subprocess.run([shutil.which("ddpm", path=bin_path), "status", "--release", RELEASE, "-n", NAMESPACE],
+                            env=laptop, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert f"workload    Job/{RELEASE}-train: succeeded" in status.stdout, status.stdout
+
+    # The run's milestones as Events, posted by rank 0 through the chart's own token mount: on its pod and on the
+    # Job, in order (the trainer's loop posts them with trainer.events.RunEvents), and `ddpm status` reads them.
+    events = api.events()
+    on_job = [e["reason"] for e in events if e["involvedObject"]["kind"] == "Job"
+              and e["involvedObject"].get("uid") == job["metadata"]["uid"]]
+    on_pods = {pod.name: [e["reason"] for e in events if e["involvedObject"]["kind"] == "Pod"
+                          and e["involvedObject"].get("uid") == pod.uid] for pod in pods}
+    assert on_job == MILESTONES and sorted(on_pods.values()) == [[], MILESTONES], (
+        f"Events on Job/{RELEASE}-train: {on_job}; on the pods: {on_pods}; expected {MILESTONES} on the Job and on "
+        "rank 0's pod (none at all: the trainer's loop does not post them)")
+    assert all(e["source"]["component"] == "ddpm-trainer" for e in events)
+    assert "completed   model in" in subprocess.run(status.args, env=laptop, capture_output=True, text=True,
+                                                   timeout=60).stdout

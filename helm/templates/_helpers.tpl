@@ -45,6 +45,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "ddpm.tensorboardName" -}}{{ include "ddpm.fullname" . }}-tensorboard{{- end }}
 {{- define "ddpm.pushName" -}}{{ include "ddpm.fullname" . }}-push{{- end }}
 {{- define "ddpm.runtimeName" -}}{{ include "ddpm.fullname" . }}-runtime{{- end }}
+{{- define "ddpm.trainerRoleName" -}}{{ include "ddpm.fullname" . }}-trainer{{- end }}
 
 {{/* ServiceAccount of the training and TensorBoard pods. */}}
 {{- define "ddpm.serviceAccountName" -}}
@@ -57,9 +58,36 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* The training workload as `ddpm wait-for-training --workload` and TRAINING_WORKLOAD name it: <Kind>/<name>. */}}
 {{- define "ddpm.workloadKind" -}}
-{{- get (dict "job" "Job" "pytorchjob" "PyTorchJob" "trainjob" "TrainJob") .Values.backend }}
+{{- get (dict "job" "Job" "jobset" "JobSet" "pytorchjob" "PyTorchJob" "trainjob" "TrainJob") .Values.backend }}
 {{- end }}
 {{- define "ddpm.workload" -}}{{ include "ddpm.workloadKind" . }}/{{ include "ddpm.trainName" . }}{{- end }}
+
+{{/*
+API group and plural of a workload kind, and the kinds between a training pod and it (the controllers' owners:
+Job -> JobSet -> TrainJob), as trainer/kube.py names them (Kind, OWNERS_BELOW): what the Roles grant.
+*/}}
+{{- define "ddpm.kindResource" -}}
+{{- get (dict "Job" "batch jobs" "JobSet" "jobset.x-k8s.io jobsets" "PyTorchJob" "kubeflow.org pytorchjobs"
+  "TrainJob" "trainer.kubeflow.org trainjobs") . }}
+{{- end }}
+{{- define "ddpm.ownersBelow" -}}
+{{- get (dict "Job" "" "JobSet" "Job" "PyTorchJob" "" "TrainJob" "Job JobSet") . }}
+{{- end }}
+
+{{/* Labels of the training workload object: the chart's, Kueue's (queueName, workloadPriorityClassName), jobLabels. */}}
+{{- define "ddpm.workloadLabels" -}}
+{{ include "ddpm.labels" . }}
+app.kubernetes.io/component: train
+{{- with .Values.queueName }}
+kueue.x-k8s.io/queue-name: {{ . }}
+{{- end }}
+{{- with .Values.workloadPriorityClassName }}
+kueue.x-k8s.io/priority-class: {{ . }}
+{{- end }}
+{{- with .Values.jobLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
 
 {{/*
 The `manager` of the TrainJob's runtime patch: a fixed, domain-prefixed name (the Trainer's webhook requires the

@@ -45,14 +45,14 @@ Never DDPM_*: the trainer reads those as TrainingConfig fields and rejects unkno
 {{/*
 torchrun's c10d rendezvous, read by `ddpm launch` from torchrun's own PET_* names: every node joins the store on
 node 0 (whose `ddpm launch` adds is_host=true from JOB_COMPLETION_INDEX 0), so a replaced pod rejoins and the
-others restart their workers from the newest checkpoint instead of failing. The `job` backend also gives the run's
-shape; TrainJob's torch plugin injects PET_NNODES/PET_NPROC_PER_NODE itself and forbids setting them
+others restart their workers from the newest checkpoint instead of failing. The `job` and `jobset` backends also give
+the run's shape ("MIN:MAX" nodes when elastic); TrainJob's torch plugin injects PET_NNODES/PET_NPROC_PER_NODE itself and forbids setting them
 (kubeflow/trainer release-2.3 pkg/constants/constants.go TorchRunReservedEnvNames).
 */}}
 {{- define "ddpm.rendezvousEnv" -}}
-{{- if eq .Values.backend "job" }}
+{{- if has .Values.backend (list "job" "jobset") }}
 - name: PET_NNODES
-  value: {{ include "ddpm.nodes" . | quote }}
+  value: {{ include "ddpm.nnodes" . | quote }}
 - name: PET_NPROC_PER_NODE
   value: {{ include "ddpm.procsPerNode" . | quote }}
 {{- end }}
@@ -68,7 +68,56 @@ shape; TrainJob's torch plugin injects PET_NNODES/PET_NPROC_PER_NODE itself and 
   value: {{ printf "join_timeout=%d" (int .Values.rendezvousTimeoutSeconds) | quote }}
 {{- end }}
 
-{{/* Volumes of the training pods: the shared volume, the config, /dev/shm, and writable /tmp and HOME. */}}
+{{/*
+The Kubernetes API token, for the containers that call the API (trainer/kube.py): the training container (rank 0
+posts Events) and the push's wait-for-training. Every pod has automountServiceAccountToken: false, so no other
+container (TensorBoard, the push upload, user init containers) gets a token. The volume is what the kubelet mounts
+for automountServiceAccountToken: true (Kubernetes docs "Managing Service Accounts", bound service account token
+volume; plugin/pkg/admission/serviceaccount/admission.go TokenVolumeSource): a projected bound token (expirationSeconds
+3607, refreshed by the kubelet and re-read by the client), the cluster CA from the kube-root-ca.crt ConfigMap the
+root-ca-cert-publisher puts in every namespace, and the namespace from the downward API. K8S_SERVICE_ACCOUNT_DIR
+tells trainer/kube.py where it is.
+*/}}
+{{- define "ddpm.apiAccessPath" -}}/var/run/secrets/ddpm-trainer/kube-api{{- end }}
+
+{{- define "ddpm.apiAccessVolume" -}}
+- name: kube-api-access
+  projected:
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: 3607
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - key: ca.crt
+              path: ca.crt
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef:
+                fieldPath: metadata.namespace
+{{- end }}
+
+{{- define "ddpm.apiAccessMount" -}}
+- name: kube-api-access
+  mountPath: {{ include "ddpm.apiAccessPath" . }}
+  readOnly: true
+{{- end }}
+
+{{- define "ddpm.apiAccessEnv" -}}
+- name: K8S_SERVICE_ACCOUNT_DIR
+  value: {{ include "ddpm.apiAccessPath" . | quote }}
+{{- end }}
+
+{{/* The c10d store's port on the training container (served by node 0). */}}
+{{- define "ddpm.rendezvousPort" -}}
+- name: rendezvous
+  containerPort: {{ int .Values.masterPort }}
+  protocol: TCP
+{{- end }}
+
+{{/* Volumes of the training pods: the shared volume, the config, /dev/shm, writable /tmp and HOME, the API token. */}}
 {{- define "ddpm.volumes" -}}
 - name: data
   persistentVolumeClaim:
@@ -81,6 +130,7 @@ shape; TrainJob's torch plugin injects PET_NNODES/PET_NPROC_PER_NODE itself and 
     medium: Memory
     sizeLimit: {{ include "ddpm.shmSize" . }}
 {{ include "ddpm.scratchVolumes" . }}
+{{ include "ddpm.apiAccessVolume" . }}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
@@ -95,6 +145,7 @@ shape; TrainJob's torch plugin injects PET_NNODES/PET_NPROC_PER_NODE itself and 
 - name: dshm
   mountPath: /dev/shm
 {{ include "ddpm.scratchMounts" . }}
+{{ include "ddpm.apiAccessMount" . }}
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
@@ -201,7 +252,8 @@ restartPolicy: {{ . }}
 DDPM_*_SERVICE_HOST/_PORT variables, which the trainer would have to tell apart from config. */}}
 enableServiceLinks: false
 serviceAccountName: {{ include "ddpm.serviceAccountName" $root }}
-automountServiceAccountToken: {{ $v.serviceAccount.automountServiceAccountToken }}
+# Only the trainer container gets an API token (ddpm.apiAccessVolume).
+automountServiceAccountToken: false
 terminationGracePeriodSeconds: {{ int64 $v.terminationGracePeriodSeconds }}
 {{- with $v.priorityClassName }}
 priorityClassName: {{ . }}
@@ -266,13 +318,15 @@ volumes:
 {{- end }}
 
 {{/*
-The training container's env for the Job and PyTorchJob (the TrainJob passes the same through spec.trainer.env).
+The training container's env for the Job, JobSet and PyTorchJob (the TrainJob passes the same through
+spec.trainer.env).
 */}}
 {{- define "ddpm.trainEnv" -}}
 {{- if ne .Values.backend "pytorchjob" }}
 {{ include "ddpm.rendezvousEnv" . }}
 {{- end }}
 {{ include "ddpm.identityEnv" . }}
+{{ include "ddpm.apiAccessEnv" . }}
 {{ include "ddpm.commonEnv" . }}
 {{- end }}
 
@@ -327,11 +381,15 @@ affinity:
 {{- end }}
 
 {{/*
-The Job podFailurePolicy, for the `job` backend and the TrainingRuntime's Job: the trainer's exit codes decide.
-Kubernetes applies the first matching rule (pkg/controller/job/pod_failure_policy.go); a pod no rule matches
-counts against backoffLimit. Call with (dict "container" NAME).
+The Job podFailurePolicy, for the `job` backend, the JobSet's Job and the TrainingRuntime's Job: the trainer's exit
+codes decide. Kubernetes applies the first matching rule (pkg/controller/job/pod_failure_policy.go
+matchPodFailurePolicy); a pod no rule matches counts against backoffLimit. Call with (dict "container" NAME
+"preemption" ACTION): Ignore (default) replaces a preempted pod without counting it; FailJob (the non-elastic JobSet)
+fails the Job with a message that names the exit code or condition, for the JobSet's failurePolicy to restart the gang.
 */}}
 {{- define "ddpm.podFailurePolicy" -}}
+{{- $preemption := .preemption | default "Ignore" -}}
+{{- $then := ternary "replaced, resumes, not counted" "the JobSet recreates the gang, not counted" (eq $preemption "Ignore") -}}
 rules:
   # 2: bad configuration or input, 3: training diverged. Retrying cannot help: the Job fails at once.
   - action: FailJob
@@ -339,17 +397,30 @@ rules:
       containerName: {{ .container }}
       operator: In
       values: [2, 3]
-  # 143: preempted (SIGTERM), checkpoint written; the replacement resumes from it and is not counted.
-  - action: Ignore
+  # 143: preempted (SIGTERM), checkpoint written; {{ $then }}.
+  - action: {{ $preemption }}
     onExitCodes:
       containerName: {{ .container }}
       operator: In
       values: [143]
-  # Evicted, preempted or drained by Kubernetes: not the run's fault, not counted.
-  - action: Ignore
+  # Evicted, preempted or drained by Kubernetes: {{ $then }}.
+  - action: {{ $preemption }}
     onPodConditions:
       - type: DisruptionTarget
         status: "True"
+{{- end }}
+
+{{/*
+Elastic runs: the Job is complete once pod 0 (rank 0, which hosts the rendezvous and writes the completion marker)
+has succeeded, and its other pods are then removed (Job successPolicy, KEP-3998: beta and on by default from 1.31,
+GA in 1.33; API reference: "Once any of the rules are met, the SuccessCriteriaMet condition is added, and the
+lingering pods are removed"). Without it, a pod that was still pending when training ended would start, find no
+rendezvous and fail, and the Job with it.
+*/}}
+{{- define "ddpm.elasticSuccessPolicy" -}}
+successPolicy:
+  rules:
+    - succeededIndexes: "0"
 {{- end }}
 
 {{/* The Hub token, only ever from the existing Secret. */}}
@@ -359,4 +430,109 @@ rules:
     secretKeyRef:
       name: {{ .Values.push.tokenSecret }}
       key: {{ .Values.push.tokenSecretKey }}
+{{- end }}
+
+{{/*
+The push pod: `ddpm wait-for-training` (init container) until this config's run is complete, then `ddpm push`. Call
+with (dict "root" $ "apiAccess" BOOL). With apiAccess the wait gets the API token and follows the training workload
+through the API (the separate push Job); without, it finds no token and checks the completion marker, which is what
+the push inside a JobSet needs: the JobSet controller starts it only after the training Job has completed, and the
+JobSet itself is not complete until the push is, so watching it would wait forever.
+*/}}
+{{- define "ddpm.pushPodSpec" -}}
+{{- $root := .root }}
+{{- $v := $root.Values }}
+restartPolicy: Never
+# No Service env vars: DDPM_<SERVICE>_* would look like config to the trainer.
+enableServiceLinks: false
+serviceAccountName: {{ include "ddpm.pushServiceAccountName" $root }}
+# Only the wait gets an API token (ddpm.apiAccessVolume), never the upload.
+automountServiceAccountToken: false
+{{- with (include "ddpm.componentScheduling" (dict "root" $root "own" $v.push "onVolume" true) | trim) }}
+{{ . }}
+{{- end }}
+securityContext:
+  {{- include "ddpm.podSecurityContext" $root | nindent 2 }}
+initContainers:
+  - name: wait-for-training
+    image: {{ include "ddpm.image" $root }}
+    imagePullPolicy: {{ $v.image.pullPolicy }}
+    command:
+      - ddpm
+      - wait-for-training
+      - --workload
+      - {{ include "ddpm.workload" $root }}
+      - --poll-seconds
+      - {{ int64 $v.push.pollSeconds | toString | quote }}
+      - --timeout-seconds
+      - {{ int64 $v.push.waitTimeoutSeconds | toString | quote }}
+    env:
+      {{- include "ddpm.identityEnv" $root | nindent 6 }}
+      {{- if .apiAccess }}
+      {{- include "ddpm.apiAccessEnv" $root | nindent 6 }}
+      {{- end }}
+      {{- include "ddpm.commonEnv" $root | nindent 6 }}
+      {{- include "ddpm.tokenEnv" $root | nindent 6 }}
+    resources:
+      requests:
+        cpu: 50m
+        memory: 256Mi
+      limits:
+        memory: 1Gi
+    securityContext:
+      {{- include "ddpm.containerSecurityContext" $root | nindent 6 }}
+    volumeMounts:
+      - name: data
+        mountPath: /data
+        readOnly: true
+      - name: config
+        mountPath: /etc/ddpm
+        readOnly: true
+      {{- include "ddpm.scratchMounts" $root | nindent 6 }}
+      {{- if .apiAccess }}
+      {{- include "ddpm.apiAccessMount" $root | nindent 6 }}
+      {{- end }}
+containers:
+  - name: push
+    image: {{ include "ddpm.image" $root }}
+    imagePullPolicy: {{ $v.image.pullPolicy }}
+    command: ["ddpm", "push", "--deadline-seconds", {{ int64 $v.push.deadlineSeconds | toString | quote }}]
+    env:
+      {{- include "ddpm.identityEnv" $root | nindent 6 }}
+      {{- include "ddpm.commonEnv" $root | nindent 6 }}
+      {{- include "ddpm.tokenEnv" $root | nindent 6 }}
+    resources:
+      {{- toYaml $v.push.resources | nindent 6 }}
+    securityContext:
+      {{- include "ddpm.containerSecurityContext" $root | nindent 6 }}
+    volumeMounts:
+      - name: data
+        mountPath: /data
+      - name: config
+        mountPath: /etc/ddpm
+        readOnly: true
+      {{- include "ddpm.scratchMounts" $root | nindent 6 }}
+volumes:
+  - name: data
+    persistentVolumeClaim:
+      claimName: {{ include "ddpm.claimName" $root }}
+  - name: config
+    configMap:
+      name: {{ include "ddpm.configName" $root }}
+  {{- include "ddpm.scratchVolumes" $root | nindent 2 }}
+  {{- if .apiAccess }}
+  {{- include "ddpm.apiAccessVolume" $root | nindent 2 }}
+  {{- end }}
+{{- end }}
+
+{{/* The push pod's labels. */}}
+{{- define "ddpm.pushPodMetadata" -}}
+labels:
+  {{- include "ddpm.selectorLabels" . | nindent 2 }}
+  app.kubernetes.io/component: push
+{{- end }}
+
+{{/* Deadline of the push Job: push.activeDeadlineSeconds, or the wait + the upload + 600 s. */}}
+{{- define "ddpm.pushDeadline" -}}
+{{- .Values.push.activeDeadlineSeconds | default (add .Values.push.waitTimeoutSeconds .Values.push.deadlineSeconds 600) | int64 }}
 {{- end }}

@@ -10,6 +10,36 @@
 {{- if gt (int .Values.gpus) (int .Values.gpusPerNode) }}{{ int .Values.gpusPerNode }}{{ else }}{{ int .Values.gpus }}{{ end }}
 {{- end }}
 
+{{/* Fewest nodes the run trains on: elastic.minNodes when elastic, else all of them. */}}
+{{- define "ddpm.minNodes" -}}
+{{- if .Values.elastic.enabled }}{{ int .Values.elastic.minNodes }}{{ else }}{{ include "ddpm.nodes" . }}{{ end }}
+{{- end }}
+
+{{/* torchrun's --nnodes (PET_NNODES): "N", or "MIN:MAX" when elastic. */}}
+{{- define "ddpm.nnodes" -}}
+{{- $min := include "ddpm.minNodes" . }}{{ $max := include "ddpm.nodes" . }}
+{{- if eq $min $max }}{{ $max }}{{ else }}{{ $min }}:{{ $max }}{{ end }}
+{{- end }}
+
+{{/*
+The trainer's defaults for the fields the chart computes with (trainer/config.py TrainingConfig; tests/test_chart.py
+checks they match).
+*/}}
+{{- define "ddpm.trainBatchSize" -}}{{ .Values.config.train_batch_size | default 16 | int }}{{- end }}
+{{- define "ddpm.gradientAccumulation" -}}{{ .Values.config.gradient_accumulation_steps | default 1 | int }}{{- end }}
+
+{{/*
+Images per optimizer update over all processes (config.global_batch_size): the user's, or with elastic on
+train_batch_size x gradient_accumulation_steps x maxNodes x procsPerNode, the batch of the full-size run, which the
+trainer then keeps at every size by recomputing the accumulation; empty when neither.
+*/}}
+{{- define "ddpm.globalBatchSize" -}}
+{{- if not (kindIs "invalid" .Values.config.global_batch_size) }}{{ int64 .Values.config.global_batch_size }}
+{{- else if .Values.elastic.enabled }}
+{{- mul (include "ddpm.trainBatchSize" . | int) (include "ddpm.gradientAccumulation" . | int) (include "ddpm.nodes" . | int) (include "ddpm.procsPerNode" . | int) }}
+{{- end }}
+{{- end }}
+
 {{- define "ddpm.dataPath" -}}/data/{{ include "ddpm.fullname" . }}{{- end }}
 {{- define "ddpm.outputDir" -}}{{ .Values.config.output_dir | default (printf "%s/output" (include "ddpm.dataPath" .)) }}{{- end }}
 {{- define "ddpm.dataCacheDir" -}}{{ .Values.config.data_cache_dir | default (printf "%s/data-cache" (include "ddpm.dataPath" .)) }}{{- end }}
@@ -19,11 +49,13 @@
 {{- define "ddpm.home" -}}/home/ddpm{{- end }}
 
 {{/* The trainer's config file: .Values.config with output_dir and the decoded-data cache on this release's
-folder (the cache outlives a run, so a re-install with the same images skips decoding). */}}
+folder (the cache outlives a run, so a re-install with the same images skips decoding), and with elastic on the
+global batch (ddpm.globalBatchSize). */}}
 {{- define "ddpm.configYaml" -}}
 {{- $config := deepCopy .Values.config }}
 {{- $_ := set $config "output_dir" (include "ddpm.outputDir" .) }}
 {{- $_ := set $config "data_cache_dir" (include "ddpm.dataCacheDir" .) }}
+{{- with include "ddpm.globalBatchSize" . }}{{ $_ := set $config "global_batch_size" (int64 .) }}{{ end }}
 {{- toYaml $config }}
 {{- end }}
 
@@ -44,7 +76,8 @@ one crashed pod costs one retry, but losing node 0 (the rendezvous store) fails 
 {{- $train := include "ddpm.trainName" . }}
 {{- if eq .Values.backend "job" }}{{ printf "%s-0.%s:%d" $train (include "ddpm.workersName" .) (int .Values.masterPort) }}
 {{- else if eq .Values.backend "pytorchjob" }}{{ printf "%s-worker-0:%d" $train (int .Values.masterPort) }}
-{{- else }}{{ printf "%s-node-0-0.%s:%d" $train $train (int .Values.masterPort) }}{{ end }}
+{{- else }}{{/* jobset, trainjob: the JobSet's Job <jobset>-node-0, its pod 0, on the JobSet's Service <jobset> */}}
+{{- printf "%s-node-0-0.%s:%d" $train $train (int .Values.masterPort) }}{{ end }}
 {{- end }}
 
 {{/*

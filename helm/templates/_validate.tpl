@@ -99,8 +99,21 @@ install renders.
 
 {{- /* ---- backends ---- */}}
 {{- if and $v.kubeflow.schedulingPolicy (ne $v.backend "pytorchjob") }}
-{{- $problems = append $problems (printf "kubeflow.schedulingPolicy is a PyTorchJob setting, but backend=%s: for a Job use Kueue (jobLabels), for a TrainJob kubeflow.trainingRuntime.podGroupPolicy" $v.backend) }}
+{{- $problems = append $problems (printf "kubeflow.schedulingPolicy is a PyTorchJob setting, but backend=%s: for a Job or JobSet use Kueue (queueName), for a TrainJob kubeflow.trainingRuntime.podGroupPolicy" $v.backend) }}
 {{- end }}
+{{- if and $v.jobset.exclusiveTopology (ne $v.backend "jobset") }}
+{{- $problems = append $problems (printf "jobset.exclusiveTopology is a JobSet setting, but backend=%s: use backend=jobset, or affinity for the training pods" $v.backend) }}
+{{- end }}
+{{- if eq $v.backend "jobset" }}
+{{- /* The JobSet webhook (pkg/webhooks/jobset_webhook.go ValidateCreate) requires its pods' names,
+<jobset>-node-0-<index>-<5 random characters>, to be DNS-1035 labels: 63 characters, starting with a letter. */}}
+{{- $longestPod := printf "%s-node-0-%d-abcde" (include "ddpm.trainName" .) (sub (include "ddpm.nodes" . | int) 1) }}
+{{- if or (gt (len $longestPod) 63) (not (regexMatch "^[a-z]" $longestPod)) }}
+{{- $problems = append $problems (printf "backend=jobset names its pods like %s, which the JobSet webhook refuses (a DNS-1035 label: at most 63 characters, starting with a letter): use a shorter fullnameOverride starting with a letter" $longestPod) }}
+{{- end }}
+{{- end }}
+
+
 {{- if and (eq $v.backend "pytorchjob") (not (kindIs "invalid" $v.backoffLimit)) (eq (int $v.backoffLimit) 0) }}
 {{- $problems = append $problems "backoffLimit=0 with backend=pytorchjob fails the PyTorchJob at its first failed pod, preemptions included (training-operator pkg/controller.v1/common/job.go exceedsBackoffLimit): leave it null or >= 1" }}
 {{- end }}
@@ -120,10 +133,79 @@ install renders.
 {{- end }}
 {{- end }}
 
-{{- if and $v.kubeflow.checkAPIVersions (ne $v.backend "job") }}
-{{- $needed := ternary (list "kubeflow.org/v1/PyTorchJob") (list "trainer.kubeflow.org/v1alpha1/TrainJob") (eq $v.backend "pytorchjob") }}
+{{- /* ---- queueing ---- */}}
+{{- range $key := list "kueue.x-k8s.io/queue-name" "kueue.x-k8s.io/priority-class" }}
+{{- if hasKey $v.jobLabels $key }}
+{{- $problems = append $problems (printf "jobLabels must not set %s: set %s, which also creates a Job or JobSet suspended as Kueue expects" $key (ternary "queueName" "workloadPriorityClassName" (eq $key "kueue.x-k8s.io/queue-name"))) }}
+{{- end }}
+{{- end }}
+{{- if and $v.workloadPriorityClassName (not $v.queueName) }}
+{{- $problems = append $problems "workloadPriorityClassName is a Kueue priority, which only a queued run has: set queueName too" }}
+{{- end }}
+
+{{- /* ---- elastic training and the global batch ---- */}}
+{{- $tbs := include "ddpm.trainBatchSize" . | int }}
+{{- $gas := include "ddpm.gradientAccumulation" . | int }}
+{{- $global := include "ddpm.globalBatchSize" . }}
+{{- $maxNodes := include "ddpm.nodes" . | int }}
+{{- $minNodes := include "ddpm.minNodes" . | int }}
+{{- if $v.elastic.enabled }}
+{{- if eq $v.backend "trainjob" }}
+{{- $problems = append $problems "elastic.enabled is not possible with backend=trainjob: the Trainer's torch plugin sets PET_NNODES to the node count itself (kubeflow/trainer pkg/runtime/framework/plugins/torch/torch.go); use backend=job, jobset or pytorchjob" }}
+{{- end }}
+{{- if and (not (kindIs "invalid" $v.elastic.maxNodes)) (ne (int $v.elastic.maxNodes) $maxNodes) }}
+{{- $problems = append $problems (printf "elastic.maxNodes=%d but gpus=%d with gpusPerNode=%d makes %d pods: leave elastic.maxNodes empty, or set gpus=%d" (int $v.elastic.maxNodes) $gpus $perNode $maxNodes (mul (int $v.elastic.maxNodes) $procs)) }}
+{{- end }}
+{{- if ge (int $v.elastic.minNodes) $maxNodes }}
+{{- $problems = append $problems (printf "elastic.minNodes=%d must be below the %d node(s) of gpus=%d / gpusPerNode=%d, or there is nothing to be elastic about: lower elastic.minNodes, raise gpus, or set elastic.enabled=false" (int $v.elastic.minNodes) $maxNodes $gpus $perNode) }}
+{{- end }}
+{{- end }}
+{{- if and $global (le $minNodes $maxNodes) }}
+{{- /* Every node count the run may train on must split the global batch into whole micro-batches per process. */}}
+{{- $bad := list }}
+{{- range $n := untilStep $minNodes (add1 $maxNodes | int) 1 }}
+{{- if ne (mod ($global | int64) (mul $tbs $n $procs)) 0 }}{{ $bad = append $bad $n }}{{ end }}
+{{- end }}
+{{- if $bad }}
+{{- /* lcm of the node counts, for the fix (capped: past it no accumulation is practical) */}}
+{{- $lcm := 1 }}
+{{- range $n := untilStep $minNodes (add1 $maxNodes | int) 1 }}
+{{- if le $lcm 1000000 }}
+{{- $k := 0 }}
+{{- range $i := untilStep 1 (add1 $n | int) 1 }}{{ if and (eq $k 0) (eq (mod (mul $lcm $i) $n) 0) }}{{ $k = $i }}{{ end }}{{ end }}
+{{- $lcm = mul $lcm $k }}
+{{- end }}
+{{- end }}
+{{- $unit := mul $tbs $procs $lcm }}
+{{- $fixes := list }}
+{{- if gt $lcm 1000000 }}
+{{- $fixes = append $fixes "no global batch fits so many node counts: narrow the range" }}
+{{- else if kindIs "invalid" $v.config.global_batch_size }}
+{{- $step := div $lcm $maxNodes }}
+{{- $newGas := mul $step (div (add $gas $step -1) $step) }}
+{{- $fixes = append $fixes (printf "set config.gradient_accumulation_steps=%d (a global batch of %d x %d x %d x %d = %d)" $newGas $tbs $newGas $maxNodes $procs (mul $tbs $newGas $maxNodes $procs)) }}
+{{- else }}
+{{- $fixes = append $fixes (printf "set config.global_batch_size to a multiple of %d = train_batch_size %d x %d processes per node x %d (e.g. %d)" $unit $tbs $procs $lcm (mul $unit (div (add ($global | int64) $unit -1) $unit))) }}
+{{- end }}
+{{- $fromMin := add1 (last $bad) }}
+{{- if and $v.elastic.enabled (lt $fromMin $maxNodes) }}
+{{- $fixes = append $fixes (printf "set elastic.minNodes=%d" $fromMin) }}
+{{- end }}
+{{- $where := printf "%d node(s)" $maxNodes }}
+{{- if $v.elastic.enabled }}{{ $where = printf "%s node(s) (elastic: any count from %d to %d)" (join ", " $bad) $minNodes $maxNodes }}{{ end }}
+{{- $problems = append $problems (printf "config.global_batch_size=%s cannot be split into whole micro-batches of config.train_batch_size=%d over %s with %d process(es) each (the trainer would exit 2): %s" $global $tbs $where $procs (join ", or " $fixes)) }}
+{{- end }}
+{{- end }}
+
+{{- /* ---- RBAC ---- */}}
+{{- if and $v.rbac.create (not $v.serviceAccount.create) (not $v.serviceAccount.name) }}
+{{- $problems = append $problems "rbac.create would bind the trainer's Role to the namespace's `default` ServiceAccount, which every pod without its own uses: set serviceAccount.create=true or serviceAccount.name, or rbac.create=false" }}
+{{- end }}
+
+{{- if and $v.checkAPIVersions (ne $v.backend "job") }}
+{{- $needed := get (dict "jobset" (list "jobset.x-k8s.io/v1alpha2/JobSet") "pytorchjob" (list "kubeflow.org/v1/PyTorchJob") "trainjob" (list "trainer.kubeflow.org/v1alpha1/TrainJob")) $v.backend }}
 {{- if and (eq $v.backend "trainjob") $v.kubeflow.trainingRuntime.create }}{{ $needed = append $needed "trainer.kubeflow.org/v1alpha1/TrainingRuntime" }}{{ end }}
-{{- $operator := ternary "the Kubeflow Training Operator >= 1.7 (PET_* env, elasticPolicy)" "Kubeflow Trainer >= 2.3 (runtimePatches)" (eq $v.backend "pytorchjob") }}
+{{- $operator := get (dict "jobset" "JobSet >= 0.10 (onJobFailureMessagePatterns)" "pytorchjob" "the Kubeflow Training Operator >= 1.7 (PET_* env, elasticPolicy)" "trainjob" "Kubeflow Trainer >= 2.3 (runtimePatches)") $v.backend }}
 {{- range $needed }}
 {{- if not ($.Capabilities.APIVersions.Has .) }}
 {{- $problems = append $problems (printf "backend=%s needs the API %s, which this cluster does not serve: install %s, or render offline with `helm template --api-versions %s ...`" $v.backend . $operator .) }}
