@@ -109,12 +109,20 @@ def test_a_trainjob_is_found_when_the_pytorchjob_crd_is_missing_and_jobs_may_not
                         "event TTL)")
 
 
+def test_a_jobset_release_is_found_and_its_pods_ranked(kube_server, tmp_path):
+    put_training_run(kube_server, "JobSet")
+    code, lines = ddpm_status(kube_server, tmp_path, release="ddpm")
+    assert code == 0 and "workload    JobSet/ddpm-train: running" in lines, lines
+    rows = [line.split()[:2] for line in lines if "ddpm-train-node-0-" in line]
+    assert [rank for rank, _ in rows] == ["0", "1"] and rows[0][1].startswith("ddpm-train-node-0-0-")
+
+
 def test_not_found_no_access_and_no_kubeconfig_exit_1(kube_server, tmp_path):
     put_training_run(kube_server, "Job", release="other")
     code, lines = ddpm_status(kube_server, tmp_path, release="ddpm")
     assert code == STATUS_UNKNOWN and lines == [
-        "error: no training workload of release 'ddpm' in namespace 'default' (no Job, PyTorchJob, TrainJob "
-        "labelled app.kubernetes.io/instance=ddpm,app.kubernetes.io/component=train)"]
+        "error: no training workload of release 'ddpm' in namespace 'default' (no Job, PyTorchJob, TrainJob, "
+        "JobSet labelled app.kubernetes.io/instance=ddpm,app.kubernetes.io/component=train)"]
 
     kube_server.deny(("batch", "jobs", "list"))
     code, lines = ddpm_status(kube_server, tmp_path, release="other")

@@ -95,7 +95,7 @@ WORKLOAD_KINDS = {k.kind: k for k in (JOB, PYTORCHJOB, JOBSET, TRAINJOB)}
 # The owners between a training pod and each workload kind, which owner resolution reads (GET) to go up a level.
 OWNERS_BELOW = {"Job": (), "PyTorchJob": (), "JobSet": (JOB,), "TrainJob": (JOB, JOBSET)}
 # What `ddpm status` lists to find a release's workload: the kinds the chart creates.
-CHART_WORKLOAD_KINDS = (JOB, PYTORCHJOB, TRAINJOB)
+CHART_WORKLOAD_KINDS = (JOB, PYTORCHJOB, TRAINJOB, JOBSET)
 
 # ---- every API call this code makes, as RBAC sees it: (API group, resource) -> verbs -----------------------------
 Calls = dict[tuple[str, str], frozenset[str]]

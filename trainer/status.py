@@ -109,7 +109,10 @@ def find_workload(cluster: kube.Cluster, release: str, namespace: str) -> tuple[
         except kube.Refused as e:
             refused = refused or e
             continue
-        found += [(kind, item) for item in items]
+        # A TrainJob's JobSet (or a JobSet's Job) may carry the release's labels too: the workload is the top one.
+        found += [(kind, item) for item in items if not any(
+            ref.get("controller") and ref.get("kind") in kube.WORKLOAD_KINDS
+            for ref in item["metadata"].get("ownerReferences") or [])]
     if not found and refused:
         raise refused
     return max(found, key=lambda f: f[1]["metadata"].get("creationTimestamp") or "", default=None)
