@@ -113,7 +113,7 @@ def test_a_jobset_release_is_found_and_its_pods_ranked(kube_server, tmp_path):
     put_training_run(kube_server, "JobSet")
     code, lines = ddpm_status(kube_server, tmp_path, release="ddpm")
     assert code == 0 and "workload    JobSet/ddpm-train: running" in lines, lines
-    rows = [line.split()[:2] for line in lines if "ddpm-train-node-0-" in line]
+    rows = [line.split()[:2] for line in lines if line.strip()[:1].isdigit() and "ddpm-train-node-0-" in line]
     assert [rank for rank, _ in rows] == ["0", "1"] and rows[0][1].startswith("ddpm-train-node-0-0-")
 
 
