@@ -34,8 +34,3 @@ def ddpm(*args, env=None, check=True, **kwargs) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"ddpm {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-@pytest.fixture
-def tiny_args():
-    return list(TINY)

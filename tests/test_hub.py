@@ -133,6 +133,23 @@ def test_refused_token_is_exit_2_and_says_what_to_do(run, hub):
 
 
 @pytest.mark.slow
+def test_push_to_hub_pushes_at_the_end_of_training_like_ddpm_push(hub, tmp_path):
+    """The tutorial's push_to_hub: the same upload as `ddpm push`, after the completion marker; without HF_TOKEN it is
+    refused before any training."""
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--output_dir", out, "--builtin_num_images", "8", "--max_train_steps", "2",
+            "--save_image_epochs", "1", "--eval_quality_images", "0", "--push_to_hub", "true", "--hub_model_id", REPO]
+    env = push_env(hub)
+    no_token = {k: v for k, v in env.items() if k != "HF_TOKEN"}
+    proc = ddpm(*args, env=no_token, check=False)
+    assert proc.returncode == 2 and "HF_TOKEN is not set" in proc.stderr and not out.exists()
+    proc = ddpm(*args, env=env)
+    assert TOKEN not in proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"pushed: {hub.url}/{REPO}"
+    assert_same_bytes(hub, REPO, out, [*[f for f in EXPECTED if f != "samples/0001.png"], "samples/0000.png"])
+
+
+@pytest.mark.slow
 def test_missing_token_is_exit_2_before_any_request(run, hub):
     env = push_env(hub)
     env.pop("HF_TOKEN")
