@@ -194,3 +194,33 @@ def test_training_skips_a_damaged_checkpoint_and_refuses_when_none_is_intact(tmp
     assert proc.returncode == 2 and "no intact checkpoint" in proc.stderr and "optimizer.bin is 1 bytes" in proc.stderr
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before, "exit 2 changed nothing"
 
+
+
+def test_a_pipeline_with_nonfinite_weights_is_never_saved_or_pushed(tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+    from safetensors.torch import load_file, save_file
+
+    from trainer import hub, outputs
+    from trainer.errors import Diverged, PushError
+    from trainer.model import SMALL_UNET
+
+    unet = UNet2DModel(**SMALL_UNET, sample_size=8)
+    config = TrainingConfig(output_dir=tmp_path / "run", image_size=8, model_preset="small")
+    (tmp_path / "run").mkdir()
+    outputs.save_pipeline(config, unet, DDPMScheduler())  # finite: saved
+    with torch.no_grad():
+        unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(Diverged, match="NaN/inf"):
+        outputs.save_pipeline(config, unet, DDPMScheduler())
+    weights = tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert outputs.all_finite(load_file(weights).values()), "the earlier, finite pipeline is still there"
+
+    from trainer import run_record
+
+    record = run_record.begin(config, 0, environ={})
+    tampered = load_file(weights)
+    tampered["conv_in.weight"][0, 0, 0, 0] = float("inf")
+    save_file(tampered, weights)
+    run_record.write_marker(config, record, 1, 0, environ={})  # even a marker over them does not make them pushable
+    with pytest.raises(PushError, match="holds NaN/inf weights"):
+        hub.check_complete(tmp_path / "run")

@@ -101,6 +101,7 @@ def test_too_many_nonfinite_losses_stop_with_exit_3(tmp_path):
                           capture_output=True, text=True, cwd=REPO, env=clean_env())
     assert proc.returncode == EXIT_DIVERGED, proc.stderr
     assert "3 consecutive non-finite losses by step 7" in proc.stderr
+    assert "step 6/50 epoch 0 loss nan" in proc.stdout, "an interval of only non-finite losses logs nan, not 0"
     # losses are NaN from step 5 on; checkpoint-6 was saved during them, so it must not be called intact
     assert "checkpoint-6, was saved during them: resuming from it repeats them" in proc.stderr
     assert "intact" not in proc.stderr

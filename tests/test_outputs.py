@@ -156,16 +156,19 @@ def test_user_errors_write_nothing_and_the_corrected_command_works(tmp_path, cap
     corrupt.mkdir()
     (corrupt / "a.png").write_bytes(b"not an image")
     out = root / "run"
-    base = [*TINY, "--dataset_name", "imagefolder", "--output_dir", out, "--max_train_steps", "2",
-            "--eval_quality_images", "0", "--train_batch_size", "2"]
+    base = [*TINY, "--output_dir", out, "--max_train_steps", "2", "--eval_quality_images", "0",
+            "--train_batch_size", "2"]
+    folder = ["--dataset_name", "imagefolder"]
     cases = {
-        "typo in train_data_dir": (["--train_data_dir", root / "imgaes"], "does not exist"),
-        "empty folder": (["--train_data_dir", empty], "holds no images"),
-        "all corrupt": (["--train_data_dir", corrupt], "no readable images"),
-        "latest without a checkpoint": (["--train_data_dir", root / "images", "--resume_from_checkpoint", "latest"],
-                                        "latest: no checkpoint"),
-        "missing resume path": (["--train_data_dir", root / "images", "--resume_from_checkpoint", root / "nope"],
-                                "is not a checkpoint folder"),
+        "typo in train_data_dir": ([*folder, "--train_data_dir", root / "imgaes"], "does not exist"),
+        "empty folder": ([*folder, "--train_data_dir", empty], "holds no images"),
+        "all corrupt": ([*folder, "--train_data_dir", corrupt], "no readable images"),
+        "latest without a checkpoint": ([*folder, "--train_data_dir", root / "images", "--resume_from_checkpoint",
+                                         "latest"], "latest: no checkpoint"),
+        "missing resume path": ([*folder, "--train_data_dir", root / "images", "--resume_from_checkpoint",
+                                 root / "nope"], "is not a checkpoint folder"),
+        "Hub dataset not reachable offline": (["--dataset_name", "someone/butterflies"],
+                                              "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"),
     }
     before = tree(root)
     for name, (extra, message) in cases.items():  # in-process: the same CLI, without a new interpreter each time
@@ -173,7 +176,7 @@ def test_user_errors_write_nothing_and_the_corrected_command_works(tmp_path, cap
         err = capsys.readouterr().err
         assert code == 2 and message in err, f"{name}: {code}\n{err}"
         assert tree(root) == before, f"{name} left files behind"
-    ddpm("train", *base, "--train_data_dir", root / "images")  # the corrected command
+    ddpm("train", *base, *folder, "--train_data_dir", root / "images")  # the corrected command
     assert (out / "training_complete.json").is_file()
 
 
