@@ -53,8 +53,11 @@ tools: venv $(TOOLS)/bin/helm checkov
 demo: venv
 	$(BIN)/ddpm train --config examples/demo.yaml
 
+# Two pytest workers, each taking whole test files (module fixtures are built once): the chart tests wait on helm
+# and the training tests on process start-up and I/O, so two overlap well even on 2 cores.
+TEST_WORKERS ?= 2
 test: tools
-	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q tests
+	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The tutorial's training loop against `ddpm train`, side by side (about 25-30 minutes on 2 CPU cores; see
 # docs/PERFORMANCE.md). Writes bench/results/latest.{json,md} and the generated section of docs/PERFORMANCE.md.
