@@ -23,6 +23,7 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, Pr
 from diffusers.optimization import get_scheduler
 
 from trainer import checkpoint, outputs, quality, run_record
+from trainer.budget import TrainClock, budget_lr_scheduler
 from trainer.checkpoint import Resume, TrainState
 from trainer.config import TrainingConfig, config_yaml
 from trainer.data import build_dataloader
@@ -65,6 +66,7 @@ class Run:
     last_grid: Path | None = None
     checkpoint_bytes: int = 0
     events: object | None = field(default=None)
+    clock: TrainClock = field(default_factory=lambda: TrainClock(None))  # max_train_seconds (trainer/budget.py)
 
     @property
     def rank(self) -> int:
@@ -231,15 +233,15 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None) 
         accelerator.register_for_checkpointing(ema)
     steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
     total_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
-    # Counted in optimizer updates: warmup N means N updates whatever the accumulation and world size.
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer.optimizer,
-                                 num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps)
+    clock = TrainClock(config.max_train_seconds)
+    lr_scheduler = build_lr_scheduler(config, optimizer.optimizer, total_steps, clock)
     accelerator.register_for_checkpointing(lr_scheduler)
     state = TrainState(model=model_identity(config))
     resume = checked.resume
     if resume.path is not None:
         accelerator.load_state(str(resume.path))
         state.load_state_dict({**checked.resume_state, "model": state.model})
+    clock.before = clock.agreed = state.training_seconds  # a resumed run's clock goes on from its checkpoint
 
     # --- trackers and what the log says first ----------------------------------------------------------------------
     accelerator.init_trackers("train", config=hparams(config))
@@ -253,7 +255,7 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None) 
               num_epochs=math.ceil(total_steps / steps_per_epoch), memory_format=memory_format,
               resumed_step=state.global_step if resume.path else None, num_quality=0, reference=None,
               last_checkpoint_step=state.global_step if resume.path else -1,
-              checkpoint_bytes=checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema))
+              checkpoint_bytes=checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema), clock=clock)
     announce(run, source, data_note, num_params, flops, resume)
     run.num_quality = quality.num_quality_images(config, len(dataset))
     if run.num_quality and accelerator.is_main_process:
@@ -261,6 +263,15 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None) 
         tracker.message(f"sample quality: {run.num_quality} generated vs {run.num_quality} training images at each "
                         "evaluation")
     return run
+
+
+def build_lr_scheduler(config: TrainingConfig, optimizer, total_steps: int, clock: TrainClock):
+    """Counted in optimizer updates: warmup N means N updates whatever the accumulation and world size. With
+    max_train_seconds the schedule follows the budget too (trainer/budget.py); without, it is diffusers' own."""
+    if config.max_train_seconds is not None:
+        return budget_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, total_steps, clock)
+    return get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=total_steps)
 
 
 def hparams(config: TrainingConfig) -> dict:
@@ -282,6 +293,9 @@ def announce(run: Run, source, data_note: str, num_params: int, flops: float, re
     tracker.message(data_note)
     tracker.message(f"{flops / 1e9:.2f} GFLOP per trained image (forward+backward)")
     tracker.message(f"run {run.record.run_id} (started {run.record.started_at})")
+    if config.max_train_seconds is not None:
+        tracker.message(f"time budget: {config.max_train_seconds:g} s of training ({run.clock.before:.0f} s spent), "
+                        f"or {run.total_steps} steps, whichever comes first")
     for path, problem in resume.damaged:
         tracker.message(f"checkpoint {path} is damaged ({problem}); set aside as damaged-{path.name}")
     tracker.message(
