@@ -31,6 +31,19 @@ def running_mean(values: list[float], window: int) -> list[float]:
     return out
 
 
+def log_seconds_axis(ax, seconds: list[float]) -> None:
+    """A log time axis labelled in plain seconds at round values."""
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    ax.set_xscale("log")
+    lo, hi = min(seconds) / 1.3, max(seconds) * 1.3
+    ax.set_xlim(lo, hi)
+    ticks = [t for t in (10, 20, 30, 60, 100, 150, 300, 600, 1000, 2000) if lo <= t <= hi] or [round(lo), round(hi)]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_scores(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -50,7 +63,7 @@ def plot_scores(result: dict, path: Path) -> None:
                 ax.axhline(target, color=COLORS["tutorial"], ls=":", lw=1,
                            label=f"tutorial at {d['summary']['tutorial_budget']:.0f} s")
                 ax.set_title(name)
-            ax.set_xscale("log")
+            log_seconds_axis(ax, [b[loop]["train_s"] for b in d["budgets"] for loop in ("tutorial", "ours")])
             ax.set_xlabel("wall time, launch to last step (s)")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3, which="both")
@@ -102,7 +115,7 @@ def plot_grids(result: dict, name: str, path: Path) -> None:
             ax.set_title(f"{b['budget_s']:.0f} s: SWD {b[loop]['swd_mean']:.0f}", fontsize=8)
             if col == 0:
                 ax.set_ylabel(LABELS[loop], fontsize=8)
-    fig.suptitle(f"{name}: samples at equal wall-time budgets (DDIM 50, seed 0)", fontsize=9)
+    fig.suptitle(f"{name}: equal budgets (DDIM 50, seed 0)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -147,7 +147,7 @@ def test_ttq_summary_and_markdown():
     md = ttq.render(result)
     assert "| 60 s | 250, 66 s | 800.0 | 80.0 | 300, 70 s | **440.0** | 44.0 |" in md
     assert "first reaches it at the **60 s** budget" in md and "**8.7x** less wall time" in md
-    assert "| loss weighting as before (none) | 520.0 (+80) | 52.0 |" in md
+    assert "| loss_weighting min_snr (not a default) | 520.0 (+80) | 52.0 |" in md
     assert "load average 0.5 to 2.0" in md
     doc = f"intro\n{ttq.TTQ_BEGIN}\nold\n{ttq.TTQ_END}\ntail\n"
     assert ttq.splice(doc, md) == f"intro\n{ttq.TTQ_BEGIN}\n{md.strip()}\n{ttq.TTQ_END}\ntail\n"

@@ -38,7 +38,7 @@ RUN_ROLES = ("identity", "length", "setting")
 # A model_config_name_or_path UNet gets the tutorial's values.
 PRESET_DEFAULTS: dict[str, dict[str, float | int]] = {
     "tutorial": {"learning_rate": 1e-4, "lr_warmup_steps": 500},
-    "small": {"learning_rate": 1e-4, "lr_warmup_steps": 500},
+    "small": {"learning_rate": 1e-3, "lr_warmup_steps": 100},
 }
 
 
@@ -72,9 +72,9 @@ class TrainingConfig(BaseSettings):
     num_epochs: int = length(50, "passes over the dataset (ignored if max_train_steps is set)", gt=0)
     gradient_accumulation_steps: int = identity(1, "micro-batches per optimizer update", gt=0)
     learning_rate: float | None = identity(
-        None, "peak learning rate after warmup; default per model_preset (PRESET_DEFAULTS: tutorial 1e-4)", gt=0)
+        None, "peak learning rate after warmup; default per model_preset (tutorial 1e-4, small 1e-3)", gt=0)
     lr_warmup_steps: int | None = identity(
-        None, "warmup length in optimizer updates; default per model_preset (PRESET_DEFAULTS: tutorial 500)", ge=0)
+        None, "warmup length in optimizer updates; default per model_preset (tutorial 500, small 100)", ge=0)
     save_image_epochs: int = setting(10, "write a sample grid every N epochs (and at the end)", gt=0)
     save_model_epochs: int = setting(30, "save the pipeline every N epochs (and at the end)", gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = identity(
@@ -145,7 +145,7 @@ class TrainingConfig(BaseSettings):
         "divided by SNR (epsilon), SNR+1 (v_prediction) or 1 (sample); 'none' = plain MSE")
     snr_gamma: float = identity(5.0, "the gamma of loss_weighting min_snr (the paper's 5)", gt=0)
     zero_terminal_snr: bool = identity(
-        False, "rescale the betas so the last timestep is pure noise (Lin et al. 2024): fixes the mean-brightness "
+        True, "rescale the betas so the last timestep is pure noise (Lin et al. 2024): fixes the mean-brightness "
         "leak of the linear schedule; needs v_prediction or sample (the default becomes v_prediction) and samples "
         "with trailing timestep spacing (saved in the pipeline's scheduler config)")
 
