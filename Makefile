@@ -59,16 +59,21 @@ TEST_WORKERS ?= 2
 test: tools
 	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
-# The tutorial's training loop against `ddpm train`, side by side (about 25-30 minutes on 2 CPU cores; see
-# docs/PERFORMANCE.md). Writes bench/results/latest.{json,md} and the generated section of docs/PERFORMANCE.md.
-# BENCH_ARGS passes options through, e.g. `make bench BENCH_ARGS=--quick`.
+# The tutorial's training loop against `ddpm train`, side by side: throughput (about 25-30 minutes on 2 CPU cores)
+# and time to quality on two datasets with an ablation of each default (about 2 hours); see docs/PERFORMANCE.md.
+# Writes bench/results/{latest,ttq}.{json,md}, the generated sections of docs/PERFORMANCE.md and its plots.
+# BENCH_ARGS passes options through, e.g. `make bench BENCH_ARGS=--quick` or `BENCH_ARGS="--parts ttq"`.
 .PHONY: bench
-bench: venv
+$(BIN)/.installed-bench: $(BIN)/.installed
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev,bench]'
+	touch $@
+
+bench: venv $(BIN)/.installed-bench
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # Each speed setting of `ddpm train` toggled alone against the defaults (~10 minutes; docs/PERFORMANCE.md).
 .PHONY: bench-ablation
-bench-ablation: venv
+bench-ablation: venv $(BIN)/.installed-bench
 	$(BIN)/python bench/ablation.py
 
 clean:

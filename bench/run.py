@@ -4,15 +4,18 @@ For each preset and precision the two loops run as separate processes, alternate
 ours, ...), on the same image folder, model, image size, batch, precision and step count. Reported: steady-state
 images/s (from the TensorBoard event times, after a warm-up prefix) and the median of the per-pair ratios, peak
 memory, the share of step time spent waiting for data, startup time, FLOPs per trained image and the FLOP/s they
-imply, the time to draw one 16-image evaluation grid, the loss curves of both, and time-to-quality (the same
-training-time budget for each, then `ddpm eval`'s sliced Wasserstein distance).
+imply, the time to draw one 16-image evaluation grid and the loss curves of both. Then time to quality
+(bench/ttq.py: several wall-time budgets on two datasets, `ddpm eval`'s sliced Wasserstein distance, an ablation of
+each new default, and the plots of bench/plots.py).
 
-Writes OUT/latest.json and OUT/latest.md, and (not with --quick) the generated section of docs/PERFORMANCE.md.
+Writes OUT/latest.{json,md} (throughput) and OUT/ttq.{json,md} (time to quality), and (not with --quick) the
+generated sections and plots of docs/PERFORMANCE.md.
 This orchestrator never imports torch: everything measured runs in its own fresh process.
 
     python bench/run.py                       # the full benchmark (make bench)
     python bench/run.py --quick               # a smoke run of every part, a few minutes
-    python bench/run.py --presets small --precisions no --repeats 2 --steps 60 --ttq-seconds 0
+    python bench/run.py --parts throughput --presets small --precisions no --repeats 2 --steps 60
+    python bench/run.py --parts ttq --datasets photos --ttq-budgets 60,150
 """
 
 from __future__ import annotations
@@ -288,42 +291,6 @@ def measure_costs(preset: str, precisions: list[str], grid_steps: int, work: Pat
     return costs
 
 
-def time_to_quality(budget_s: float, rates: dict[str, float], num_images: int, data: Path, work: Path) -> dict:
-    """Both loops train the small preset at 32 px (batch 16, fp32) with their own defaults for the same training
-    time: each gets budget x its measured steady steps/s (the tutorial in whole epochs, the unit it counts in, so
-    its LR schedule ends where its run does). Periodic sample grids are off in both (they do not change the
-    weights); each ends with its own end-of-run work. Then `ddpm eval` scores each saved pipeline alike."""
-    steps_per_epoch = math.ceil(DATA_IMAGES / 16)  # the tutorial's DataLoader keeps the last partial batch
-    epochs = max(1, round(budget_s * rates["tutorial"] / steps_per_epoch))
-    ours_steps = max(1, round(budget_s * rates["ours"]))
-    out = {"budget_s": budget_s, "num_images": num_images}
-    cmds = {
-        "tutorial": [PYTHON, REPO / "bench" / "tutorial_loop.py", "--data", data, "--model_preset", "small",
-                     "--image_size", 32, "--mixed_precision", "no", "--num_epochs", epochs,
-                     "--save_image_epochs", epochs, "--seed", 0],
-        "ours": [PYTHON, "-m", "trainer", "train", "--dataset_name", "imagefolder", "--train_data_dir", data,
-                 "--model_preset", "small", "--image_size", 32, "--max_train_steps", ours_steps,
-                 "--save_image_epochs", 100_000, "--seed", 0],
-    }
-    for loop, cmd in cmds.items():
-        run_dir = work / f"ttq-{loop}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        print(f"  time-to-quality: {loop} ...", end=" ", flush=True)
-        info = run_child([*cmd, "--output_dir", run_dir], work / f"ttq-{loop}.log")
-        loss = read_scalars(run_dir / "logs")["loss"]
-        steps = loss[-1][0] + (1 if loop == "tutorial" else 0)
-        train_s = loss[-1][1] - info["launched"]  # launch to the last logged step
-        # The same reference images and sampler for both: the training folder, seed 0, ddpm eval's defaults.
-        score = run_json([PYTHON, "-m", "trainer", "eval", "--model", run_dir, "--num-images", num_images, "--json",
-                          "--dataset_name", "imagefolder", "--train_data_dir", data, "--seed", 0],
-                         work / f"ttq-{loop}-eval.log")
-        out[loop] = {"steps": steps, "train_s": train_s, "wall_s": info["wall_s"], "eval": score,
-                     "final_loss": tail_mean([(s, v) for s, _, v in loss], loss[-1][0], 0.1)}
-        print(f"{steps} steps, {train_s:.0f} s to the last step, SWD {score.get('swd_mean')}", flush=True)
-    return out
-
-
 # ---- report ----------------------------------------------------------------------------------------------------
 
 def machine_info() -> dict:
@@ -401,19 +368,6 @@ def render(result: dict) -> str:
             lines.append(f"| {c['preset']} | {c['precision']} | {loop} | "
                          + " | ".join(fmt(b, ".4f") for b in bins) + f" | {mean:.4f} ± {std:.4f} |")
 
-    ttq = result.get("time_to_quality")
-    if ttq and "ours" in ttq:
-        lines += ["", f"**Time to quality** (small preset, 32 px, batch 16, fp32, the same image folder; each loop "
-                      f"trains for about {ttq['budget_s']:.0f} s at its measured steady speed with its own defaults; "
-                      f"SWD from `ddpm eval --num-images {ttq['num_images']}`, lower is better).", "",
-                  "| loop | steps | launch to last step | whole process | final loss | SWD (mean of levels) | colour W1 |",
-                  "|---|---|---|---|---|---|---|"]
-        for loop in ("tutorial", "ours"):
-            r = ttq[loop]
-            lines.append(f"| {loop} | {r['steps']} | {r['train_s']:.0f} s | {r['wall_s']:.0f} s | "
-                         f"{r['final_loss']:.4f} | {fmt(r['eval'].get('swd_mean'), '.1f')} | {fmt(r['eval'].get('color_w1'), '.1f')} |")
-    elif ttq:
-        lines += ["", f"Time to quality: not measured ({ttq['skipped']})."]
     return "\n".join(lines) + "\n"
 
 
@@ -421,29 +375,57 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="throughput,ttq,ablation",
+                        help="comma-separated: throughput (images/s, memory, grids, loss at equal settings), ttq (time "
+                             "to quality at several budgets, two datasets, plots), ablation (each new default alone)")
     parser.add_argument("--presets", default="small,tutorial", help="comma-separated: small, tutorial")
     parser.add_argument("--precisions", default="no,bf16", help="comma-separated: no (fp32), bf16")
     parser.add_argument("--repeats", type=int, default=3, help="alternating (tutorial, ours) pairs per configuration")
     parser.add_argument("--steps", type=int, help="training steps per run for every preset (default: per preset)")
-    parser.add_argument("--ttq-seconds", type=float, default=90, help="time-to-quality training budget per loop; 0: skip")
+    parser.add_argument("--ttq-budgets", default="60,150,300,600", help="time-to-quality wall-time budgets, seconds")
+    parser.add_argument("--datasets", default="butterflies,photos", help="time-to-quality datasets: butterflies, photos")
     parser.add_argument("--ttq-images", type=int, default=64, help="images `ddpm eval` scores per model")
-    parser.add_argument("--quick", action="store_true", help="smoke run: small fp32, 1 pair, 20 steps, short grids and TTQ")
+    parser.add_argument("--ablation-budget", type=float, default=150, help="budget of the ablation runs, seconds")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: small fp32, 1 pair, 20 steps, short grids; time to quality at 10 s with 8 "
+                             "images; the ablation on the butterflies only")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results; runs/bench/quick with --quick)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench", help="scratch folder for runs and data")
     args = parser.parse_args(argv)
     if args.quick:
         args.presets, args.precisions, args.repeats = "small", "no", 1
-        args.steps, args.ttq_seconds, args.ttq_images = args.steps or 20, min(args.ttq_seconds, 20), 8
+        args.steps, args.ttq_budgets, args.ttq_images, args.ablation_budget = args.steps or 20, "10", 8, 10
     out = args.out or (REPO / "runs" / "bench" / "quick" if args.quick else REPO / "bench" / "results")
-    presets, precisions = args.presets.split(","), args.precisions.split(",")
-    problems = [f"unknown preset {p}" for p in presets if p not in PRESETS]
+    args.out = out
+    parts, presets, precisions = args.parts.split(","), args.presets.split(","), args.precisions.split(",")
+    problems = [f"unknown part {p}" for p in parts if p not in ("throughput", "ttq", "ablation")]
+    problems += [f"unknown preset {p}" for p in presets if p not in PRESETS]
     problems += [f"unknown precision {p} (fp16 needs CUDA; use no or bf16)" for p in precisions if p not in ("no", "bf16")]
+    problems += [f"unknown dataset {d}" for d in args.datasets.split(",") if d not in ("butterflies", "photos")]
     if problems:
         parser.error("; ".join(problems))
+    command = " ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)])
+    if "throughput" in parts:
+        throughput(args, presets, precisions, command)
+    if "ttq" in parts or "ablation" in parts:
+        import plots
+        import ttq
 
+        result = ttq.main(args, command)
+        if result["datasets"]:
+            figures = plots.write_plots(result, DOC.parent if out == REPO / "bench" / "results" else out)
+            print(f"wrote {', '.join(str(f) for f in figures)}")
+            if out == REPO / "bench" / "results":
+                DOC.write_text(ttq.splice(DOC.read_text() if DOC.exists() else "# Performance\n", ttq.render(result)))
+        print("\n" + ttq.render(result) if result["datasets"] else "")
+    return 0
+
+
+def throughput(args, presets: list[str], precisions: list[str], command: str) -> None:
     started = time.time()
-    result = {"machine": machine_info(), "command": " ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
-              "repeats": args.repeats, "ours_fixed_flags": OURS_FIXED, "configs": [], "costs": {}}
+    out = args.out
+    result = {"machine": machine_info(), "command": command, "repeats": args.repeats, "ours_fixed_flags": OURS_FIXED,
+              "configs": [], "costs": {}}
     data = materialize_data(args.work / "data" / "butterflies")
     for preset in presets:
         steps = args.steps or PRESETS[preset]["steps"]
@@ -456,16 +438,6 @@ def main(argv: list[str] | None = None) -> int:
             [PYTHON, REPO / "bench" / "model_costs.py", "flops", "--model_preset", "tutorial", "--image_size", 128,
              "--batch", 16],
             args.work / "costs" / "flops-tutorial-128.log")}
-
-    baseline = next((c for c in result["configs"] if c["preset"] == "small" and c["precision"] == "no"), None)
-    if args.ttq_seconds <= 0:
-        result["time_to_quality"] = None
-    elif baseline is None:
-        result["time_to_quality"] = {"skipped": "it calibrates on the small fp32 throughput; include --presets small --precisions no"}
-    else:
-        rates = {loop: s["images_per_sec"] / baseline["batch"] for loop, s in baseline["summary"].items()}  # steps/s
-        result["time_to_quality"] = time_to_quality(args.ttq_seconds, rates, args.ttq_images, data, args.work)
-
     result["elapsed_s"] = time.time() - started
     markdown = render(result)
     out.mkdir(parents=True, exist_ok=True)
@@ -475,7 +447,6 @@ def main(argv: list[str] | None = None) -> int:
         DOC.write_text(splice(DOC.read_text() if DOC.exists() else "# Performance\n", markdown))
     print(f"\n{markdown}\nwrote {out / 'latest.json'}, {out / 'latest.md'}"
           + ("" if args.quick else f" and {DOC}") + f" in {result['elapsed_s'] / 60:.1f} min")
-    return 0
 
 
 if __name__ == "__main__":

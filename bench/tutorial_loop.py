@@ -20,6 +20,8 @@ What the benchmark sets, and nothing else differs:
 - seed: torch.manual_seed(seed) first, so repeats are independent samples (the tutorial never seeds the global RNG,
   so on CPU every run of it would draw the same numbers from torch's fixed default seed);
 - max_steps: stop after that many steps and skip the end-of-run evaluate/save (a prefix of a longer run);
+- skip_evaluate: time-to-quality runs (bench/ttq.py) skip evaluate()'s 1,000-step DDPM grid, which does not change
+  the weights (the pipeline is still saved and then scored by `ddpm eval`, as ours is);
 - passive timing: seconds spent waiting in next(dataloader) for every step, written to bench_stats.json at the end
   (with the CUDA peak memory when on a GPU). It adds two clock reads per step and changes no work.
 
@@ -68,6 +70,7 @@ class TrainingConfig:
     model_preset: str = "tutorial"
     data_dir: str = ""
     max_steps: int = 0  # 0: the whole run
+    skip_evaluate: int = 0  # 1: no evaluate() grid (time to quality: the 1,000-step grid does not change the weights)
 
 
 def build_dataloader(config: TrainingConfig) -> torch.utils.data.DataLoader:
@@ -175,7 +178,7 @@ def train_loop(config, model, noise_scheduler, optimizer, train_dataloader, lr_s
 
         if accelerator.is_main_process:
             pipeline = DDPMPipeline(unet=accelerator.unwrap_model(model), scheduler=noise_scheduler)
-            if (epoch + 1) % config.save_image_epochs == 0 or epoch == config.num_epochs - 1:
+            if ((epoch + 1) % config.save_image_epochs == 0 or epoch == config.num_epochs - 1) and not config.skip_evaluate:
                 evaluate(config, epoch, pipeline)
             if (epoch + 1) % config.save_model_epochs == 0 or epoch == config.num_epochs - 1:
                 pipeline.save_pretrained(config.output_dir)

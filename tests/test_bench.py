@@ -65,7 +65,7 @@ def test_splice_replaces_only_the_generated_section():
     assert appended.endswith(f"{bench.BEGIN}\ntable\n{bench.END}\n")
 
 
-def _fake_result(with_ttq: bool) -> dict:
+def _fake_result() -> dict:
     def run(ips, wait):
         return {"images_per_sec": ips, "peak_rss_mib": 1000.0, "data_wait_share": wait, "startup_s": 9.0,
                 "gpu_max_memory_allocated": None}
@@ -75,25 +75,97 @@ def _fake_result(with_ttq: bool) -> dict:
               "summary": {"tutorial": run(50.0, 0.2), "ours": run(100.0, None)},
               "tail_loss": {"tutorial": (0.3, 0.01), "ours": (0.29, 0.02)},
               "loss_bins": {"tutorial": [[1.0, 0.8, 0.6, 0.4, 0.3]], "ours": [[None, 0.8, 0.6, 0.4, 0.3]]}}
-    machine = {"date": "2026-11-22T00:00:00+00:00", "cpu": "Test CPU", "cpus": 2, "memory_gib": 24, "torch": "2",
-               "diffusers": "0", "accelerate": "1", "datasets": "5", "python": "3.11", "git": "abc",
-               "load_at_start": 0.1}
     costs = {"small": {"flops": {"flops_per_image": 1.5e9, "peak_flops": None, "device": "cpu"},
                        "grid_ours": {"seconds": 2.0, "sampler": "ddim 50 steps bf16"},
                        "grid_tutorial": {"no": {"seconds": 40.0, "measured_steps": 1000}}}}
-    ttq = ({"budget_s": 100, "num_images": 64,
-            **{loop: {"steps": 500, "train_s": 110.0, "wall_s": 130.0, "final_loss": 0.1, "eval": {"swd_mean": 12.5, "color_w1": 3.0}}
-               for loop in ("tutorial", "ours")}} if with_ttq else {"skipped": "not yet"})
-    return {"machine": machine, "command": "python bench/run.py", "elapsed_s": 600.0, "repeats": 1,
-            "configs": [config], "costs": costs, "time_to_quality": ttq}
+    return {"machine": MACHINE, "command": "python bench/run.py", "elapsed_s": 600.0, "repeats": 1,
+            "configs": [config], "costs": costs}
 
 
-@pytest.mark.parametrize("with_ttq", [True, False])
-def test_render_has_every_table(with_ttq):
-    md = bench.render(_fake_result(with_ttq))
+MACHINE = {"date": "2026-11-22T00:00:00+00:00", "cpu": "Test CPU", "cpus": 2, "memory_gib": 24, "torch": "2",
+           "diffusers": "0", "accelerate": "1", "datasets": "5", "python": "3.11", "git": "abc", "load_at_start": 0.1}
+
+
+def test_render_has_every_table():
+    md = bench.render(_fake_result())
     assert "Test CPU" in md and "torch 2" in md and "2026-11-22" in md and "0.5 to 1.5" in md
     row = next(line for line in md.splitlines() if line.startswith("| small | 32 | 16 | no |"))
     assert "**2.00x**" in row and "75 / 150" in row and "20.0% / n/a" in row  # GFLOP/s = 1.5 GFLOP x img/s
     assert "| small | 32 | 40.0 s no | 2.0 s | ddim 50 steps bf16 | 20x |" in md
     assert "0.3000 ± 0.0100" in md and "| n/a | 0.8000 |" in md
-    assert ("| 12.5 | 3.0 |" in md) == with_ttq and ("not measured (not yet)" in md) == (not with_ttq)
+
+
+# ---- time to quality (bench/ttq.py), plots (bench/plots.py), the photo crops (bench/photos.py) -------------------
+
+def _load(name):
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ttq, plots, photos = _load("ttq"), _load("plots"), _load("photos")
+
+
+def test_tutorial_epochs_fill_the_budget_in_whole_epochs():
+    assert ttq.tutorial_epochs(60, 4.7) == 4  # 282 steps of 63 per epoch
+    assert ttq.tutorial_epochs(600, 4.7) == 45
+    assert ttq.tutorial_epochs(1, 4.7) == 1
+
+
+def test_where_ours_reaches_the_tutorials_score():
+    points = [(60, 700.0), (150, 450.0), (300, 380.0), (600, 300.0)]
+    assert ttq.first_budget_reaching(points, 460.0) == 150
+    assert ttq.first_budget_reaching(points, 200.0) is None
+    assert ttq.crossing_time(points, 700.0) == 60
+    # halfway between 700 and 450 in score is halfway between 60 and 150 s in log time
+    assert ttq.crossing_time(points, 575.0) == pytest.approx((60 * 150) ** 0.5)
+    assert ttq.crossing_time(points, 100.0) is None
+
+
+def _ttq_result():
+    def r(steps, t, swd):
+        return {"steps": steps, "train_s": t, "swd_mean": swd, "color_w1": swd / 10, "loss": [(1, 1.0, 1.0)]}
+
+    budgets = [{"budget_s": 60, "tutorial": r(250, 66, 800.0), "ours": r(300, 70, 440.0)},
+               {"budget_s": 600, "tutorial": r(2800, 610, 450.0), "ours": r(2900, 612, 250.0)}]
+    dataset = {"tutorial_steps_per_s": 4.7, "budgets": budgets, "summary": ttq.summarize(budgets)}
+    ablation = {"budget_s": 60, "datasets": {"butterflies": {"defaults": budgets[0]["ours"],
+                                                             **{v: r(300, 70, 520.0) for v in ttq.ABLATION}}}}
+    return {"machine": MACHINE, "command": "python bench/run.py", "elapsed_s": 3600, "num_images": 64,
+            "loads": [0.5, 2.0], "datasets": {"butterflies": dataset}, "ablation": ablation}
+
+
+def test_ttq_summary_and_markdown():
+    result = _ttq_result()
+    summary = result["datasets"]["butterflies"]["summary"]
+    assert (summary["tutorial_score"], summary["ours_first_budget"]) == (450.0, 60)
+    assert summary["speedup"] == pytest.approx(610 / 70)
+    md = ttq.render(result)
+    assert "| 60 s | 250, 66 s | 800.0 | 80.0 | 300, 70 s | **440.0** | 44.0 |" in md
+    assert "first reaches it at the **60 s** budget" in md and "**8.7x** less wall time" in md
+    assert "| loss_weighting min_snr (not a default) | 520.0 (+80) | 52.0 |" in md
+    assert "load average 0.5 to 2.0" in md
+    doc = f"intro\n{ttq.TTQ_BEGIN}\nold\n{ttq.TTQ_END}\ntail\n"
+    assert ttq.splice(doc, md) == f"intro\n{ttq.TTQ_BEGIN}\n{md.strip()}\n{ttq.TTQ_END}\ntail\n"
+
+
+def test_plots_are_written_small(tmp_path):
+    pytest.importorskip("matplotlib")
+    paths = plots.write_plots(_ttq_result(), tmp_path)
+    assert [p.name for p in paths] == ["ttq_score.png", "ttq_loss.png", "ttq_grids_butterflies.png"]
+    assert all(0 < p.stat().st_size < 1_000_000 for p in paths)
+    assert plots.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_photo_crops_are_deterministic_squares_inside_their_photo():
+    shapes = [(300, 451), (872, 1000)]
+    boxes = photos.crop_boxes(shapes, 50, seed=0)
+    assert boxes == photos.crop_boxes(shapes, 50, seed=0) and boxes != photos.crop_boxes(shapes, 50, seed=1)
+    for k, top, left, side in boxes:
+        h, w = shapes[k]
+        assert min(h, w) // 4 <= side <= min(h, w) and top + side <= h and left + side <= w
+    assert [b[0] for b in boxes[:4]] == [0, 1, 0, 1]  # photos in turn

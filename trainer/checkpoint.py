@@ -36,6 +36,7 @@ class TrainState:
     global_step: int = 0  # optimizer updates done
     epoch: int = 0
     nonfinite_total: int = 0
+    training_seconds: float = 0.0  # the step loop's seconds up to this state, over all processes (max_train_seconds)
     model: dict = field(default_factory=dict)  # the UNet2DModel config: resuming another model is refused
 
     def state_dict(self) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
@@ -32,6 +32,14 @@ CONFIG_FILE_ENV = "DDPM_CONFIG_FILE"
 RESOLVED_CONFIG_NAME = "training_config.yaml"  # written into output_dir at start
 
 RUN_ROLES = ("identity", "length", "setting")
+
+# Defaults that depend on the model (issue 12; docs/PERFORMANCE.md): the tutorial's 1e-4 with 500 warmup updates was
+# tuned for its 114M-parameter UNet at 128 px; the ~3M-parameter `small` UNet learns fastest with a larger step.
+# A model_config_name_or_path UNet gets the tutorial's values.
+PRESET_DEFAULTS: dict[str, dict[str, float | int]] = {
+    "tutorial": {"learning_rate": 1e-4, "lr_warmup_steps": 500},
+    "small": {"learning_rate": 1e-3, "lr_warmup_steps": 100},
+}
 
 
 def _field(role: str, default, description: str, **constraints):
@@ -64,8 +72,10 @@ class TrainingConfig(BaseSettings):
     num_epochs: int = length(50, "passes over the dataset (ignored if max_train_steps is set)", gt=0)
     gradient_accumulation_steps: int = setting(
         1, "micro-batches per optimizer update; derived from global_batch_size once a run has one", gt=0)
-    learning_rate: float = identity(1e-4, "peak learning rate after warmup", gt=0)
-    lr_warmup_steps: int = identity(500, "warmup length in optimizer updates", ge=0)
+    learning_rate: float | None = identity(
+        None, "peak learning rate after warmup; default per model_preset (tutorial 1e-4, small 1e-3)", gt=0)
+    lr_warmup_steps: int | None = identity(
+        None, "warmup length in optimizer updates; default per model_preset (tutorial 500, small 100)", ge=0)
     save_image_epochs: int = setting(10, "write a sample grid every N epochs (and at the end)", gt=0)
     save_model_epochs: int = setting(30, "save the pipeline every N epochs (and at the end)", gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = identity(
@@ -110,8 +120,9 @@ class TrainingConfig(BaseSettings):
     ddpm_num_steps: int = identity(1000, "diffusion timesteps of the DDPMScheduler", gt=0)
     ddpm_beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = identity(
         "linear", "DDPMScheduler beta schedule")
-    prediction_type: Literal["epsilon", "sample", "v_prediction"] = identity(
-        "epsilon", "what the UNet predicts; the loss is MSE against it")
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] | None = identity(
+        None, "what the UNet predicts; the loss is MSE against it; default v_prediction with zero_terminal_snr, "
+        "else epsilon")
 
     # --- optimisation ----------------------------------------------------------------------------
     lr_scheduler: Literal[
@@ -128,6 +139,21 @@ class TrainingConfig(BaseSettings):
     ema_inv_gamma: float = setting(1.0, "EMAModel warmup inv_gamma", gt=0)
     ema_power: float = setting(0.75, "EMAModel warmup power (3/4 for long runs)", gt=0)
     ema_update_after_step: int = setting(0, "EMAModel starts averaging after N updates", ge=0)
+
+    # --- time to quality (issue 12; docs/PERFORMANCE.md has the measurement behind each default) ---
+    max_train_seconds: float | None = length(
+        None, "stop after this many seconds of the step loop (steps, periodic grids and checkpoints; summed over "
+        "resumes; startup and the final saves not counted), through the normal end (checkpoint, grid, pipeline, "
+        "marker); whichever of this and max_train_steps/num_epochs comes first. The LR schedule then runs over the "
+        "budget: its progress is the larger of the step and the time fractions", gt=0)
+    loss_weighting: Literal["none", "min_snr"] = identity(
+        "none", "per-sample loss weights: 'min_snr' = Min-SNR-gamma (Hang et al. 2023), min(SNR, snr_gamma) "
+        "divided by SNR (epsilon), SNR+1 (v_prediction) or 1 (sample); 'none' = plain MSE")
+    snr_gamma: float = identity(5.0, "the gamma of loss_weighting min_snr (the paper's 5)", gt=0)
+    zero_terminal_snr: bool = identity(
+        True, "rescale the betas so the last timestep is pure noise (Lin et al. 2024): fixes the mean-brightness "
+        "leak of the linear schedule; needs v_prediction or sample (the default becomes v_prediction) and samples "
+        "with trailing timestep spacing (saved in the pipeline's scheduler config)")
 
     # --- evaluation ------------------------------------------------------------------------------
     eval_scheduler: Literal["ddim", "ddpm"] = setting("ddim", "sampler for the sample grids")
@@ -175,6 +201,18 @@ class TrainingConfig(BaseSettings):
         if isinstance(value, str) and not value.strip():
             raise ValueError("must not be empty: give the run folder, e.g. runs/butterflies ('.' for this folder)")
         return value
+
+    @model_validator(mode="after")
+    def _fill_dependent_defaults(self):
+        """Fields left unset (None) whose default depends on other fields: the LR and its warmup on the model, the
+        prediction type on the noise schedule. The resolved config (training_config.yaml) holds the values."""
+        preset = "tutorial" if self.model_config_name_or_path else self.model_preset
+        filled = {name: value for name, value in PRESET_DEFAULTS[preset].items() if getattr(self, name) is None}
+        if self.prediction_type is None:
+            filled["prediction_type"] = "v_prediction" if self.zero_terminal_snr else "epsilon"
+        for name, value in filled.items():
+            object.__setattr__(self, name, value)  # frozen: set once, while validating
+        return self
 
     # --- derived values --------------------------------------------------------------------------
     @property
@@ -356,6 +394,7 @@ def cross_field_problems(config: TrainingConfig) -> list[str]:
     if config.global_batch_size is not None and config.global_batch_size % config.train_batch_size:
         problems.append(f"global_batch_size {config.global_batch_size} must be a multiple of train_batch_size "
                         f"{config.train_batch_size} (it is split into micro-batches of that size)")
+    problems += time_to_quality_problems(config)
     if config.eval_quality_images == 1:
         problems.append("eval_quality_images must be 0 (off) or at least 2 (a distance between sets of images)")
     if config.eval_scheduler == "ddpm" and config.num_inference_steps > config.ddpm_num_steps:
@@ -368,6 +407,20 @@ def cross_field_problems(config: TrainingConfig) -> list[str]:
     if out.exists() and not out.is_dir():
         problems.append(f"output_dir {out} is a file, not a folder; choose a folder path (it is created if missing)")
     return problems
+
+
+def time_to_quality_problems(config: TrainingConfig) -> list[str]:
+    problems = []
+    if config.zero_terminal_snr and config.prediction_type == "epsilon":
+        problems.append("zero_terminal_snr needs prediction_type v_prediction or sample: at the last timestep the "
+                        "input is pure noise, so predicting the noise says nothing about the image")
+    if config.max_train_seconds is not None and config.lr_scheduler not in BUDGET_LR_SCHEDULES:
+        problems.append(f"lr_scheduler {config.lr_scheduler} cannot follow a time budget (max_train_seconds); use "
+                        f"one of {', '.join(BUDGET_LR_SCHEDULES)}")
+    return problems
+
+
+BUDGET_LR_SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
 def config_yaml(config: TrainingConfig, sources: dict[str, str] | None = None) -> str:

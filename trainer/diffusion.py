@@ -30,9 +30,12 @@ def training_loss(
     update: int,
     position: int = 0,
     random_flip: bool = True,
+    loss_weighting: str = "none",
+    snr_gamma: float = 5.0,
 ) -> torch.Tensor:
     """MSE between the UNet's output and the target of scheduler.config.prediction_type (noise for epsilon), for
-    the micro-batch at `position` of optimizer update `update`."""
+    the micro-batch at `position` of optimizer update `update`; with loss_weighting 'min_snr', each sample's MSE is
+    weighted by min_snr_weights before the mean."""
     batch, device = clean.shape[0], clean.device
     gen = step_generator(seed, update, position, device)
     flips = torch.rand(batch, generator=gen, device=device) < 0.5
@@ -50,4 +53,26 @@ def training_loss(
         target = clean
     else:
         target = scheduler.get_velocity(clean, noise, timesteps)
-    return F.mse_loss(prediction.float(), target.float())
+    if loss_weighting == "none":
+        return F.mse_loss(prediction.float(), target.float())
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(scheduler, timesteps, snr_gamma)).mean()
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy"): the x0-space weight min(SNR, gamma), expressed for the loss actually computed. The MSE on the noise
+    is the x0 MSE times SNR, on v times SNR + 1, on x0 itself times 1; so the weight is min(SNR, gamma) / SNR,
+    / (SNR + 1) or / 1 (diffusers' train_text_to_image.py does the same). SNR = alpha_bar / (1 - alpha_bar)
+    (diffusers.training_utils.compute_snr). At SNR 0 (the last timestep of a zero-terminal-SNR schedule) the noise
+    weight is its limit 1."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    clipped = snr.clamp(max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped

@@ -60,8 +60,9 @@ def fit(run: Run) -> None:
     config, state = run.config, run.state
     stats = StepStats(run.accelerator.device)
     run.unet.train()
+    run.clock.start()
     for epoch in range(state.global_step // run.steps_per_epoch, run.num_epochs):
-        if state.global_step >= run.total_steps:
+        if finished(run):
             break
         state.epoch = epoch
         for update, position, images in run.batches(epoch):
@@ -70,7 +71,9 @@ def fit(run: Run) -> None:
             state.global_step += 1
             run.tracker.step()
             step = state.global_step
-            if step % config.logging_steps == 0 or step == run.total_steps:
+            if run.world == 1:  # the only rank: its clock is the agreed one (several: shared at each log)
+                run.clock.agree(run.clock.seconds())
+            if step % config.logging_steps == 0 or step == run.total_steps or run.clock.spent:
                 stop = log_interval(run, stats, epoch)  # the interval's one sync; raises Diverged
             elif run.world == 1 or step % config.preemption_check_steps == 0:
                 stop = any_process(run.accelerator, SIGNALS.received is not None)
@@ -81,13 +84,21 @@ def fit(run: Run) -> None:
                 raise SIGNALS.stopped(f"checkpoint saved at step {step}")
             if step % config.checkpointing_steps == 0:
                 save_checkpoint(run)
-            if step >= run.total_steps:
+            if finished(run):
+                run.clock.stop()
                 break
-        done = state.global_step >= run.total_steps
+        done = finished(run)
         if (epoch + 1) % config.save_image_epochs == 0 or done:
             run.last_grid = evaluate(run, epoch) or run.last_grid
         if (epoch + 1) % config.save_model_epochs == 0 and not done:
             save_model(run)
+    run.clock.stop()
+
+
+def finished(run: Run) -> bool:
+    """The run's length is reached: max_train_steps/num_epochs, or the max_train_seconds budget (the same answer on
+    every rank at the same step: trainer/budget.py)."""
+    return run.state.global_step >= run.total_steps or run.clock.spent
 
 
 def train_step(run: Run, stats: StepStats, images: torch.Tensor, update: int, position: int) -> bool:
@@ -96,7 +107,8 @@ def train_step(run: Run, stats: StepStats, images: torch.Tensor, update: int, po
     clean = to_model_range(images).contiguous(memory_format=run.memory_format)
     with accelerator.accumulate(run.unet):
         loss = training_loss(run.forward, run.noise_scheduler, clean, seed=config.seed, update=update,
-                             position=position, random_flip=config.random_flip)
+                             position=position, random_flip=config.random_flip,
+                             loss_weighting=config.loss_weighting, snr_gamma=config.snr_gamma)
         accelerator.backward(loss)
         update = True
         if accelerator.sync_gradients:
@@ -128,7 +140,9 @@ def skip_update_if_nonfinite(optimizer, bad: torch.Tensor, impl: str) -> bool:
 def log_interval(run: Run, stats: StepStats, epoch: int) -> bool:
     """Reduce and log the interval's statistics; returns whether any rank asked to stop. Raises Diverged."""
     step = run.state.global_step
-    values = stats.read(run.accelerator, step - run.tracker.last_step, stop=SIGNALS.received is not None)
+    values = stats.read(run.accelerator, step - run.tracker.last_step, stop=SIGNALS.received is not None,
+                        seconds=run.clock.seconds() if run.accelerator.is_main_process else 0.0)
+    run.clock.agree(values["seconds"])  # rank 0's clock, the same on every rank: max_train_seconds decides on it
     run.state.nonfinite_total += int(values["nonfinite_steps"])
     run.tracker.log(step, epoch, {"loss": values["loss"], "lr": run.lr_scheduler.get_last_lr()[0],
                                   "grad_norm": values["grad_norm"], "nonfinite_steps": values["nonfinite_steps"]},
@@ -196,6 +210,7 @@ def save_model(run: Run) -> None:
 
 
 def save_checkpoint(run: Run) -> None:
+    run.state.training_seconds = run.clock.seconds()  # rank 0's is the one written
     path = checkpoint.save_checkpoint(run.accelerator, run.state, run.config.output_dir,
                                       run.config.checkpoints_total_limit, run.checkpoint_bytes)
     run.last_checkpoint_step = run.state.global_step

@@ -65,10 +65,15 @@ def build_unet(config: TrainingConfig) -> UNet2DModel:
 
 
 def build_noise_scheduler(config: TrainingConfig) -> DDPMScheduler:
+    """The training schedule, saved with the pipeline. With zero_terminal_snr its config also carries
+    rescale_betas_zero_snr and timestep_spacing 'trailing', so every sampler built from it (the loop's grids,
+    `ddpm sample`/`eval`, a stock DDPMPipeline.from_pretrained) starts from the pure-noise timestep."""
+    zero_snr = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing") if config.zero_terminal_snr else {}
     return DDPMScheduler(
         num_train_timesteps=config.ddpm_num_steps,
         beta_schedule=config.ddpm_beta_schedule,
         prediction_type=config.prediction_type,
+        **zero_snr,
     )
 
 

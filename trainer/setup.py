@@ -23,6 +23,7 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, Pr
 from diffusers.optimization import get_scheduler
 
 from trainer import checkpoint, outputs, quality, run_record
+from trainer.budget import TrainClock, budget_lr_scheduler
 from trainer.checkpoint import Resume, TrainState
 from trainer.config import RUN_IDENTITY_FIELDS, TrainingConfig, config_yaml
 from trainer.data import build_dataloader
@@ -66,6 +67,7 @@ class Run:
     last_grid: Path | None = None
     checkpoint_bytes: int = 0
     events: RunEvents = field(default_factory=RunEvents.off)  # Kubernetes Events (rank 0; no-op elsewhere)
+    clock: TrainClock = field(default_factory=lambda: TrainClock(None))  # max_train_seconds (trainer/budget.py)
 
     @property
     def rank(self) -> int:
@@ -271,9 +273,8 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
         accelerator.register_for_checkpointing(ema)
     steps_per_epoch = len(dataset) // config.global_batch_size  # whole global batches only
     total_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
-    # Counted in optimizer updates: warmup N means N updates whatever the accumulation and world size.
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer.optimizer,
-                                 num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps)
+    clock = TrainClock(config.max_train_seconds)
+    lr_scheduler = build_lr_scheduler(config, optimizer.optimizer, total_steps, clock)
     accelerator.register_for_checkpointing(lr_scheduler)
     state = TrainState(model=model_identity(config))
     resume = checked.resume
@@ -284,6 +285,7 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
         # would misplace the next sync. Every resume starts a fresh accumulation.
         accelerator.step = 0
         state.load_state_dict({**checked.resume_state, "model": state.model})
+    clock.before = clock.agreed = state.training_seconds  # a resumed run's clock goes on from its checkpoint
 
     # --- trackers and what the log says first ----------------------------------------------------------------------
     accelerator.init_trackers("train", config=hparams(config))
@@ -297,7 +299,7 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
               num_epochs=math.ceil(total_steps / steps_per_epoch), memory_format=memory_format,
               resumed_step=state.global_step if resume.path else None, num_quality=0, reference=None,
               last_checkpoint_step=state.global_step if resume.path else -1,
-              checkpoint_bytes=checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema),
+              checkpoint_bytes=checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema), clock=clock,
               events=events or RunEvents.off())
     announce(run, source, data_note, num_params, flops, resume)
     run.events.started(run.global_batch, world, state.global_step, total_steps,
@@ -311,6 +313,15 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
         tracker.message(f"sample quality: {run.num_quality} generated vs {run.num_quality} training images at each "
                         "evaluation")
     return run
+
+
+def build_lr_scheduler(config: TrainingConfig, optimizer, total_steps: int, clock: TrainClock):
+    """Counted in optimizer updates: warmup N means N updates whatever the accumulation and world size. With
+    max_train_seconds the schedule follows the budget too (trainer/budget.py); without, it is diffusers' own."""
+    if config.max_train_seconds is not None:
+        return budget_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, total_steps, clock)
+    return get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=total_steps)
 
 
 def hparams(config: TrainingConfig) -> dict:
@@ -332,6 +343,9 @@ def announce(run: Run, source, data_note: str, num_params: int, flops: float, re
     tracker.message(data_note)
     tracker.message(f"{flops / 1e9:.2f} GFLOP per trained image (forward+backward)")
     tracker.message(f"run {run.record.run_id} (started {run.record.started_at})")
+    if config.max_train_seconds is not None:
+        tracker.message(f"time budget: {config.max_train_seconds:g} s of training ({run.clock.before:.0f} s spent), "
+                        f"or {run.total_steps} steps, whichever comes first")
     for path, problem in resume.damaged:
         tracker.message(f"checkpoint {path} is damaged ({problem}); set aside as damaged-{path.name}")
     tracker.message(

@@ -38,20 +38,24 @@ class StepStats:
         self.streak = (self.streak + 1) * bad
         self.worst_streak = torch.maximum(self.worst_streak, self.streak)
 
-    def read(self, accelerator: Accelerator, updates: int, stop: bool) -> dict[str, float]:
+    def read(self, accelerator: Accelerator, updates: int, stop: bool, seconds: float = 0.0) -> dict[str, float]:
         """All ranks: reduce, reset the interval, and return loss (NaN when every loss was non-finite), grad_norm
-        (mean over the finite updates), nonfinite_steps, streak, worst_streak and stop (any rank asked to stop)."""
+        (mean over the finite updates), nonfinite_steps, streak, worst_streak, stop (any rank asked to stop) and
+        seconds (the sum of what the ranks passed: rank 0's training clock, 0 elsewhere; trainer/budget.py)."""
         world = accelerator.num_processes
+        device = self.loss_sum.device
         packed = torch.stack([self.loss_sum, self.loss_count, self.grad_norm_sum, self.nonfinite, self.streak,
-                              self.worst_streak, torch.tensor(float(stop), device=self.loss_sum.device)])
-        loss_sum, loss_count, grad_norm_sum, nonfinite, streak, worst, stops = \
+                              self.worst_streak, torch.tensor(float(stop), device=device),
+                              torch.tensor(float(seconds), device=device)])
+        loss_sum, loss_count, grad_norm_sum, nonfinite, streak, worst, stops, seconds = \
             accelerator.reduce(packed, "sum").tolist()  # the sync point of the interval
         nonfinite, streak, worst = nonfinite / world, streak / world, worst / world  # equal on every rank
         for total in (self.loss_sum, self.loss_count, self.grad_norm_sum, self.nonfinite, self.worst_streak):
             total.zero_()
         return {"loss": loss_sum / loss_count if loss_count else math.nan,
                 "grad_norm": grad_norm_sum / world / max(updates - nonfinite, 1.0) if updates > nonfinite else math.nan,
-                "nonfinite_steps": nonfinite, "streak": streak, "worst_streak": worst, "stop": stops > 0}
+                "nonfinite_steps": nonfinite, "streak": streak, "worst_streak": worst, "stop": stops > 0,
+                "seconds": seconds}
 
 
 def format_status(step: int, total: int, epoch: int, scalars: dict[str, float], eta_s: float) -> str:
