@@ -382,10 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default="no,bf16", help="comma-separated: no (fp32), bf16")
     parser.add_argument("--repeats", type=int, default=3, help="alternating (tutorial, ours) pairs per configuration")
     parser.add_argument("--steps", type=int, help="training steps per run for every preset (default: per preset)")
-    parser.add_argument("--ttq-budgets", default="60,150,300,600", help="time-to-quality wall-time budgets, seconds")
+    parser.add_argument("--ttq-budgets", default="45,90,180,360", help="time-to-quality wall-time budgets, seconds")
     parser.add_argument("--datasets", default="butterflies,photos", help="time-to-quality datasets: butterflies, photos")
     parser.add_argument("--ttq-images", type=int, default=64, help="images `ddpm eval` scores per model")
-    parser.add_argument("--ablation-budget", type=float, default=150, help="budget of the ablation runs, seconds")
+    parser.add_argument("--ablation-budget", type=float, default=90, help="budget of the ablation runs, seconds")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: small fp32, 1 pair, 20 steps, short grids; time to quality at 10 s with 8 "
                              "images; the ablation on the butterflies only")

@@ -225,6 +225,12 @@ def measure_ablation(names: list[str], budget: float, num_images: int, work: Pat
     return out
 
 
+def save_partial(work: Path, result: dict) -> None:
+    """What is measured so far, after each dataset: an hour of runs is not lost to a later failure."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "ttq.partial.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main(args, command: str) -> dict:
     """Called by bench/run.py with its parsed arguments (ttq_budgets, datasets, ttq_images, ablation_budget,
     parts, work, out, quick)."""
@@ -237,15 +243,15 @@ def main(args, command: str) -> dict:
             print(f"time to quality: {name}, budgets {budgets} s", flush=True)
             result["datasets"][name] = measure_dataset(name, budgets, args.ttq_images, args.work,
                                                        20 if args.quick else CALIBRATION_STEPS)
+            save_partial(args.work, result)
     if "ablation" in args.parts and args.ablation_budget > 0:
         result["ablation"] = measure_ablation(names[:1] if args.quick else names, args.ablation_budget,
                                               args.ttq_images, args.work, result["datasets"])
     result["elapsed_s"] = time.time() - started
     result["loads"] = [r["load_before"] for d in result["datasets"].values() for b in d["budgets"]
                        for r in (b["tutorial"], b["ours"])] or [os.getloadavg()[0]]
-    markdown = render(result) if result["datasets"] else ""
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ttq.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "ttq.md").write_text(markdown)
+    (args.out / "ttq.json").write_text(json.dumps(result, indent=1) + "\n")  # before rendering: nothing measured is lost
+    (args.out / "ttq.md").write_text(render(result) if result["datasets"] else "")
     return result
 
