@@ -54,10 +54,12 @@ demo: venv
 	$(BIN)/ddpm train --config examples/demo.yaml
 
 # Two pytest workers, each taking whole test files (module fixtures are built once): the chart tests wait on helm
-# and the training tests on process start-up and I/O, so two overlap well even on 2 cores.
+# and the training tests on process start-up and I/O, so two overlap well even on 2 cores (tests/conftest.py gives
+# each worker its share of OpenMP threads). PYTEST_ARGS adds options, e.g. PYTEST_ARGS=--durations=30.
 TEST_WORKERS ?= 2
+PYTEST_ARGS ?=
 test: tools
-	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 # The tutorial's training loop against `ddpm train`, side by side: throughput (about 25-30 minutes on 2 CPU cores)
 # and time to quality on two datasets with an ablation of each default (about 2 hours); see docs/PERFORMANCE.md.

@@ -8,6 +8,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Under pytest-xdist (make test), each worker and the training processes it starts share the CPUs: with OpenMP's
+# default of one thread per core, N workers run N x cores spinning threads and slow each other down far more than
+# they overlap. Give each worker its share (set before torch is imported here or in any child).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 REPO = Path(__file__).resolve().parents[1]
 
