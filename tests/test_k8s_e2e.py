@@ -336,8 +336,10 @@ class Pod:
 
     def env(self, container: dict) -> dict[str, str]:
         env = dict(self.cluster.image_env)
-        env.update(PATH=f"{Path(sys.executable).parent}:{os.defpath}", HOME=str(self.home), HOSTNAME=self.hostname,
-                   PYTHONPATH=str(ROOT))
+        # host paths of this machine: never rewritten as if they were paths inside the pod (a checkout under /tmp
+        # would otherwise land in the pod's /tmp emptyDir)
+        host = dict(PATH=f"{Path(sys.executable).parent}:{os.defpath}", HOME=str(self.home), PYTHONPATH=str(ROOT))
+        env.update(host, HOSTNAME=self.hostname)
         env.update(self.cluster.api_service_env())
         if self.spec.get("enableServiceLinks", True):
             env.update(self.cluster.service_links())
@@ -349,7 +351,8 @@ class Pod:
             env.update({source.get("prefix", "") + k: v for k, v in data.items()})
         for item in container.get("env", []):
             env[item["name"]] = self._expand(item["value"], env) if "value" in item else self._value_from(item["valueFrom"])
-        return {key: self.localize(value) for key, value in env.items()}
+        local = {key: self.localize(value) for key, value in env.items()}
+        return local | {key: value for key, value in host.items() if env[key] == value}
 
     def start(self, name: str, **popen) -> subprocess.Popen:
         """Run the container's command and args (or the image's ENTRYPOINT) as a local process."""
