@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402
 from run import (DOC, PRESETS, REPO, materialize_data, prune, read_scalars, run_child, startup_seconds,  # noqa: E402
                  steady_window, train_cmd)
 
@@ -57,10 +58,7 @@ def render(result: dict) -> str:
 
 
 def splice(document: str, block: str) -> str:
-    if BEGIN in document and END in document:
-        head, rest = document.split(BEGIN, 1)
-        return head + BEGIN + "\n" + block.strip() + "\n" + END + rest.split(END, 1)[1]
-    return document.rstrip() + "\n\n" + BEGIN + "\n" + block.strip() + "\n" + END + "\n"
+    return run.splice(document, block, BEGIN, END)
 
 
 def main(argv: list[str] | None = None) -> int:

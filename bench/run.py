@@ -118,12 +118,12 @@ def spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def splice(document: str, block: str) -> str:
-    """Replace what lies between the bench markers (or append the markers and block)."""
-    if BEGIN in document and END in document:
-        head, rest = document.split(BEGIN, 1)
-        return head + BEGIN + "\n" + block.strip() + "\n" + END + rest.split(END, 1)[1]
-    return document.rstrip() + "\n\n" + BEGIN + "\n" + block.strip() + "\n" + END + "\n"
+def splice(document: str, block: str, begin: str = BEGIN, end: str = END) -> str:
+    """Replace what lies between the markers (the bench's by default), or append the markers and block."""
+    if begin in document and end in document:
+        head, rest = document.split(begin, 1)
+        return head + begin + "\n" + block.strip() + "\n" + end + rest.split(end, 1)[1]
+    return document.rstrip() + "\n\n" + begin + "\n" + block.strip() + "\n" + end + "\n"
 
 
 def fmt(value, spec: str = ".1f", none: str = "n/a") -> str:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402
 from run import (DATA_IMAGES, PYTHON, REPO, fmt, machine_info, materialize_data, measure_run,  # noqa: E402
                  read_scalars, run_child, run_json)
 
@@ -119,10 +120,7 @@ def render(result: dict) -> str:
 
 
 def splice(document: str, block: str) -> str:
-    if TTQ_BEGIN in document and TTQ_END in document:
-        head, rest = document.split(TTQ_BEGIN, 1)
-        return head + TTQ_BEGIN + "\n" + block.strip() + "\n" + TTQ_END + rest.split(TTQ_END, 1)[1]
-    return document.rstrip() + "\n\n" + TTQ_BEGIN + "\n" + block.strip() + "\n" + TTQ_END + "\n"
+    return run.splice(document, block, TTQ_BEGIN, TTQ_END)
 
 
 # ---- runs ------------------------------------------------------------------------------------------------------
