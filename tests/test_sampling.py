@@ -8,13 +8,17 @@ in exact arithmetic, and float32 rounding of the sqrt/pow made it one ulp negati
 on the rounding of the machine they run on: they assert a margin many ulps wide, and they make rounding go
 against the sampler on purpose (`adverse_rounding`)."""
 
+import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
+from trainer import quality
+from trainer.cli import main
 from trainer.config import TrainingConfig
+from trainer.errors import NonFiniteSamples
 from trainer.model import build_noise_scheduler, build_unet
-from trainer.sampling import eval_scheduler, sample_images
+from trainer.sampling import denoise, eval_scheduler, image_generators, sample_images
 
 EPS = torch.finfo(torch.float32).eps
 MARGIN_EPS = 16  # the direction's argument must clear 0 by this many float32 eps of (1 - a_prev)
@@ -26,11 +30,18 @@ def config(**fields) -> TrainingConfig:
     return TrainingConfig(model_preset="small", image_size=16, **fields)
 
 
+def schedule(zero_snr: bool = True, **overrides) -> dict:
+    """The training scheduler's config for zero_terminal_snr, with `overrides`. Every value is passed explicitly:
+    from_config drops the ones a config lists as defaults (`_use_default_values`), overrides included."""
+    values = {k: v for k, v in build_noise_scheduler(config(zero_terminal_snr=zero_snr)).config.items()
+              if not k.startswith("_")}
+    return dict(DDPMScheduler(**{**values, **overrides}).config)
+
+
 # Every schedule a config can produce (zero SNR on: trailing; off: diffusers' default leading), and linspace,
 # the third spacing a foreign scheduler config can carry.
 SCHEDULES = {
-    f"zero_snr={zero_snr},{spacing}": dict(
-        build_noise_scheduler(config(zero_terminal_snr=zero_snr)).config, timestep_spacing=spacing)
+    f"zero_snr={zero_snr},{spacing}": schedule(zero_snr, timestep_spacing=spacing)
     for zero_snr, spacing in ((True, "trailing"), (False, "leading"), (True, "leading"), (False, "trailing"),
                               (True, "linspace"))
 }
@@ -140,9 +151,107 @@ def test_real_samples_at_the_epyc_step_counts_are_finite_and_not_black(unet, kin
     """An untrained small UNet at 16 px with the default schedule (zero SNR, v-prediction, trailing), eta 1, at the
     step counts that gave all-NaN (black) grids on the EPYC, with rounding pushed against the sampler: every image
     is finite (a NaN one would raise) and has some colour (a NaN image quantises to black)."""
-    scheduler = eval_scheduler(kind, build_noise_scheduler(config()).config)
+    scheduler = eval_scheduler(kind, schedule())
     for steps in EPYC_NAN_STEPS:
         images = sample_images(unet, scheduler, range(2), seed=0, num_inference_steps=steps, eta=1.0,
                                precision=precision)
         assert images.shape == (2, 16, 16, 3) and images.dtype == torch.uint8
         assert (images.flatten(1).amax(1) > 0).all(), f"{kind} {steps} steps {precision}: a black image"
+
+
+# ---- the loop is the stock pipelines' loop --------------------------------------------------------------------------
+
+def stock(pipeline_cls, unet, scheduler, steps, **extra) -> torch.Tensor:
+    pipeline = pipeline_cls(unet=unet, scheduler=scheduler)
+    pipeline.register_modules(scheduler=scheduler)  # DDIMPipeline's __init__ converts it to a plain DDIMScheduler
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline(batch_size=2, generator=image_generators(0, range(2)), num_inference_steps=steps,
+                    output_type="pt", **extra).images
+
+
+@pytest.mark.parametrize("kind,eta", [("ddim", 1.0), ("ddim", 0.5), ("ddim", 0.0), ("ddpm", None)])
+def test_denoise_draws_exactly_what_the_stock_pipeline_draws(unet, kind, eta):
+    """Our loop with a sampler gives bit for bit what DDIMPipeline/DDPMPipeline give with that sampler (the same
+    generators), before their clamp; sample_images quantises it as the pipelines' numpy output quantises."""
+    scheduler = eval_scheduler(kind, schedule())
+    extra = {"eta": eta} if kind == "ddim" else {}
+    ours = denoise(unet, scheduler, image_generators(0, range(2)), num_inference_steps=10, **extra)
+    theirs = stock(DDIMPipeline if kind == "ddim" else DDPMPipeline, unet, scheduler, 10, **extra)
+    assert torch.equal((ours / 2 + 0.5).clamp(0, 1), theirs)
+    quantised = torch.from_numpy((theirs.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+    assert torch.equal(sample_images(unet, scheduler, range(2), seed=0, num_inference_steps=10, **extra), quantised)
+
+
+def test_the_variance_margin_changes_samples_by_far_less_than_a_grey_level(unet):
+    """Against plain DDIMScheduler where it is finite (eta 0.5): the same images to ~1e-6; at eta 0 exactly."""
+    for eta, tolerance in ((0.5, 1e-5), (0.0, 0.0)):
+        ours = denoise(unet, eval_scheduler("ddim", schedule()), image_generators(0, range(2)), num_inference_steps=10,
+                       eta=eta)
+        plain = stock(DDIMPipeline, unet, DDIMScheduler.from_config(schedule()), 10, eta=eta)
+        assert ((ours / 2 + 0.5).clamp(0, 1) - plain).abs().max() <= tolerance
+
+
+# ---- non-finite samples are an error --------------------------------------------------------------------------------
+
+def broken_unet(value: float):
+    """The small UNet with every output pixel `value` (NaN or inf) through conv_out's bias."""
+    torch.manual_seed(0)
+    broken = build_unet(config()).eval()
+    with torch.no_grad():
+        broken.conv_out.bias.fill_(value)
+    return broken
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_non_finite_samples_raise_before_they_are_quantised(kind, value):
+    unclipped = schedule(clip_sample=False)  # clipping x0 would turn an inf into 1
+    with pytest.raises(NonFiniteSamples) as caught:
+        sample_images(broken_unet(value), eval_scheduler(kind, unclipped), range(3), seed=0, num_inference_steps=10,
+                      batch_size=2, precision="bf16")
+    assert (caught.value.bad, caught.value.checked) == (2, 2)  # the first chunk of 2 stops it
+    assert f"2 of 2 images sampled with {kind} 10 steps" in str(caught.value) and "UNet bf16" in str(caught.value)
+    assert caught.value.exit_code == 3
+
+
+def test_quantising_and_scoring_refuse_non_finite_images():
+    for value in (float("nan"), float("inf"), -float("inf")):
+        images = torch.zeros(2, 3, 8, 8)
+        images[1, 0, 3, 3] = value
+        with pytest.raises(ValueError, match="NaN/inf"):
+            quality.to_uint8(images)
+        with pytest.raises(ValueError, match="uint8"):  # the metric takes quantised images only
+            quality.swd(images.permute(0, 2, 3, 1), images.permute(0, 2, 3, 1))
+
+
+def save_pipeline(folder, unet, **overrides) -> None:
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**{k: v for k, v in schedule(**overrides).items()
+                                                       if not k.startswith("_")})).save_pretrained(folder)
+
+
+def test_ddpm_sample_and_eval_exit_3_naming_the_sampler_and_write_nothing(tmp_path, capsys):
+    save_pipeline(tmp_path / "model", broken_unet(float("nan")))
+    out = tmp_path / "out"
+    assert main(["sample", "--model", str(tmp_path / "model"), "--num-images", "4", "--num_inference_steps", "10",
+                 "--out", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert "error: 4 of 4 images sampled with ddim 10 steps eta 1, UNet fp32 hold NaN/inf values" in err
+    assert not out.exists() or not list(out.iterdir())
+    assert main(["eval", "--model", str(tmp_path / "model"), "--num-images", "4", "--num_inference_steps", "8",
+                 "--eval_scheduler", "ddpm", "--eval_mixed_precision", "no", "--builtin_num_images", "8"]) == 3
+    assert "4 of 4 images sampled with ddpm 8 steps, UNet fp32 hold NaN/inf values" in capsys.readouterr().err
+
+
+def test_a_foreign_epsilon_model_on_a_zero_snr_schedule_is_caught_not_crashed_on(unet, tmp_path, capsys):
+    """prediction_type epsilon with rescale_betas_zero_snr (config validation refuses it for training) divides by
+    sqrt(a_t) = 0 at the first step: with clip_sample (diffusers' default) x0 is clipped and sampling goes on;
+    without, the images are NaN and `ddpm sample` says so (exit 3) instead of writing black PNGs."""
+    for clip, code in ((True, 0), (False, 3)):
+        folder = tmp_path / f"clip-{clip}"
+        save_pipeline(folder, unet, prediction_type="epsilon", clip_sample=clip)
+        for kind in ("ddim", "ddpm"):
+            out = tmp_path / f"out-{clip}-{kind}"
+            assert main(["sample", "--model", str(folder), "--num-images", "2", "--num_inference_steps", "4",
+                         "--scheduler", kind, "--out", str(out)]) == code
+            assert len(list(out.glob("*.png")) if out.exists() else []) == (3 if code == 0 else 0)
+    assert "sampled with ddpm 4 steps, UNet fp32 hold NaN/inf values" in capsys.readouterr().err
