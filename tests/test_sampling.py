@@ -8,11 +8,18 @@ in exact arithmetic, and float32 rounding of the sqrt/pow made it one ulp negati
 on the rounding of the machine they run on: they assert a margin many ulps wide, and they make rounding go
 against the sampler on purpose (`adverse_rounding`)."""
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
+from conftest import REPO, TINY, clean_env
+from helpers import scalar_series
 from trainer import quality
 from trainer.cli import main
 from trainer.config import TrainingConfig
@@ -255,3 +262,65 @@ def test_a_foreign_epsilon_model_on_a_zero_snr_schedule_is_caught_not_crashed_on
                          "--scheduler", kind, "--out", str(out)]) == code
             assert len(list(out.glob("*.png")) if out.exists() else []) == (3 if code == 0 else 0)
     assert "sampled with ddpm 4 steps, UNet fp32 hold NaN/inf values" in capsys.readouterr().err
+
+
+# ---- the training loop, as a process (tests/fault_driver.py puts the fault where it is needed) ---------------------
+
+def driven(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tests/fault_driver.py", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env=clean_env())
+
+
+LOOP = [*TINY, "--max_train_steps", "16", "--save_image_epochs", "1", "--logging_steps", "8",  # evaluations at 8, 16
+        "--eval_quality_images", "8", "--checkpointing_steps", "1000"]
+
+
+@pytest.mark.slow
+def test_a_run_whose_evaluations_sample_nan_saves_no_grid_scores_nothing_and_trains_on(tmp_path):
+    out = tmp_path / "out"
+    proc = driven("--nan-samples", "eval", "train", *LOOP, "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr  # the saved pipeline itself samples finite images: the run completes
+    for step in (8, 16):
+        assert (f"WARNING: evaluation at step {step}: 8 of 8 images sampled with ddim 2 steps eta 1, UNet bf16 hold "
+                "NaN/inf values") in proc.stdout
+    assert scalar_series(out / "logs", "eval/nonfinite_images") == {8: 8.0, 16: 8.0}
+    assert scalar_series(out / "logs", "quality/swd_mean") == {}  # never a score
+    assert not list(out.glob("samples/*.png"))
+    assert "samples/" not in (out / "README.md").read_text()  # the model card shows no grid
+    assert json.loads((out / "training_complete.json").read_text())["global_step"] == 16
+    assert "the saved pipeline samples finite images (2 images, ddpm 2 steps, UNet fp32, its own scheduler)" in \
+        proc.stdout
+
+
+@pytest.mark.slow
+def test_a_pipeline_that_samples_nan_with_its_own_scheduler_is_never_marked_complete(tmp_path):
+    out = tmp_path / "out"
+    proc = driven("--nan-samples", "final", "train", *LOOP, "--output_dir", out)
+    assert proc.returncode == 3, proc.stderr
+    assert "error: 2 of 2 images sampled with ddpm 2 steps, UNet fp32 hold NaN/inf values" in proc.stderr
+    assert not (out / "training_complete.json").exists() and not (out / "README.md").exists()
+    assert len(list((out / "samples").glob("*.png"))) == 2  # its evaluations were finite
+    # the same run without the fault resumes at its final step and completes the end
+    again = driven("train", *LOOP, "--output_dir", out)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "training_complete.json").read_text())["global_step"] == 16
+
+
+@pytest.mark.slow
+def test_the_issue_reproduction_samples_finite_non_black_grids_when_rounding_goes_against_it(tmp_path):
+    """Issue 16's reproduction, smaller (16 px, 10 DDIM steps, eta 1, the zero-SNR defaults), with DDIM's variance
+    pushed 4 ulps up in every process: the grids have colour, the scores are not the NaN grid's, and `ddpm eval`
+    in fp32 agrees."""
+    out = tmp_path / "out"
+    proc = driven("--adverse-rounding", "train", *LOOP, "--num_inference_steps", "10", "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr
+    assert scalar_series(out / "logs", "eval/nonfinite_images") == {8: 0.0, 16: 0.0}
+    for grid in sorted((out / "samples").glob("*.png")):
+        pixels = np.asarray(Image.open(grid))
+        assert pixels.reshape(-1, 3).max(0).min() > 0 and pixels.std() > 5, grid  # colour, not a black grid
+    scores = scalar_series(out / "logs", "quality/swd_mean")
+    assert sorted(scores) == [8, 16] and all(np.isfinite(list(scores.values())))
+    evaluated = driven("--adverse-rounding", "eval", "--model", out, "--num-images", "8", "--json",
+                       "--eval_mixed_precision", "no")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert np.isfinite(json.loads(evaluated.stdout)["swd_mean"])
