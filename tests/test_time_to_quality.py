@@ -216,6 +216,11 @@ def test_max_train_seconds_ends_through_the_normal_end_and_resumes_its_clock(tmp
     assert (out / "model_index.json").is_file() and (out / "README.md").is_file()
     assert len(list((out / "samples").glob("*.png"))) == 1
     assert "time budget: 3 s of training (0 s spent)" in first.stdout
+    # the status lines' total and ETA follow the budget, which ends this run long before its 80,000 steps
+    lines = [line for line in first.stdout.splitlines() if line.startswith("step ")]
+    assert all(int(line.split()[1].split("/")[1]) < 10000 * 8 and line.split(" eta ")[1][:7] in (
+        "0:00:00", "0:00:01", "0:00:02", "0:00:03") for line in lines), lines
+    assert lines[-1].startswith(f"step {steps}/{steps} ") and " eta 0:00:00" in lines[-1]
     # a longer budget extends the run: its clock goes on from the checkpoint's seconds, not from 0
     second = run_train(1, [*args, "--max_train_seconds", "5"])
     assert f"resumed from {out / 'checkpoints' / f'checkpoint-{steps}'}" in second.stdout
