@@ -5,8 +5,8 @@ them, so no test has to guess timings:
                                  [--signal PHASE[:SIGNAL[:COUNT]]] ddpm-args...
 
 --nan SPEC      the loss is NaN in the optimizer updates (0-based) in SPEC ("3,4", or "5-" for 5 onward)
---nan-samples WHERE   sampled images are NaN in the loop's evaluations (eval), in the end-of-run check of the saved
-                pipeline (final), or both (all)
+--nan-samples WHERE[:RANK]   sampled images are NaN in the loop's evaluations (eval), in the end-of-run check of
+                the saved pipeline (final), or both (all); on rank RANK only when given
 --adverse-rounding    DDIM's variance comes out 4 ulps too large, rounding as the EPYC of issue 16 did and worse
 --signal ...    the process sends itself SIGNAL (TERM or INT, default TERM), COUNT times (default 1), during PHASE:
                 import (while diffusers is being imported), scan (while the image folder is decoded), cache (half-way
@@ -47,9 +47,13 @@ def inject_nan(spec: str) -> None:
     loop.training_loss = training_loss
 
 
-def inject_nan_samples(where: str) -> None:
+def inject_nan_samples(spec: str) -> None:
     import trainer.loop as loop
     import trainer.sampling as sampling
+
+    where, _, rank = spec.partition(":")
+    if rank and os.environ.get("RANK", "0") != rank:
+        return
 
     real_denoise, real_evaluate, real_check = sampling.denoise, loop.evaluate, sampling.check_saved_pipeline
     active = {"now": False}

@@ -19,7 +19,7 @@ from PIL import Image
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from conftest import REPO, TINY, clean_env
-from helpers import scalar_series
+from helpers import free_port, scalar_series
 from trainer import quality
 from trainer.cli import main
 from trainer.config import TrainingConfig
@@ -290,6 +290,21 @@ def test_a_run_whose_evaluations_sample_nan_saves_no_grid_scores_nothing_and_tra
     assert json.loads((out / "training_complete.json").read_text())["global_step"] == 16
     assert "the saved pipeline samples finite images (2 images, ddpm 2 steps, UNet fp32, its own scheduler)" in \
         proc.stdout
+
+
+@pytest.mark.slow
+def test_with_two_ranks_one_ranks_nan_samples_are_counted_and_no_rank_waits_for_a_gather(tmp_path):
+    """Rank 1's share of each evaluation is NaN, rank 0's is not: both ranks learn it in one all-reduce, skip the
+    gather together (rank 0 alone in it would hang) and train on."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "tests/fault_driver.py",
+                           "--nan-samples", "eval:1", "train", *LOOP, "--max_train_steps", "8", "--output_dir", out],
+                          capture_output=True, text=True, cwd=REPO, env=clean_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING: evaluation at step 4: 4 of 8 images sampled with ddim 2 steps eta 1" in proc.stdout
+    assert scalar_series(out / "logs", "eval/nonfinite_images") == {4: 4.0, 8: 4.0}
+    assert not list(out.glob("samples/*.png")) and (out / "training_complete.json").exists()
 
 
 @pytest.mark.slow
