@@ -97,8 +97,8 @@ def render(result: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, run in result["runs"].items():
         mfu = f"{100 * run['mfu']:.1f}%" if run.get("mfu") is not None else "n/a"
-        lines.append(f"| {name} | {run['steps']} | {fmt(run.get('images_per_sec'))} | {fmt(run.get('tflops_per_sec'), '.2f')} "
-                     f"| {mfu} | {fmt(run.get('first_update_s'))} | {'yes' if run['losses_finite'] else '**no**'} |")
+        lines.append(f"| {name} | {run['steps']} | {fmt(run.get('images_per_sec'))} | "
+                     f"{fmt(run.get('tflops_per_sec'), '.2f')} | {mfu} | {fmt(run.get('first_update_s'))} | {'yes' if run['losses_finite'] else '**no**'} |")
     lines += ["", "| check | result | detail |", "|---|---|---|"]
     lines += [f"| {c['name']} | {'ok' if c['ok'] else '**FAILED**'} | {c['detail']} |" for c in result["checks"]]
     return "\n".join(lines) + "\n"
@@ -246,8 +246,8 @@ def child_flops(preset: str, image_size: int, batch: int) -> dict:
 
 
 def child_samples(steps: list[int], trained: dict[str, str]) -> list[dict]:
-    """Each trained pipeline ({precision: folder}), sampled with DDIM eta 1 and with its own DDPM scheduler, UNet in fp32
-    and in the precision it trained in, at every step count."""
+    """Each trained pipeline ({precision: folder}), sampled with DDIM eta 1 and with its own DDPM scheduler, UNet in
+    fp32 and in the precision it trained in, at every step count."""
     import torch
     from diffusers import DDPMPipeline
 

@@ -163,8 +163,8 @@ def test_nonfinite_samples_are_warnings_one_per_run_of_evaluations_and_one_when_
     events.nonfinite_samples(6, NAN)  # the same Event, count 2
     events.nonfinite_samples(6, "2 of 2 images sampled with ddpm 2 steps, UNet fp32 hold NaN/inf values", True)
     assert events.close(timeout_s=10)
-    assert [p for p in posted(kube_server) if p[1] == "Pod"] == [
-        ("create", "Pod", "NonFiniteSamples"), ("patch", "Pod", "NonFiniteSamples"), ("create", "Pod", "NonFiniteSamples")]
+    assert [(verb, reason) for verb, kind, reason in posted(kube_server) if kind == "Pod"] == [
+        ("create", "NonFiniteSamples"), ("patch", "NonFiniteSamples"), ("create", "NonFiniteSamples")]
     evaluation, final = [e for e in kube_server.events() if e["involvedObject"]["kind"] == "Pod"]
     assert (evaluation["type"], evaluation["count"]) == ("Warning", 2)
     assert evaluation["message"] == f"evaluation at step 6: {NAN}"

@@ -1,8 +1,8 @@
 """Best-effort Kubernetes Events for the run's milestones, so `kubectl describe` and `kubectl get events` show them.
 
 Rank 0 creates one `RunEvents`; each milestone (started, checkpoint, evaluated, non-finite samples, preempted,
-diverged, failed, completed) becomes one core/v1 Event on this pod and one on the workload that owns it (trainer.kube.resolve_workload),
-with a human message and machine-readable annotations (`ddpm-trainer/<key>`) that `ddpm status` reads instead of
+diverged, failed, completed) becomes one core/v1 Event on this pod and one on the workload that owns it
+(trainer.kube.resolve_workload), with a human message and machine-readable annotations (`ddpm-trainer/<key>`) that `ddpm status` reads instead of
 parsing prose.
 
 Never in the way of training: the methods only put a record on a bounded queue (dropped and counted when full) and a
