@@ -257,16 +257,19 @@ SHORT_RUN = ["--model_preset", "small", "--image_size", "16", "--builtin_num_ima
 
 @pytest.mark.slow
 def test_a_short_run_with_the_new_defaults_scores_better_than_with_the_old_ones(tmp_path):
-    """Same data, model, batch, steps and sampler; scored by the loop's own SWD against 32 training images. The margin
-    (0.7x) is far from the gap the benchmark measures between these settings (docs/PERFORMANCE.md, ablation)."""
+    """Same data, model, batch, steps and sampler; scored by the loop's own SWD against 32 training images (its bf16
+    evaluation). Measured at seeds 0, 1 and 2, the final pipelines scored by `ddpm eval` with the UNet in fp32 and in
+    bf16 (equal to the loop's score) on the project's 2-core Intel Xeon (2026-12-06): new / old swd_mean
+    135.6/888.8, 128.3/934.7, 140.4/861.1 (ratios 0.14-0.16; bf16 within 0.3 of fp32), color_w1 6.4/71.4,
+    8.1/77.7, 6.7/74.4 (ratios 0.09-0.11). Asserted: below 0.35 and 0.25, more than twice the worst ratio."""
     scores = {}
     for name, flags in (("new", []), ("old", OLD_DEFAULTS)):
         run_train(1, [*SHORT_RUN, *flags, "--output_dir", tmp_path / name])
         scores[name] = {tag: scalar_series(tmp_path / name / "logs", f"quality/{tag}")[120]
                         for tag in ("swd_mean", "color_w1")}
     print(scores)
-    assert scores["new"]["swd_mean"] < 0.7 * scores["old"]["swd_mean"]
-    assert scores["new"]["color_w1"] < 0.7 * scores["old"]["color_w1"]
+    assert scores["new"]["swd_mean"] < 0.35 * scores["old"]["swd_mean"]
+    assert scores["new"]["color_w1"] < 0.25 * scores["old"]["color_w1"]
 
 
 # The loss `ddpm train` logged at each of 12 updates before issue 12 (commit 751a013, `CURVE_RUN` below plus
