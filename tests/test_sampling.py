@@ -166,6 +166,19 @@ def test_real_samples_at_the_epyc_step_counts_are_finite_and_not_black(unet, kin
         assert (images.flatten(1).amax(1) > 0).all(), f"{kind} {steps} steps {precision}: a black image"
 
 
+@pytest.mark.parametrize("zero_snr,prediction_type", [(True, "v_prediction"), (True, "sample"), (False, "epsilon"),
+                                                      (False, "v_prediction"), (False, "sample")])
+def test_real_samples_of_every_schedule_and_prediction_type_the_config_accepts(zero_snr, prediction_type,
+                                                                            adverse_rounding):
+    """Both samplers, eta 1, 10 steps, rounding against the sampler: finite images with colour."""
+    torch.manual_seed(0)
+    unet = build_unet(config(zero_terminal_snr=zero_snr, prediction_type=prediction_type)).eval()
+    for kind in ("ddim", "ddpm"):
+        scheduler = eval_scheduler(kind, schedule(zero_snr, prediction_type=prediction_type))
+        images = sample_images(unet, scheduler, range(2), seed=0, num_inference_steps=10, eta=1.0)
+        assert (images.flatten(1).amax(1) > 0).all(), f"{kind}: a black image"
+
+
 # ---- the loop is the stock pipelines' loop --------------------------------------------------------------------------
 
 def stock(pipeline_cls, unet, scheduler, steps, **extra) -> torch.Tensor:
