@@ -97,8 +97,9 @@ def render(result: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, run in result["runs"].items():
         mfu = f"{100 * run['mfu']:.1f}%" if run.get("mfu") is not None else "n/a"
+        finite = "yes" if run["losses_finite"] else "**no**"
         lines.append(f"| {name} | {run['steps']} | {fmt(run.get('images_per_sec'))} | "
-                     f"{fmt(run.get('tflops_per_sec'), '.2f')} | {mfu} | {fmt(run.get('first_update_s'))} | {'yes' if run['losses_finite'] else '**no**'} |")
+                     f"{fmt(run.get('tflops_per_sec'), '.2f')} | {mfu} | {fmt(run.get('first_update_s'))} | {finite} |")
     lines += ["", "| check | result | detail |", "|---|---|---|"]
     lines += [f"| {c['name']} | {'ok' if c['ok'] else '**FAILED**'} | {c['detail']} |" for c in result["checks"]]
     return "\n".join(lines) + "\n"
@@ -178,23 +179,26 @@ def bench(mode_name: str, out: Path) -> dict:
     found = probe(work, {
         "flops": [mode.preset, mode.image_size, mode.batch],
         "compare": {p: [str(f["a"]), str(f["b"]), k, 2 * k] for p, f in resumed.items()},
-        "samples": [mode.sample_steps, {p: runs[p]["out"] for p in resumed}]})
+        "samples": [mode.sample_steps, {p: run["out"] for p, run in runs.items()}]})
     flops, peaks = found["flops"]["flops_per_image"], found["flops"]["peak_flops"]
-    for precision, same in found["compare"].items():
-        run = runs[precision]
+    for precision, run in runs.items():
         losses = read_scalars(Path(run["out"]) / "logs")["loss"]
         run.update(losses_finite=all(math.isfinite(v) for _, _, v in losses),
                    **speed(losses, run["steps"], mode.batch, flops, peaks.get(precision)))
         checks.append({"name": f"{precision}: losses finite", "ok": run["losses_finite"],
                        "detail": f"{run['steps']} updates"})
+    for precision, same in found["compare"].items():
         detail = (f"checkpoint-{k} resumed to {2 * k}: weights, EMA and losses "
                   + ("bit-identical" if same["equal"] else f"differ ({same['differs']})"))
         if not same["equal"]:  # the resume, or the GPU run itself? A second uninterrupted run tells
-            again = resume_runs(mode, precision, work, cache, names=("a2",))["a2"]
-            agree = probe(work, {"compare": {precision: [str(resumed[precision]["a"]), str(again), 0, 2 * k]}},
-                          f"probe-{precision}-a2")["compare"][precision]["equal"]
-            detail += ("; two uninterrupted runs agree, so the resume is at fault" if agree
-                       else "; two uninterrupted runs differ too: the GPU run is not deterministic")
+            try:
+                again = resume_runs(mode, precision, work, cache, names=("a2",))["a2"]
+                agree = probe(work, {"compare": {precision: [str(resumed[precision]["a"]), str(again), 0, 2 * k]}},
+                              f"probe-{precision}-a2")["compare"][precision]["equal"]
+                detail += ("; two uninterrupted runs agree, so the resume is at fault" if agree
+                           else "; two uninterrupted runs differ too: the GPU run is not deterministic")
+            except RuntimeError as e:
+                detail += f"; the second uninterrupted run failed: {failure(e)}"
         checks.append({"name": f"{precision}: resume", "ok": same["equal"], "detail": detail})
     for row in found["samples"]:
         checks.append({"name": f"samples: {row['trained']} model, {row['sampler']}, UNet {row['precision']}",

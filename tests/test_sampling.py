@@ -156,10 +156,10 @@ def unet():
 @pytest.mark.parametrize("kind,precision", [("ddim", "no"), ("ddim", "bf16"), ("ddpm", "no")])
 def test_real_samples_at_the_epyc_step_counts_are_finite_and_not_black(unet, kind, precision, adverse_rounding):
     """An untrained small UNet at 16 px with the default schedule (zero SNR, v-prediction, trailing), eta 1, at the
-    step counts that gave all-NaN (black) grids on the EPYC, with rounding pushed against the sampler: every image
-    is finite (a NaN one would raise) and has some colour (a NaN image quantises to black)."""
+    step counts that gave all-NaN (black) grids on the EPYC (DDPM without the 250), with rounding pushed against the
+    sampler: every image is finite (a NaN one would raise) and has some colour (a NaN image quantises to black)."""
     scheduler = eval_scheduler(kind, schedule())
-    for steps in EPYC_NAN_STEPS:
+    for steps in EPYC_NAN_STEPS if kind == "ddim" else EPYC_NAN_STEPS[:-1]:  # DDPM's arithmetic: checked above
         images = sample_images(unet, scheduler, range(2), seed=0, num_inference_steps=steps, eta=1.0,
                                precision=precision)
         assert images.shape == (2, 16, 16, 3) and images.dtype == torch.uint8
@@ -170,12 +170,12 @@ def test_real_samples_at_the_epyc_step_counts_are_finite_and_not_black(unet, kin
                                                       (False, "v_prediction"), (False, "sample")])
 def test_real_samples_of_every_schedule_and_prediction_type_the_config_accepts(zero_snr, prediction_type,
                                                                             adverse_rounding):
-    """Both samplers, eta 1, 10 steps, rounding against the sampler: finite images with colour."""
+    """Both samplers, eta 1, 8 steps, rounding against the sampler: finite images with colour."""
     torch.manual_seed(0)
     unet = build_unet(config(zero_terminal_snr=zero_snr, prediction_type=prediction_type)).eval()
     for kind in ("ddim", "ddpm"):
         scheduler = eval_scheduler(kind, schedule(zero_snr, prediction_type=prediction_type))
-        images = sample_images(unet, scheduler, range(2), seed=0, num_inference_steps=10, eta=1.0)
+        images = sample_images(unet, scheduler, range(2), seed=0, num_inference_steps=8, eta=1.0)
         assert (images.flatten(1).amax(1) > 0).all(), f"{kind}: a black image"
 
 
