@@ -1,9 +1,13 @@
 """Fault injection for tests: the real CLI (`python -m trainer`), with faults placed exactly where a test needs
 them, so no test has to guess timings:
 
-    python tests/fault_driver.py [--nan SPEC] [--signal PHASE[:SIGNAL[:COUNT]]] ddpm-args...
+    python tests/fault_driver.py [--nan SPEC] [--nan-samples WHERE] [--adverse-rounding]
+                                 [--signal PHASE[:SIGNAL[:COUNT]]] ddpm-args...
 
 --nan SPEC      the loss is NaN in the optimizer updates (0-based) in SPEC ("3,4", or "5-" for 5 onward)
+--nan-samples WHERE[:RANK]   sampled images are NaN in the loop's evaluations (eval), in the end-of-run check of
+                the saved pipeline (final), or both (all); on rank RANK only when given
+--adverse-rounding    DDIM's variance comes out 4 ulps too large, rounding as the EPYC of issue 16 did and worse
 --signal ...    the process sends itself SIGNAL (TERM or INT, default TERM), COUNT times (default 1), during PHASE:
                 import (while diffusers is being imported), scan (while the image folder is decoded), cache (half-way
                 through writing the data cache), final_save (while the final pipeline is written), step-N (just
@@ -41,6 +45,51 @@ def inject_nan(spec: str) -> None:
         return loss * float("nan") if bad(update) else loss
 
     loop.training_loss = training_loss
+
+
+def inject_nan_samples(spec: str) -> None:
+    import trainer.loop as loop
+    import trainer.sampling as sampling
+
+    where, _, rank = spec.partition(":")
+    if rank and os.environ.get("RANK", "0") != rank:
+        return
+
+    real_denoise, real_evaluate, real_check = sampling.denoise, loop.evaluate, sampling.check_saved_pipeline
+    active = {"now": False}
+
+    def denoise(*args, **kwargs):
+        images = real_denoise(*args, **kwargs)
+        return images * float("nan") if active["now"] else images
+
+    def during(function, on: bool):
+        def call(*args, **kwargs):
+            active["now"] = on
+            try:
+                return function(*args, **kwargs)
+            finally:
+                active["now"] = False
+        return call
+
+    sampling.denoise = denoise
+    loop.evaluate = during(real_evaluate, where in ("eval", "all"))
+    sampling.check_saved_pipeline = during(real_check, where in ("final", "all"))
+
+
+def inject_adverse_rounding(ulps: int = 4) -> None:
+    import torch
+    from diffusers import DDIMScheduler
+
+    real = DDIMScheduler._get_variance
+
+    def nudged(self, timestep, prev_timestep):
+        variance = real(self, timestep, prev_timestep)
+        up = variance
+        for _ in range(ulps):
+            up = torch.nextafter(up, torch.tensor(float("inf")))
+        return torch.where(variance > 0, up, variance)  # an exact 0 stays 0 on every machine
+
+    DDIMScheduler._get_variance = nudged
 
 
 def inject_signal(phase: str, signame: str, count: int) -> None:
@@ -116,9 +165,15 @@ if __name__ == "__main__":
 
     SIGNALS.install()  # as trainer.main does, before anything heavy
     args = sys.argv[1:]
-    while args and args[0] in ("--nan", "--signal"):
+    while args and args[0] in ("--nan", "--signal", "--nan-samples", "--adverse-rounding"):
+        if args[0] == "--adverse-rounding":
+            inject_adverse_rounding()
+            args = args[1:]
+            continue
         flag, value, args = args[0], args[1], args[2:]
-        if flag == "--nan":
+        if flag == "--nan-samples":
+            inject_nan_samples(value)
+        elif flag == "--nan":
             inject_nan(value)
         else:
             phase, signame, count = [*value.split(":"), "", ""][:3]

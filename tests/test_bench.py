@@ -103,11 +103,12 @@ def _load(name):
     sys.path.insert(0, str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
 
-ttq, plots, photos = _load("ttq"), _load("plots"), _load("photos")
+ttq, plots, photos, gpu = _load("ttq"), _load("plots"), _load("photos"), _load("gpu")
 
 
 def test_tutorial_epochs_fill_the_budget_in_whole_epochs():
@@ -169,3 +170,53 @@ def test_photo_crops_are_deterministic_squares_inside_their_photo():
         h, w = shapes[k]
         assert min(h, w) // 4 <= side <= min(h, w) and top + side <= h and left + side <= w
     assert [b[0] for b in boxes[:4]] == [0, 1, 0, 1]  # photos in turn
+
+
+# ---- make bench-gpu (bench/gpu.py) -----------------------------------------------------------------------------
+
+
+def test_gpu_bench_speed_and_mfu_come_from_the_steady_window():
+    # logged every 10 updates at 0.02 s per update of 32 images (1,600 images/s) after a slow first interval
+    losses = [(10, 100.0, 0.5)] + [(s, 100.0 + (s - 10) * 0.02, 0.4) for s in range(20, 301, 10)]
+    result = gpu.speed(losses, 300, 32, 372e9, 989e12)
+    assert result["images_per_sec"] == pytest.approx(1600.0) and result["window"] == [60, 300]
+    assert result["mfu"] == pytest.approx(372e9 * 1600 / 989e12) and result["tflops_per_sec"] == pytest.approx(595.2)
+    assert gpu.speed(losses, 300, 32, 372e9, None)["mfu"] is None  # CPU, or a GPU missing from the peak table
+
+
+def test_gpu_bench_full_mode_is_the_tutorial_at_128_px_in_bf16_and_fp16_and_counts_372_gflop():
+    full = gpu.MODES["full"]
+    assert (full.preset, full.image_size, full.precisions) == ("tutorial", 128, ("bf16", "fp16"))
+    assert set(full.sample_steps) >= {1, 8, 10, 50, 250} and full.compile_steps
+    assert gpu.child_flops("tutorial", 128, full.batch)["flops_per_image"] / 1e9 == pytest.approx(372, abs=1)
+    args = gpu.train_args(full, "fp16", 300, "OUT", "CACHE")
+    assert args[args.index("--mixed_precision") + 1] == "fp16" and args[args.index("--max_train_steps") + 1] == 300
+
+
+@pytest.mark.slow
+def test_gpu_bench_quick_mode_runs_every_check_on_the_cpu(tmp_path):
+    """`python bench/gpu.py --quick`: fp32 and bf16 trainings, a bit-exact resume of each, finite samples of both
+    samplers at several step counts, and the report; fp16 is CUDA-only."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import clean_env
+
+    proc = subprocess.run([sys.executable, "bench/gpu.py", "--quick", "--out", str(tmp_path)], cwd=REPO,
+                          env=clean_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    checks = {c["name"]: c for c in result["checks"]}
+    for precision in ("no", "bf16"):
+        assert checks[f"{precision}: losses finite"]["ok"]
+        assert checks[f"{precision}: resume"]["ok"] and "bit-identical" in checks[f"{precision}: resume"]["detail"]
+        for sampler in ("ddim eta 1", "ddpm"):
+            check = checks[f"samples: {precision} model, {sampler}, UNet fp32"]
+            assert check["ok"] and check["detail"] == "steps 1,8,10: all finite"
+        assert result["runs"][precision]["images_per_sec"] > 0
+    assert checks["samples: bf16 model, ddim eta 1, UNet bf16"]["ok"]
+    assert len(checks) == 4 + 6  # nothing else: no compile run, no fp16, on a CPU
+    assert result["device"] == "cpu" and result["runs"]["no"]["mfu"] is None
+    assert "| no: resume | ok | checkpoint-3 resumed to 6: weights, EMA and losses bit-identical |" in (
+        tmp_path / "gpu.md").read_text()

@@ -152,6 +152,29 @@ def test_resumed_preempted_diverged_and_failed_are_warnings_with_their_details(k
     assert on_pod["Failed"]["metadata"]["annotations"] == {A + "error": "RuntimeError: CUDA out of memory"}
 
 
+NAN = "8 of 8 images sampled with ddim 2 steps eta 1, UNet bf16 hold NaN/inf values; none was saved or scored"
+
+
+def test_nonfinite_samples_are_warnings_one_per_run_of_evaluations_and_one_when_the_run_is_refused(kube_server,
+                                                                                                   tmp_path):
+    run = put_training_run(kube_server, "Job", nodes=1)
+    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run))
+    events.nonfinite_samples(4, NAN + ". Causes: ...\nmore")
+    events.nonfinite_samples(6, NAN)  # the same Event, count 2
+    events.nonfinite_samples(6, "2 of 2 images sampled with ddpm 2 steps, UNet fp32 hold NaN/inf values", True)
+    assert events.close(timeout_s=10)
+    assert [(verb, reason) for verb, kind, reason in posted(kube_server) if kind == "Pod"] == [
+        ("create", "NonFiniteSamples"), ("patch", "NonFiniteSamples"), ("create", "NonFiniteSamples")]
+    evaluation, final = [e for e in kube_server.events() if e["involvedObject"]["kind"] == "Pod"]
+    assert (evaluation["type"], evaluation["count"]) == ("Warning", 2)
+    assert evaluation["message"] == f"evaluation at step 6: {NAN}"
+    assert evaluation["metadata"]["annotations"] == {A + "step": "6", A + "error": NAN}
+    assert final["type"] == "Warning" and final["message"] == (
+        "the saved pipeline's check at step 6: 2 of 2 images sampled with ddpm 2 steps, UNet fp32 hold NaN/inf values")
+    assert final["metadata"]["annotations"][A + "final"] == "true"
+    assert "NonFiniteSamples" in ev.REASONS
+
+
 @pytest.mark.parametrize("kind, workload_env", [("TrainJob", True), ("TrainJob", False), ("PyTorchJob", True)])
 def test_events_go_to_the_owning_workload_through_the_owner_chain(kube_server, tmp_path, kind, workload_env):
     run = put_training_run(kube_server, kind)
@@ -288,7 +311,8 @@ def test_numpy_scores_and_tensor_losses_become_plain_numbers(kube_server, tmp_pa
 
 # ---- a real `ddpm train` as a pod runs it ---------------------------------------------------------------------------
 
-def train_in_pod(tmp_path, env: dict, *extra) -> "subprocess.CompletedProcess":
+def train_in_pod(tmp_path, env: dict, *extra, faults: tuple = ()) -> "subprocess.CompletedProcess":
+    """`ddpm train` as the pod runs it; `faults` are tests/fault_driver.py's options (then it runs through it)."""
     import subprocess
     import sys
 
@@ -297,7 +321,8 @@ def train_in_pod(tmp_path, env: dict, *extra) -> "subprocess.CompletedProcess":
     args = [*TINY, "--output_dir", tmp_path / "out", "--max_train_steps", "4", "--checkpointing_steps", "2",
             "--save_image_epochs", "1", "--eval_quality_images", "4", "--logging_steps", "2",
             "--builtin_num_images", "8", *extra]
-    return subprocess.run([sys.executable, "-m", "trainer", "train", *map(str, args)], cwd=REPO,
+    entry = ["tests/fault_driver.py", *faults] if faults else ["-m", "trainer"]
+    return subprocess.run([sys.executable, *entry, "train", *map(str, args)], cwd=REPO,
                           env=clean_env(**env), capture_output=True, text=True)
 
 
@@ -333,6 +358,25 @@ def test_a_training_run_posts_its_milestones_and_is_unaffected_when_the_api_is_n
     # A hanging API costs at most the events' own timeouts at start and close, not a slower loop (the same run
     # against a refusing API, just before, is the yardstick: the machine's load affects both alike).
     assert elapsed < refused_s + 30, (elapsed, refused_s)
+
+
+@pytest.mark.slow
+def test_a_run_whose_samples_are_nan_posts_warnings_and_never_completed(kube_server, tmp_path):
+    """Every evaluation's samples and the saved pipeline's are NaN: a Warning per evaluation (one Event, counted),
+    the refusal at the end, exit 3, and never Completed."""
+    run = put_training_run(kube_server, "Job", nodes=1)
+    env = pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run)
+    proc = train_in_pod(tmp_path, env, faults=("--nan-samples", "all"))
+    assert proc.returncode == 3, proc.stderr
+    on_job = [(verb, reason) for verb, kind, reason in posted(kube_server) if kind == "Job"]
+    assert ("create", "Completed") not in on_job and ("create", "EvaluationDone") not in on_job
+    assert [p for p in on_job if p[1] == "NonFiniteSamples"] == [
+        ("create", "NonFiniteSamples"), ("patch", "NonFiniteSamples"), ("create", "NonFiniteSamples")]
+    warnings = {e["metadata"]["annotations"].get(A + "final"): e for e in kube_server.events()
+                if e["reason"] == "NonFiniteSamples" and e["involvedObject"]["kind"] == "Job"}
+    assert warnings[None]["message"].startswith("evaluation at step 4: 4 of 4 images sampled with ddim 2 steps")
+    assert warnings["true"]["message"].startswith("the saved pipeline's check at step 4: 2 of 2 images sampled "
+                                                  "with ddpm 2 steps, UNet fp32")
 
 
 def step_line(stdout: str) -> str:

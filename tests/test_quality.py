@@ -86,7 +86,8 @@ def test_to_uint8_keeps_uint8_and_quantises_model_range_floats():
 
 
 def test_swd_sees_a_global_colour_shift_and_color_w1_measures_it():
-    # Descriptors are normalised with both sets' statistics pooled, so a global shift is not normalised away.
+    """Descriptors are normalised with both sets' statistics pooled, so a global shift is not normalised away.
+    shifted / same at 16 px measured 13.5-19.7 over generator seeds 0-7 (threshold 5); color_w1 is exact."""
     g = torch.Generator().manual_seed(2)
     a = torch.randint(50, 200, (16, 32, 32, 3), dtype=torch.uint8, generator=g)
     b = torch.randint(50, 200, (16, 32, 32, 3), dtype=torch.uint8, generator=g)
@@ -123,6 +124,10 @@ def test_real_images_are_deterministic_distinct_training_images(halves):
 
 
 def test_real_vs_real_scores_far_better_than_noise_and_blur(halves):
+    """No model, so no eval precision: only the draw matters. Measured with seeds 0-5 for the real images, the
+    noise and the metric (2-core Intel Xeon, 2026-12-06): noise / real swd_mean 14.3-23.5, blur / real 5.1-7.7,
+    blur / real at 32 px 13.1-20.9, noise / real color_w1 13.0-22.9; the thresholds below are 1.4-2.6x under the
+    worst of these."""
     a, b = halves
     noise = torch.randint(0, 256, b.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     blurred = gaussian_blur(b.permute(0, 3, 1, 2), [5, 5], [1.0, 1.0]).permute(0, 2, 3, 1).contiguous()
@@ -181,6 +186,11 @@ def test_training_loop_logs_quality_to_tensorboard(run):
 
 @pytest.mark.slow
 def test_trained_model_scores_better_than_untrained(run, untrained, capsys):
+    """The margins come from RUN at seeds 0, 1 and 2, each scored by `ddpm eval` (32 images, DDIM 10 steps, eta 1)
+    with the UNet in fp32 and in bf16, on the project's 2-core Intel Xeon (2026-12-06): trained / untrained swd_mean
+    162.9/867.2, 192.5/930.8, 191.3/829.3 (ratios 0.19-0.23; bf16 within 0.2 of fp32 everywhere), color_w1
+    6.6/67.9, 9.6/81.0, 8.6/67.3 (ratios 0.10-0.13). Asserted: below 0.5 and 0.3, more than twice the worst ratio
+    measured, and a ratio of two scores no last-bit rounding can move."""
     out, _ = run
     trained = json.loads(ddpm("eval", "--model", out, "--num-images", "32", "--json").stdout)
     assert main(["eval", "--model", str(untrained), "--num-images", "32", "--json"]) == 0  # in-process: no startup
@@ -188,8 +198,8 @@ def test_trained_model_scores_better_than_untrained(run, untrained, capsys):
     print(f"\ntrained {trained}\nuntrained {before}")
     assert trained["levels"] == [16, 8] and trained["num_images"] == 32 and trained["image_size"] == 16
     assert (trained["sampler"], trained["num_inference_steps"]) == ("ddim", 10)  # the run's config, found in --model
-    assert trained["swd_mean"] < 0.7 * before["swd_mean"]  # measured: 514 vs 897
-    assert trained["color_w1"] < before["color_w1"]
+    assert trained["swd_mean"] < 0.5 * before["swd_mean"]
+    assert trained["color_w1"] < 0.3 * before["color_w1"]
     # `ddpm eval` draws and scores exactly what the loop did at its last evaluation (same EMA weights, seeds, set)
     logged = scalar_series(out / "logs", "quality/swd_mean")[STEPS]
     assert trained["swd_mean"] == pytest.approx(logged, rel=1e-4)

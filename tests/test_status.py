@@ -82,6 +82,18 @@ def test_a_failed_run_exits_2_with_the_reason_and_the_trainers_error(kube_server
         in lines
 
 
+def test_non_finite_samples_show_as_a_warning_and_as_the_error_when_they_stopped_the_run(kube_server, tmp_path):
+    run = put_training_run(kube_server, "Job", nodes=1)
+    nan = "4 of 4 images sampled with ddim 10 steps eta 1, UNet bf16 hold NaN/inf values"
+    post(kube_server, tmp_path, run, started=[(4, 1, 0, 6, None)], nonfinite_samples=[(2, nan), (4, nan)])
+    code, lines = ddpm_status(kube_server, tmp_path)
+    assert code == STATUS_OK and f"warning     NonFiniteSamples at step 4: {nan}" in lines
+    assert not [line for line in lines if line.startswith("error")]
+    post(kube_server, tmp_path, run, nonfinite_samples=[(6, "2 of 2 images sampled with ddpm 10 steps", True)])
+    _, lines = ddpm_status(kube_server, tmp_path)
+    assert "error       NonFiniteSamples: 2 of 2 images sampled with ddpm 10 steps" in lines
+
+
 def test_a_completed_pytorchjob_ranks_master_then_workers(kube_server, tmp_path):
     run = put_training_run(kube_server, "PyTorchJob", nodes=3, conditions=[condition("Succeeded")],
                            phases={0: "Succeeded", 1: "Succeeded", 2: "Succeeded"})

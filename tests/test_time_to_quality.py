@@ -216,6 +216,11 @@ def test_max_train_seconds_ends_through_the_normal_end_and_resumes_its_clock(tmp
     assert (out / "model_index.json").is_file() and (out / "README.md").is_file()
     assert len(list((out / "samples").glob("*.png"))) == 1
     assert "time budget: 3 s of training (0 s spent)" in first.stdout
+    # the status lines' total and ETA follow the budget, which ends this run long before its 80,000 steps
+    lines = [line for line in first.stdout.splitlines() if line.startswith("step ")]
+    assert all(int(line.split()[1].split("/")[1]) < 10000 * 8 and line.split(" eta ")[1][:7] in (
+        "0:00:00", "0:00:01", "0:00:02", "0:00:03") for line in lines), lines
+    assert lines[-1].startswith(f"step {steps}/{steps} ") and " eta 0:00:00" in lines[-1]
     # a longer budget extends the run: its clock goes on from the checkpoint's seconds, not from 0
     second = run_train(1, [*args, "--max_train_seconds", "5"])
     assert f"resumed from {out / 'checkpoints' / f'checkpoint-{steps}'}" in second.stdout
@@ -252,16 +257,19 @@ SHORT_RUN = ["--model_preset", "small", "--image_size", "16", "--builtin_num_ima
 
 @pytest.mark.slow
 def test_a_short_run_with_the_new_defaults_scores_better_than_with_the_old_ones(tmp_path):
-    """Same data, model, batch, steps and sampler; scored by the loop's own SWD against 32 training images. The margin
-    (0.7x) is far from the gap the benchmark measures between these settings (docs/PERFORMANCE.md, ablation)."""
+    """Same data, model, batch, steps and sampler; scored by the loop's own SWD against 32 training images (its bf16
+    evaluation). Measured at seeds 0, 1 and 2, the final pipelines scored by `ddpm eval` with the UNet in fp32 and in
+    bf16 (equal to the loop's score) on the project's 2-core Intel Xeon (2026-12-06): new / old swd_mean
+    135.6/888.8, 128.3/934.7, 140.4/861.1 (ratios 0.14-0.16; bf16 within 0.3 of fp32), color_w1 6.4/71.4,
+    8.1/77.7, 6.7/74.4 (ratios 0.09-0.11). Asserted: below 0.35 and 0.25, more than twice the worst ratio."""
     scores = {}
     for name, flags in (("new", []), ("old", OLD_DEFAULTS)):
         run_train(1, [*SHORT_RUN, *flags, "--output_dir", tmp_path / name])
         scores[name] = {tag: scalar_series(tmp_path / name / "logs", f"quality/{tag}")[120]
                         for tag in ("swd_mean", "color_w1")}
     print(scores)
-    assert scores["new"]["swd_mean"] < 0.7 * scores["old"]["swd_mean"]
-    assert scores["new"]["color_w1"] < 0.7 * scores["old"]["color_w1"]
+    assert scores["new"]["swd_mean"] < 0.35 * scores["old"]["swd_mean"]
+    assert scores["new"]["color_w1"] < 0.25 * scores["old"]["color_w1"]
 
 
 # The loss `ddpm train` logged at each of 12 updates before issue 12 (commit 751a013, `CURVE_RUN` below plus

@@ -56,3 +56,12 @@ def any_process(accelerator, flag: bool) -> bool:
     import torch
 
     return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
+
+
+def sum_over_processes(accelerator, values: list[float]) -> list[float]:
+    """Each value summed over the ranks (a collective: every rank must call it at the same step)."""
+    if accelerator.num_processes == 1:
+        return list(values)
+    import torch
+
+    return accelerator.reduce(torch.tensor(values, dtype=torch.float32, device=accelerator.device), "sum").tolist()

@@ -10,7 +10,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_FAILED = 1  # an unexpected or transient error (network): a retry may help
 EXIT_CONFIG = 2  # bad configuration or input: retrying cannot help
-EXIT_DIVERGED = 3  # too many consecutive non-finite losses: retrying cannot help
+EXIT_DIVERGED = 3  # non-finite losses, weights or samples: retrying cannot help
 EXIT_PREEMPTED = 143  # stopped on SIGTERM (128 + 15; checkpoint saved if training had started): retry to resume
 EXIT_INTERRUPTED = 130  # stopped on SIGINT (Ctrl-C), checkpoint saved if training had started: 128 + SIGINT
 
@@ -74,6 +74,19 @@ class Diverged(DdpmError):
     """Too many consecutive non-finite losses, or non-finite weights where a model would be written (exit 3)."""
 
     exit_code = EXIT_DIVERGED
+
+
+class NonFiniteSamples(DdpmError):
+    """Sampled images hold NaN/inf values: they are never quantised, saved or scored (exit 3)."""
+
+    exit_code = EXIT_DIVERGED
+
+    def __init__(self, sampler: str, bad: int, checked: int):
+        self.sampler, self.bad, self.checked = sampler, bad, checked
+        super().__init__(
+            f"{bad} of {checked} images sampled with {sampler} hold NaN/inf values; none was saved or scored. "
+            "Causes: non-finite weights, an fp16 overflow (sample in bf16 or fp32), or a scheduler config that cannot "
+            "sample its first step (prediction_type epsilon with rescale_betas_zero_snr)")
 
 
 class Stopped(BaseException):

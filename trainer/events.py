@@ -1,8 +1,8 @@
 """Best-effort Kubernetes Events for the run's milestones, so `kubectl describe` and `kubectl get events` show them.
 
-Rank 0 creates one `RunEvents`; each milestone (started, checkpoint, evaluated, preempted, diverged, failed,
-completed) becomes one core/v1 Event on this pod and one on the workload that owns it (trainer.kube.resolve_workload),
-with a human message and machine-readable annotations (`ddpm-trainer/<key>`) that `ddpm status` reads instead of
+Rank 0 creates one `RunEvents`; each milestone (started, checkpoint, evaluated, non-finite samples, preempted,
+diverged, failed, completed) becomes one core/v1 Event on this pod and one on the workload that owns it
+(trainer.kube.resolve_workload), with a human message and machine-readable annotations (`ddpm-trainer/<key>`) that `ddpm status` reads instead of
 parsing prose.
 
 Never in the way of training: the methods only put a record on a bounded queue (dropped and counted when full) and a
@@ -48,7 +48,8 @@ PREEMPTED = "Preempted"
 DIVERGED = "Diverged"
 FAILED = "Failed"
 COMPLETED = "Completed"
-REASONS = (RUN_STARTED, CHECKPOINT_SAVED, EVALUATION_DONE, PREEMPTED, DIVERGED, FAILED, COMPLETED)
+NON_FINITE_SAMPLES = "NonFiniteSamples"  # an evaluation's images, or the saved pipeline's, held NaN/inf
+REASONS = (RUN_STARTED, CHECKPOINT_SAVED, EVALUATION_DONE, NON_FINITE_SAMPLES, PREEMPTED, DIVERGED, FAILED, COMPLETED)
 
 # Annotation keys (without ANNOTATION_PREFIX); every value is a string, numbers in Python's repr.
 STEP, TOTAL_STEPS = "step", "total-steps"
@@ -56,6 +57,7 @@ GLOBAL_BATCH, PROCESSES, RESUMED_FROM = "global-batch", "processes", "resumed-fr
 CHECKPOINT, LOSS, ETA_SECONDS = "checkpoint", "loss", "eta-seconds"
 SCORES = "scores"  # a JSON object, e.g. {"swd_mean": 123.4, "color_w1": 5.6}
 OUTPUT_DIR, ERROR = "output-dir", "error"
+FINAL = "final"  # "true" on the NonFiniteSamples that stopped the run
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,18 @@ class RunEvents:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
         self._post(Milestone(EVALUATION_DONE, "Normal", f"evaluation at step {step}: {shown}",
                              _annotations(step=step, scores=json.dumps(scores, sort_keys=True)), repeats=True))
+
+    def nonfinite_samples(self, step: int, message: str, final: bool = False) -> None:
+        """A Warning: at an evaluation (training goes on; one Event whose count grows) or, `final`, when the saved
+        pipeline's check refused to mark the run complete."""
+        what = "the saved pipeline's check" if final else "evaluation"
+        milestone = Milestone(NON_FINITE_SAMPLES, "Warning", f"{what} at step {step}: {_first_line(message)}",
+                              _annotations(step=step, error=_first_line(message), final="true" if final else None),
+                              repeats=not final)
+        if final:
+            self._final(milestone)
+        else:
+            self._post(milestone)
 
     def preempted(self, step: int, checkpoint: str) -> None:
         self._final(Milestone(PREEMPTED, "Warning",

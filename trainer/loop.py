@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint, outputs, quality, run_record
+from trainer import checkpoint, outputs, quality, run_record, sampling
 from trainer.checkpoint import TrainState
 from trainer.data import to_model_range
 from trainer.diffusion import training_loss
-from trainer.distributed import any_process
-from trainer.errors import Diverged, Stopped
+from trainer.distributed import any_process, decided_by_main, sum_over_processes
+from trainer.errors import Diverged, NonFiniteSamples, Stopped
 from trainer.events import RunEvents
 from trainer.model import ema_weights
 from trainer.sampling import sample_for_eval, shard, to_grid
@@ -47,6 +47,9 @@ def train(config, stream=None, config_file: Path | None = None) -> TrainState:
         raise
     except Diverged as e:
         events.diverged(run.state.global_step if run else 0, str(e))
+        raise
+    except NonFiniteSamples as e:  # the saved pipeline's check (finish): the run is not marked complete
+        events.nonfinite_samples(run.state.global_step if run else 0, str(e), final=True)
         raise
     except BaseException as e:
         events.failed(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
@@ -173,14 +176,29 @@ def divergence_message(run: Run, worst: int, streak: int) -> str:
 
 
 def evaluate(run: Run, epoch: int) -> Path | None:
-    """Every rank samples its share of the images (EMA weights); rank 0 scores them and saves the grid."""
+    """Every rank samples its share of the images (EMA weights); rank 0 scores them and saves the grid. NaN/inf
+    images are reported (console, TensorBoard eval/nonfinite_images, a Warning Event), never saved or scored, and
+    training goes on; the end of the run checks the saved pipeline (finish)."""
     accelerator, config = run.accelerator, run.config
     model = accelerator.unwrap_model(run.unet)
     model.eval()
     num_images = max(config.eval_batch_size, run.num_quality)
+    indices = shard(num_images, run.rank, run.world)
+    images, failure = None, None
     with ema_weights(model, run.ema):
-        images = sample_for_eval(model, config, run.noise_scheduler.config, shard(num_images, run.rank, run.world))
+        try:
+            images = sample_for_eval(model, config, run.noise_scheduler.config, indices)
+        except NonFiniteSamples as e:  # not raised: the other ranks would wait for this one in the gather
+            failure = e
     model.train()
+    bad, checked = sum_over_processes(accelerator, [failure.bad, failure.checked] if failure else [0, len(indices)])
+    step = run.state.global_step
+    accelerator.log({"eval/nonfinite_images": bad}, step=step)
+    if bad:
+        error = NonFiniteSamples(sampling.describe_eval(config), int(bad), int(checked))
+        run.tracker.message(f"WARNING: evaluation at step {step}: {error}. No grid saved, no score; training goes on")
+        run.events.nonfinite_samples(step, str(error))
+        return None
     images = accelerator.gather(images)[:num_images]
     if not accelerator.is_main_process:
         return None
@@ -209,6 +227,17 @@ def save_model(run: Run) -> None:
     run.accelerator.wait_for_everyone()
 
 
+def check_saved_pipeline(run: Run) -> None:
+    """Rank 0 samples a few images from the pipeline as saved, with its own scheduler (what
+    DDPMPipeline.from_pretrained(output_dir) gives), at num_inference_steps; NaN/inf ones raise NonFiniteSamples
+    on every rank before the completion marker is written (exit 3)."""
+    config = run.config
+    drawn = decided_by_main(run.accelerator, lambda: sampling.check_saved_pipeline(
+        Path(config.output_dir), num_inference_steps=config.num_inference_steps, seed=config.seed,
+        device=run.accelerator.device))
+    run.tracker.message(f"the saved pipeline samples finite images ({drawn}, its own scheduler)")
+
+
 def save_checkpoint(run: Run) -> None:
     run.state.training_seconds = run.clock.seconds()  # rank 0's is the one written
     path = checkpoint.save_checkpoint(run.accelerator, run.state, run.config.output_dir,
@@ -220,8 +249,9 @@ def save_checkpoint(run: Run) -> None:
 
 
 def finish(run: Run) -> None:
-    """Final checkpoint, pipeline and model card, then the completion marker, last. A signal that arrives during
-    these saves lets them finish but not the marker: the retry resumes at the final step and completes the end."""
+    """Final checkpoint, pipeline (checked to sample finite images) and model card, then the completion marker, last.
+    A signal that arrives during these saves lets them finish but not the marker: the retry resumes at the final
+    step and completes the end."""
     config, state, accelerator = run.config, run.state, run.accelerator
     if run.last_checkpoint_step != state.global_step:
         save_checkpoint(run)
@@ -229,6 +259,7 @@ def finish(run: Run) -> None:
         grids = sorted((Path(config.output_dir) / "samples").glob("*.png"))
         run.last_grid = grids[-1] if grids else None
     save_model(run)
+    check_saved_pipeline(run)
     if any_process(accelerator, SIGNALS.received is not None):
         raise SIGNALS.stopped(f"checkpoint and pipeline saved at step {state.global_step}; the retry marks the run "
                               "complete")

@@ -232,8 +232,11 @@ def num_quality_images(config, dataset_size: int) -> int:
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Training images (N, 3, H, W) -> uint8 (N, H, W, 3). uint8 values are kept; floats are read as the model's
-    [-1, 1] range and quantised as the diffusers pipelines quantise generated images."""
+    [-1, 1] range and quantised as the diffusers pipelines quantise generated images. Non-finite floats are refused:
+    clamping would make NaN black and inf white, an image that looks like a result."""
     if images.dtype != torch.uint8:
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError("images with NaN/inf values cannot be quantised (or scored)")
         images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return images.permute(0, 2, 3, 1).contiguous()
 

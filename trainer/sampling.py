@@ -1,7 +1,13 @@
-"""Sample grids, shared by the training loop (sharded across ranks) and `ddpm sample`.
+"""Sampling (DDPM/DDIM), shared by the training loop (sharded across ranks), `ddpm sample`, `ddpm eval` and the
+end-of-run check of the saved pipeline.
 
 Image i always starts from its own generator seeded with (seed, i), so a grid does not depend on how many
 ranks drew it or in which batches. Every rank samples its share at the same time; rank 0 gathers the results.
+
+The denoising loop is the stock DDIMPipeline/DDPMPipeline loop written out (`denoise`: the same noise, timesteps,
+steps and generator draws), so that the raw float images are checked before anything quantises them: the
+pipelines clamp to [0, 1] first, which turns inf into white and NaN into black. A non-finite image is an error
+(NonFiniteSamples), never a grid or a score.
 """
 
 from __future__ import annotations
@@ -9,11 +15,30 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils import make_image_grid
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+
+from trainer.errors import NonFiniteSamples
+from trainer.quality import to_uint8
+
+# DDIM's direction sqrt(1 - a_prev - eta^2 var) is sqrt(0) at eta 1 when a_t = 0 (zero terminal SNR), and float32
+# rounding made it NaN on some CPUs at some step counts (diffusers #5969). The variance is taken this much (relative)
+# below diffusers': ~80 float32 eps of 1 - a_prev, more than any sqrt/pow is off, while the noise's std moves by 5e-6.
+VARIANCE_MARGIN = 1e-5
+FINAL_CHECK_IMAGES = 2  # drawn from the saved pipeline before a run is marked complete
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MarginDDIMScheduler(DDIMScheduler):
+    """DDIMScheduler with the variance VARIANCE_MARGIN below diffusers', so no step count, eta or CPU can make
+    DDIM's direction coefficient NaN. Same config and arithmetic otherwise: nothing saved changes (the pipeline
+    keeps the training DDPMScheduler)."""
+
+    def _get_variance(self, timestep, prev_timestep):
+        return super()._get_variance(timestep, prev_timestep) * (1 - VARIANCE_MARGIN)
 
 
 def image_generators(seed: int, indices: range) -> list[torch.Generator]:
@@ -26,40 +51,63 @@ def shard(num_images: int, rank: int, world_size: int) -> range:
     return range(rank * per_rank, (rank + 1) * per_rank)
 
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+def describe(kind: str, num_inference_steps: int, eta: float, precision: str) -> str:
+    """How images were drawn, for messages: 'ddim 10 steps eta 1, UNet fp32'."""
+    eta_text = f" eta {eta:g}" if kind == "ddim" else ""
+    return f"{kind} {num_inference_steps} steps{eta_text}, UNet {'fp32' if precision == 'no' else precision}"
+
+
+def kind_of(scheduler) -> str:
+    return "ddim" if isinstance(scheduler, DDIMScheduler) else "ddpm"
 
 
 @torch.no_grad()
+def denoise(unet, scheduler, generators: list[torch.Generator], *, num_inference_steps: int, eta: float = 1.0,
+            precision: str = "no") -> torch.Tensor:
+    """DDIMPipeline/DDPMPipeline.__call__'s loop: raw float images (len(generators), C, H, W) in the model's range,
+    not clamped. bf16/fp16 `precision` autocasts the UNet only; its output is read as fp32, so the scheduler's
+    arithmetic and the running image stay fp32."""
+    size = unet.config.sample_size
+    shape = (len(generators), unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
+    image = randn_tensor(shape, generator=generators, device=unet.device, dtype=unet.dtype)
+    scheduler.set_timesteps(num_inference_steps)
+    extra = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    for t in scheduler.timesteps:
+        with torch.autocast(unet.device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "no"):
+            output = unet(image, t).sample
+        image = scheduler.step(output.float(), t, image, generator=generators, **extra).prev_sample
+    return image
+
+
 def sample_images(
     unet, scheduler, indices: range, *, seed: int, num_inference_steps: int, eta: float = 1.0, batch_size: int = 64,
     precision: str = "no",
 ) -> torch.Tensor:
-    """uint8 images (len(indices), H, W, 3) on the UNet's device, in chunks of at most batch_size. `precision`
-    bf16/fp16 autocasts the UNet only: the sampler's running image stays fp32."""
-    ddim = isinstance(scheduler, DDIMScheduler)
-    pipeline = (DDIMPipeline if ddim else DDPMPipeline)(unet=unet, scheduler=scheduler)
-    pipeline.set_progress_bar_config(disable=True)
-    extra = {"eta": eta} if ddim else {}
+    """uint8 images (len(indices), H, W, 3) on the UNet's device, in chunks of at most batch_size. Raises
+    NonFiniteSamples at the first chunk holding a NaN/inf image, before it is quantised (one check per chunk)."""
     chunks = []
     for start in range(indices.start, indices.stop, batch_size):
         part = range(start, min(start + batch_size, indices.stop))
-        with torch.autocast(unet.device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "no"):
-            images = pipeline(
-                batch_size=len(part),
-                generator=image_generators(seed, part),
-                num_inference_steps=num_inference_steps,
-                output_type="np",
-                **extra,
-            ).images
-        chunks.append(torch.from_numpy((images * 255).round().astype(np.uint8)))
-    empty = torch.empty(0, unet.config.sample_size, unet.config.sample_size, 3, dtype=torch.uint8)
+        raw = denoise(unet, scheduler, image_generators(seed, part), num_inference_steps=num_inference_steps,
+                      eta=eta, precision=precision)
+        bad = int((~torch.isfinite(raw)).flatten(1).any(1).sum())  # the chunk's one host sync
+        if bad:
+            raise NonFiniteSamples(describe(kind_of(scheduler), num_inference_steps, eta, precision), bad,
+                                   part.stop - indices.start)
+        chunks.append(to_uint8(raw))
+    size = unet.config.sample_size
+    empty = torch.empty(0, size, size, 3, dtype=torch.uint8)
     return torch.cat(chunks).to(unet.device) if chunks else empty.to(unet.device)
 
 
 def eval_scheduler(kind: str, train_scheduler_config) -> DDIMScheduler | DDPMScheduler:
-    """A fresh sampler (pipelines mutate their scheduler's timesteps) sharing the training noise schedule."""
-    cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
+    """A fresh sampler (samplers keep their timesteps) sharing the training noise schedule."""
+    cls = MarginDDIMScheduler if kind == "ddim" else DDPMScheduler
     return cls.from_config(train_scheduler_config)
+
+
+def describe_eval(config) -> str:
+    return describe(config.eval_scheduler, config.num_inference_steps, config.ddim_eta, config.eval_mixed_precision)
 
 
 def sample_for_eval(unet, config, train_scheduler_config, indices: range) -> torch.Tensor:
@@ -68,6 +116,19 @@ def sample_for_eval(unet, config, train_scheduler_config, indices: range) -> tor
     return sample_images(unet, eval_scheduler(config.eval_scheduler, train_scheduler_config), indices,
                          seed=config.seed, num_inference_steps=config.num_inference_steps, eta=config.ddim_eta,
                          precision=config.eval_mixed_precision)
+
+
+def check_saved_pipeline(model_dir: Path, *, num_inference_steps: int, seed: int, device) -> str:
+    """Draw FINAL_CHECK_IMAGES images from the DDPMPipeline in model_dir as `DDPMPipeline.from_pretrained` gives
+    it (its own saved scheduler, fp32) at num_inference_steps. Raises NonFiniteSamples; returns what was drawn."""
+    from diffusers import DDPMPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    pipeline = DDPMPipeline.from_pretrained(model_dir).to(device)
+    steps = min(num_inference_steps, pipeline.scheduler.config.num_train_timesteps)
+    sample_images(pipeline.unet, pipeline.scheduler, range(FINAL_CHECK_IMAGES), seed=seed, num_inference_steps=steps)
+    return f"{FINAL_CHECK_IMAGES} images, {describe(kind_of(pipeline.scheduler), steps, 0.0, 'no')}"
 
 
 def to_grid(images: torch.Tensor) -> Image.Image:

@@ -290,7 +290,7 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
     # --- trackers and what the log says first ----------------------------------------------------------------------
     accelerator.init_trackers("train", config=hparams(config))
     flops, peak = training_flops_per_image(config), peak_flops(config, accelerator.device)
-    tracker = Tracker(accelerator, total_steps, state.global_step, stream,
+    tracker = Tracker(accelerator, total_steps, state.global_step, stream, clock=clock,
                       flops_per_image=flops, peak_flops=peak * world if peak else None)  # MFU of all devices
     run = Run(config=config, accelerator=accelerator, tracker=tracker, record=record,
               lock=writes.lock if writes else None, unet=unet, forward=forward, ema=ema, optimizer=optimizer,

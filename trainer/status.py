@@ -58,6 +58,7 @@ class Progress:
     preemptions: int = 0
     completed: str | None = None  # output dir
     error: str | None = None  # the newest Failed/Diverged
+    warning: str | None = None  # the newest evaluation whose samples were non-finite
 
 
 def status(release: str, namespace: str | None, *, environ: Mapping[str, str] | None = None, out=sys.stdout,
@@ -171,8 +172,10 @@ def read_progress(events: list[dict]) -> Progress:
             progress.preemptions += event.get("count") or 1
         if reason == ev.COMPLETED:
             progress.completed = notes.get(ev.OUTPUT_DIR)
-        if reason in (ev.FAILED, ev.DIVERGED):
+        if reason in (ev.FAILED, ev.DIVERGED) or (reason == ev.NON_FINITE_SAMPLES and notes.get(ev.FINAL) == "true"):
             progress.error = f"{reason}: {notes.get(ev.ERROR, event.get('message', ''))}"
+        elif reason == ev.NON_FINITE_SAMPLES:
+            progress.warning = f"{reason} at step {notes.get(ev.STEP, '?')}: {notes.get(ev.ERROR, '')}"
     return progress
 
 
@@ -231,6 +234,8 @@ def _progress_lines(p: Progress) -> list[str]:
     lines.append(f"preemptions {p.preemptions}")
     if p.completed:
         lines.append(f"completed   model in {p.completed}")
+    if p.warning:
+        lines.append(f"warning     {p.warning}")
     if p.error:
         lines.append(f"error       {p.error}")
     return lines

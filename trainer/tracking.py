@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from trainer.budget import TrainClock
+
 
 class StepStats:
     """Sums over one logging interval, on the device: adding to them never syncs with the host. `read` does the
@@ -71,8 +73,11 @@ def format_status(step: int, total: int, epoch: int, scalars: dict[str, float], 
 
 class Tracker:
     def __init__(self, accelerator: Accelerator, total_steps: int, start_step: int, stream=None, *,
-                 flops_per_image: float = 0.0, peak_flops: float | None = None):
+                 flops_per_image: float = 0.0, peak_flops: float | None = None, clock: TrainClock | None = None,
+                 timer=time.perf_counter):
         self.accelerator = accelerator
+        self.clock = clock  # the max_train_seconds budget, when it may end the run before total_steps
+        self._now = timer
         self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
         self.data_wait = 0.0  # seconds the loop waited for batches since the last log
         self.first_update_s = None
@@ -82,7 +87,7 @@ class Tracker:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, file=self.stream)
-        self._last_time, self.last_step = time.perf_counter(), start_step
+        self._last_time, self.last_step = self._now(), start_step
         self.last_loss: float | None = None  # of the newest logged interval, for the Events
         self.last_eta_s: float | None = None
 
@@ -90,24 +95,24 @@ class Tracker:
         """Yield from `batches`, adding the time spent waiting for each to data_wait (host clock only)."""
         iterator = iter(batches)
         while True:
-            start = time.perf_counter()
+            start = self._now()
             try:
                 batch = next(iterator)
             except StopIteration:
                 return
-            self.data_wait += time.perf_counter() - start
+            self.data_wait += self._now() - start
             yield batch
 
     def step(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
         if self.first_update_s is None:  # warm-up (allocator, cuDNN autotune, torch.compile) shown apart
-            self.first_update_s = time.perf_counter() - self._last_time
+            self.first_update_s = self._now() - self._last_time
             self.message(f"first update took {self.first_update_s:.1f} s (warm-up, torch.compile if on)")
 
     def log(self, step: int, epoch: int, scalars: dict[str, float], images_per_step: int) -> dict[str, float]:
         """Log the scalars of the last interval; adds images/s. Called on every rank (tracker writes on rank 0)."""
-        now = time.perf_counter()
+        now = self._now()
         steps = max(1, step - self.last_step)
         seconds_per_step = (now - self._last_time) / steps
         images_per_sec = images_per_step / max(seconds_per_step, 1e-9)
@@ -120,14 +125,26 @@ class Tracker:
             scalars["cuda_max_memory_allocated"] = float(torch.cuda.max_memory_allocated())
         self._last_time, self.last_step, self.data_wait = now, step, 0.0
         self.accelerator.log(scalars, step=step)
-        self.last_loss, self.last_eta_s = scalars["loss"], (self.total - step) * seconds_per_step
+        total, eta = self.projected_end(step, seconds_per_step)
+        self.last_loss, self.last_eta_s = scalars["loss"], eta
         if self.accelerator.is_main_process:
-            eta = self.last_eta_s
             if self.bar is not None:
+                self.bar.total = total
                 self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}", epoch=epoch)
             else:
-                print(format_status(step, self.total, epoch, scalars, eta), file=self.stream, flush=True)
+                print(format_status(step, total, epoch, scalars, eta), file=self.stream, flush=True)
         return scalars
+
+    def projected_end(self, step: int, seconds_per_step: float) -> tuple[int, float]:
+        """(final step, seconds left) of whichever limit ends the run first: total_steps at the current pace, or the
+        time budget (the agreed clock; the run stops at the first update that reaches it)."""
+        eta = (self.total - step) * seconds_per_step
+        if self.clock is None or self.clock.budget is None:
+            return self.total, eta
+        budget_left = max(0.0, self.clock.budget - self.clock.agreed)
+        if budget_left >= eta:
+            return self.total, eta
+        return min(self.total, step + math.ceil(budget_left / max(seconds_per_step, 1e-9))), budget_left
 
     def message(self, text: str) -> None:
         if not self.accelerator.is_main_process:
