@@ -224,3 +224,20 @@ def test_a_pipeline_with_nonfinite_weights_is_never_saved_or_pushed(tmp_path):
     run_record.write_marker(config, record, 1, 0, environ={})  # even a marker over them does not make them pushable
     with pytest.raises(PushError, match="holds NaN/inf weights"):
         hub.check_complete(tmp_path / "run")
+
+
+def test_a_checkpoint_damaged_again_is_set_aside_next_to_the_first(three):
+    """Issue 17 case 14: with damaged-checkpoint-6 already there (set aside by an earlier start), a new damaged
+    checkpoint-6 made os.replace fail with ENOTEMPTY on every start: exit 1, retried forever by a Job."""
+    aside = three / "checkpoints" / "damaged-checkpoint-6"
+    aside.mkdir()
+    (aside / "model.safetensors").write_bytes(b"the first post-mortem")
+    DAMAGE["missing"][0](three / "checkpoints" / "checkpoint-6")
+    resume = checkpoint.resolve_resume(TrainingConfig(output_dir=three))
+    assert resume.path.name == "checkpoint-4"
+    checkpoint.set_aside(resume.damaged)
+    assert (aside / "model.safetensors").read_bytes() == b"the first post-mortem", "the first one is kept as it was"
+    second = three / "checkpoints" / "damaged-checkpoint-6.2"
+    assert (second / checkpoint.STATE_FILE).is_file(), "the second one is kept next to it"
+    assert [p.name for p in checkpoint.complete_checkpoints(three)] == ["checkpoint-2", "checkpoint-4"]
+    assert checkpoint.resolve_resume(TrainingConfig(output_dir=three)).path.name == "checkpoint-4"

@@ -1,7 +1,8 @@
 """Checkpoints: Accelerate save_state into a temporary folder, a manifest written last, then renamed into place.
 
 Layout: output_dir/checkpoints/checkpoint-<step>/ (complete), .tmp-checkpoint-<step>/ (being written) and
-damaged-checkpoint-<step>/ (set aside by a resume that found it damaged; never loaded, never rotated).
+damaged-checkpoint-<step>/ (set aside by a resume that found it damaged; never loaded, never rotated; a second one of
+the same step is damaged-checkpoint-<step>.2, and so on).
 
 manifest.json lists every file with its size and SHA-256. Resume verifies the newest checkpoint before loading it:
 every listed file present with its size and hash, and the weights, the EMA and the optimizer state all finite. A
@@ -22,7 +23,7 @@ from accelerate import Accelerator
 
 from trainer.config import TrainingConfig
 from trainer.errors import CheckpointError
-from trainer.outputs import disk_full, sha256_file
+from trainer.outputs import DAMAGED_PREFIX, disk_full, sha256_file
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -137,6 +138,7 @@ class Resume:
 
     path: Path | None
     damaged: list[tuple[Path, str]] = field(default_factory=list)
+    aside: list[Path] = field(default_factory=list)  # where the damaged ones went (filled when the run begins)
 
 
 def resolve_resume(config: TrainingConfig) -> Resume:
@@ -169,10 +171,21 @@ def resolve_resume(config: TrainingConfig) -> Resume:
         "Restore one from a backup, or start again in a new output_dir (or with resume_from_checkpoint none)")
 
 
-def set_aside(damaged: list[tuple[Path, str]]) -> None:
-    """Rename damaged checkpoints so they are never tried or rotated again (kept for a post-mortem)."""
-    for path, _ in damaged:
-        os.replace(path, path.with_name(f"damaged-{path.name}"))
+def set_aside(damaged: list[tuple[Path, str]]) -> list[Path]:
+    """Rename damaged checkpoints so they are never tried or rotated again (kept for a post-mortem); returns their
+    new paths."""
+    return [_rename_aside(path, DAMAGED_PREFIX) for path, _ in damaged]
+
+
+def _rename_aside(path: Path, prefix: str) -> Path:
+    """`path` renamed <prefix><name>, or <prefix><name>.<n> when that is taken: one set aside before (by an
+    earlier start) is never replaced, and a rename onto it would fail (ENOTEMPTY) on every start."""
+    target, n = path.with_name(f"{prefix}{path.name}"), 1
+    while target.exists() or target.is_symlink():
+        n += 1
+        target = path.with_name(f"{prefix}{path.name}.{n}")
+    os.rename(path, target)
+    return target
 
 
 def check_model(resume_state: dict, model_config: dict, path: Path, preset: str) -> None:

@@ -43,6 +43,9 @@ OUR_ENTRIES = frozenset({
     COMPLETE_MARKER, DATA_CACHE_NAME, LOCK_NAME,
 })
 OUR_TEMPORARY_PREFIXES = (".tmp-",)  # half-written files of ours (atomic writes that were interrupted)
+# Inside checkpoints/ (trainer.checkpoint): checkpoints set aside are renamed <prefix>checkpoint-<step>, and
+# <prefix>checkpoint-<step>.<n> (n = 2, 3, ...) when one of that name was set aside before: never overwritten.
+DAMAGED_PREFIX = "damaged-"  # found damaged by a resume
 
 
 def _is_ours(name: str) -> bool:

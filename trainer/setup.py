@@ -216,7 +216,7 @@ def begin(config: TrainingConfig, checked: Checked) -> run_record.RunRecord:
     with SIGNALS.deferred():  # clearing and recording are not cut in half by a signal
         if checked.plan.action == "clear":
             outputs.clear_output_dir(config)
-        checkpoint.set_aside(checked.resume.damaged)
+        checked.resume.aside = checkpoint.set_aside(checked.resume.damaged)
         checkpoint.remove_incomplete(config.output_dir)
         outputs.remove_temporary(config.output_dir)
         step = (checked.resume_state or {}).get("global_step", 0)
@@ -346,8 +346,8 @@ def announce(run: Run, source, data_note: str, num_params: int, flops: float, re
     if config.max_train_seconds is not None:
         tracker.message(f"time budget: {config.max_train_seconds:g} s of training ({run.clock.before:.0f} s spent), "
                         f"or {run.total_steps} steps, whichever comes first")
-    for path, problem in resume.damaged:
-        tracker.message(f"checkpoint {path} is damaged ({problem}); set aside as damaged-{path.name}")
+    for (path, problem), aside in zip(resume.damaged, resume.aside):
+        tracker.message(f"checkpoint {path} is damaged ({problem}); set aside as {aside.name}")
     tracker.message(
         f"resumed from {resume.path} at step {state.global_step} epoch {state.global_step // run.steps_per_epoch}"
         if resume.path else "starting fresh at step 0 (no checkpoint to resume)")
