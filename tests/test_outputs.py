@@ -108,6 +108,25 @@ def test_overwrite_refuses_to_delete_the_config_file_or_a_chosen_cache(tmp_path)
                                                overwrite_output_dir=True, data_cache_dir=out / "data_cache" / "x"))
 
 
+def test_only_our_own_temporaries_are_removed_at_start(tmp_path):
+    """Issue 17 case 6 in output_dir: every top-level `.tmp-*` was taken for an interrupted write of ours and
+    deleted at the next start, a user's `.tmp-notes.txt` too. Ours have names of our own."""
+    out = tmp_path / "out"
+    run_folder(out)
+    ours = [out / ".tmp-pipeline" / "unet", out / ".tmp-old-unet", out / ".tmp-training_config.yaml"]
+    for path in ours:
+        path.mkdir(parents=True) if path.name in ("unet", ".tmp-old-unet") else path.write_text("half")
+    (out / ".tmp-notes.txt").write_text("mine")
+    assert outputs.plan_output_dir(TrainingConfig(output_dir=out, model_preset="small", image_size=16)).action \
+        == "continue"
+    outputs.remove_temporary(out)
+    assert not any(path.exists() for path in ours) and not (out / ".tmp-pipeline").exists()
+    assert (out / ".tmp-notes.txt").read_text() == "mine"
+    with pytest.raises(OutputDirError, match=r"not a ddpm-trainer run's \(.tmp-notes.txt\)"):
+        outputs.plan_output_dir(TrainingConfig(output_dir=out, model_preset="small", image_size=32,
+                                               overwrite_output_dir=True))
+
+
 def test_inputs_and_outputs_never_nest(tmp_path):
     images = project(tmp_path) / "images"
     for out, words in ((images, "is the same folder as"), (images / "run", "is inside"), (tmp_path, "contains")):

@@ -37,19 +37,41 @@ COMPLETE_MARKER = "training_complete.json"
 LOCK_NAME = ".ddpm-train.lock"
 DATA_CACHE_NAME = "data_cache"
 PIPELINE_ENTRIES = ("model_index.json", "unet", "scheduler")
+MODEL_CARD_NAME = "README.md"
+PIPELINE_TMP = ".tmp-pipeline"  # save_pretrained writes here, then each part is renamed into place
 # Every top-level entry a run of ours writes; anything else makes the folder "not ours".
 OUR_ENTRIES = frozenset({
-    *PIPELINE_ENTRIES, "README.md", "samples", "logs", "checkpoints", RESOLVED_CONFIG_NAME, HISTORY_NAME,
+    *PIPELINE_ENTRIES, MODEL_CARD_NAME, "samples", "logs", "checkpoints", RESOLVED_CONFIG_NAME, HISTORY_NAME,
     COMPLETE_MARKER, DATA_CACHE_NAME, LOCK_NAME,
 })
-OUR_TEMPORARY_PREFIXES = (".tmp-",)  # half-written files of ours (atomic writes that were interrupted)
+
+
+def temporary(name: str) -> str:
+    """The name under which `name` (one of our top-level files) is written before it is renamed into place."""
+    return f".tmp-{name}"
+
+
+def replaced(name: str) -> str:
+    """Where save_pipeline moves the previous `name` (a pipeline entry) while the new one is renamed in."""
+    return f".tmp-old-{name}"
+
+
+# Half-written entries of ours (atomic writes that were interrupted), by exact name: a user's `.tmp-notes.txt` is
+# not ours, so it is neither removed at start nor taken for part of a run.
+OUR_TEMPORARIES = frozenset({
+    PIPELINE_TMP, *map(replaced, PIPELINE_ENTRIES),
+    *map(temporary, (RESOLVED_CONFIG_NAME, COMPLETE_MARKER, MODEL_CARD_NAME)),
+})
+# In the data cache folder (trainer.data_cache, often a shared volume): a builder's temporary files start with this,
+# and only those are removed as orphans.
+CACHE_TEMPORARY_PREFIX = ".tmp-ddpm-cache-"
 # Inside checkpoints/ (trainer.checkpoint): checkpoints set aside are renamed <prefix>checkpoint-<step>, and
 # <prefix>checkpoint-<step>.<n> (n = 2, 3, ...) when one of that name was set aside before: never overwritten.
 DAMAGED_PREFIX = "damaged-"  # found damaged by a resume
 
 
 def _is_ours(name: str) -> bool:
-    return name in OUR_ENTRIES or name.startswith(OUR_TEMPORARY_PREFIXES)
+    return name in OUR_ENTRIES or name in OUR_TEMPORARIES
 
 
 def inside(path: Path, folder: Path) -> bool:
@@ -196,7 +218,7 @@ def sha256_file(path: Path) -> str:
 
 def write_resolved_config(config: TrainingConfig) -> Path:
     path = Path(config.output_dir) / RESOLVED_CONFIG_NAME
-    tmp = path.with_name(f".tmp-{path.name}")
+    tmp = path.with_name(temporary(path.name))
     tmp.write_text(config_yaml(config))
     os.replace(tmp, path)
     return path
@@ -217,11 +239,11 @@ def save_pipeline(config: TrainingConfig, unet, scheduler) -> None:
         raise Diverged("the model's weights hold NaN/inf values: no pipeline was saved (lower learning_rate, or "
                        "resume from an earlier checkpoint)")
     out = Path(config.output_dir)
-    tmp = out / ".tmp-pipeline"
+    tmp = out / PIPELINE_TMP
     shutil.rmtree(tmp, ignore_errors=True)
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
     for name in PIPELINE_ENTRIES:
-        target, old = out / name, out / f".tmp-old-{name}"
+        target, old = out / name, out / replaced(name)
         if target.exists():
             os.replace(target, old)
         os.replace(tmp / name, target)
@@ -230,10 +252,12 @@ def save_pipeline(config: TrainingConfig, unet, scheduler) -> None:
 
 
 def remove_temporary(output_dir: Path) -> None:
-    """Leftovers of interrupted atomic writes at the top of output_dir (checkpoints clean their own)."""
+    """Leftovers of our interrupted atomic writes at the top of output_dir (checkpoints clean their own)."""
     out = Path(output_dir)
-    for path in out.glob(".tmp-*") if out.is_dir() else []:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    for name in sorted(OUR_TEMPORARIES):
+        path = out / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() \
+            else path.unlink(missing_ok=True)
 
 
 def write_model_card(config: TrainingConfig, last_grid: Path | None, global_step: int) -> Path:
@@ -270,6 +294,6 @@ image = pipeline().images[0]
 {config_yaml(config).strip()}
 ```
 """
-    path = Path(config.output_dir) / "README.md"
+    path = Path(config.output_dir) / MODEL_CARD_NAME
     ModelCard(content).save(path)
     return path

@@ -21,7 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from trainer.config import RESOLVED_CONFIG_NAME, RUN_IDENTITY_FIELDS, RUN_LENGTH_FIELDS, TrainingConfig
-from trainer.outputs import COMPLETE_MARKER, HISTORY_NAME, PIPELINE_ENTRIES, sha256_file, write_resolved_config
+from trainer.outputs import (COMPLETE_MARKER, HISTORY_NAME, PIPELINE_ENTRIES, sha256_file, temporary,
+                             write_resolved_config)
 
 KUBERNETES_ENV = {"namespace": "POD_NAMESPACE", "pod": "POD_NAME", "pod_uid": "POD_UID",
                   "workload": "TRAINING_WORKLOAD"}  # the chart sets these (downward API and a literal)
@@ -122,7 +123,7 @@ def write_marker(config: TrainingConfig, record: RunRecord, global_step: int, ep
     marker = {"run_id": record.run_id, "run_started_at": record.started_at, "run_digest": run_digest(config),
               "global_step": global_step, "epoch": epoch, "finished_at": time.time(),
               "kubernetes": kubernetes_identity(environ), "pipeline": pipeline_hashes(out)}
-    path, tmp = out / COMPLETE_MARKER, out / f".tmp-{COMPLETE_MARKER}"
+    path, tmp = out / COMPLETE_MARKER, out / temporary(COMPLETE_MARKER)
     tmp.write_text(json.dumps(marker, indent=1))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
