@@ -199,6 +199,36 @@ def test_user_errors_write_nothing_and_the_corrected_command_works(tmp_path, cap
     assert (out / "training_complete.json").is_file()
 
 
+@pytest.mark.slow
+def test_a_read_only_output_dir_is_exit_2_not_writable(tmp_path):
+    """Issue 17 case 15: on a read-only volume the lock was taken before the writability check, so `ddpm train`
+    died with `OSError EROFS ... .ddpm-train.lock` (exit 1, retried). A read-only bind mount in a mount namespace of
+    its own (it goes with the process: nothing global is left behind), through the real CLI."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    volume = tmp_path / "volume"
+    (volume / "run").mkdir(parents=True)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    train = [sys.executable, "-m", "trainer", "train", *TINY, "--max_train_steps", "1"]
+    runs = "\n".join(f"{' '.join(train)} --output_dir {volume / name} >{logs / name}.out 2>{logs / name}.err; "
+                     f"echo $? >{logs / name}.code" for name in ("run", "new"))  # an empty folder; a new one
+    script = f"mount --bind {volume} {volume} && mount -o remount,bind,ro {volume} && touch {volume}/probe\n" \
+             f"echo $? >{logs}/probe.code\n{runs}\n"
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], cwd=REPO,
+                          env=clean_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (logs / "probe.code").read_text().strip() != "0", "the volume was read-only for the trainer"
+    for name in ("run", "new"):
+        err = (logs / f"{name}.err").read_text()
+        assert (logs / f"{name}.code").read_text().strip() == "2", err
+        assert f"output_dir {volume / name} is not writable" in err and "Traceback" not in err
+    assert tree(volume) == {"run": None}
+
+
 # ---- 4. the run record and the completion marker -----------------------------------------------------------------
 
 def test_run_id_is_kept_on_resume_and_new_for_an_extension_and_history_records_changes(tmp_path):

@@ -178,14 +178,35 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def check_writable(config: TrainingConfig) -> None:
+    """Read-only: output_dir (or the folder it will be created in) can be written. Checked before the lock is taken:
+    the lock is the first thing written."""
+    out = Path(config.output_dir)
+    base = _nearest_existing(out)
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise not_writable(out, base)
+
+
+def not_writable(out: Path, base: Path, error: OSError | None = None) -> OutputDirError:
+    read_only = error.errno == errno.EROFS if error is not None else _read_only(base)
+    why = f"{base} is on a read-only file system" if read_only else f"{base} does not let uid {os.getuid()} write"
+    return OutputDirError(f"output_dir {out} is not writable ({why}); fix the volume's permissions or mount (fsGroup, "
+                          "chown the folder, readOnly: false) or choose another path")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def check_space(config: TrainingConfig, checkpoint_bytes: int, weights_bytes: int, existing_checkpoints: int) -> None:
     """Read-only preflight: output_dir can be created and written, and holds what the run will add at its peak:
     checkpoints up to checkpoints_total_limit + 1 (a new one is complete before the oldest goes) and the pipeline."""
     out = Path(config.output_dir)
     base = _nearest_existing(out)
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise OutputDirError(f"output_dir {out} is not writable ({base} does not let uid {os.getuid()} write); fix "
-                             "the volume's permissions (fsGroup, or chown the folder) or choose another path")
+    check_writable(config)
     keep = config.checkpoints_total_limit
     new_checkpoints = max(1, (keep + 1 - existing_checkpoints) if keep else 1)
     needed = new_checkpoints * checkpoint_bytes + weights_bytes

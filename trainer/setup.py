@@ -11,6 +11,7 @@ so the corrected command simply works.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from dataclasses import dataclass, field
@@ -131,14 +132,23 @@ class FirstWrites:
     a check fails so that an exit 2 leaves output_dir as it was."""
 
     def __init__(self, config: TrainingConfig):
+        self.config = config
         self.out = Path(config.output_dir)
         self.cache_dir = config.resolved_data_cache_dir
         self.out_existed, self.cache_existed = self.out.exists(), self.cache_dir.exists()
         self.lock: RunLock | None = None
 
     def take_lock(self) -> RunLock:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.lock = RunLock(self.out).acquire(holder_info(run_record.kubernetes_identity()))
+        """The first write: output_dir itself if missing, and the lock. Refused (exit 2) on a read-only volume or a
+        folder this uid may not write, before anything is created."""
+        outputs.check_writable(self.config)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock = RunLock(self.out).acquire(holder_info(run_record.kubernetes_identity()))
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            raise outputs.not_writable(self.out, Path(e.filename or self.out), e) from e
         return self.lock
 
     def undo(self) -> None:
