@@ -199,6 +199,28 @@ def test_user_errors_write_nothing_and_the_corrected_command_works(tmp_path, cap
     assert (out / "training_complete.json").is_file()
 
 
+def test_a_data_error_after_the_cache_was_built_writes_nothing(tmp_path, capsys):
+    """Issue 17 case 18: one 1x1 image is smaller than a global batch, an exit 2 found after the data cache was
+    built: a new output_dir was left holding data_cache/. Now a new output_dir is not created at all, and an
+    existing one (here: with the cache of other images in it) is left exactly as it was."""
+    from trainer.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((1, 1, 3), dtype=np.uint8)).save(images / "a.png")
+    existing = tmp_path / "existing"
+    (existing / "data_cache").mkdir(parents=True)
+    (existing / "data_cache" / "other-16px-0123456789abcdef.npy").write_bytes(b"another cache")
+    before = tree(existing)
+    for out in (tmp_path / "new", existing):
+        code = main(["train", *map(str, TINY), "--output_dir", str(out), "--dataset_name", "imagefolder",
+                     "--train_data_dir", str(images), "--max_train_steps", "1"])
+        err = capsys.readouterr().err
+        assert code == 2 and "the dataset (1 images) is smaller than one global batch" in err, err
+    assert not (tmp_path / "new").exists()
+    assert tree(existing) == before
+
+
 @pytest.mark.slow
 def test_a_read_only_output_dir_is_exit_2_not_writable(tmp_path):
     """Issue 17 case 15: on a read-only volume the lock was taken before the writability check, so `ddpm train`

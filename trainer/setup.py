@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +29,7 @@ from trainer.budget import TrainClock, budget_lr_scheduler
 from trainer.checkpoint import Resume, TrainState
 from trainer.config import RUN_IDENTITY_FIELDS, TrainingConfig, config_yaml
 from trainer.data import build_dataloader
-from trainer.data_cache import training_dataset
+from trainer.data_cache import cache_path, training_dataset
 from trainer.distributed import decided_by_main, local_world_size
 from trainer.errors import ConfigError, OutputDirError
 from trainer.events import RunEvents
@@ -128,14 +129,16 @@ class Checked:
 
 
 class FirstWrites:
-    """Rank 0's writes before the run begins (the lock file, and output_dir itself if it was missing), undone when
-    a check fails so that an exit 2 leaves output_dir as it was."""
+    """Rank 0's writes before the run begins (output_dir itself if it was missing, the lock file, the data cache it
+    built), undone when a check fails so that an exit 2 leaves output_dir as it was, or not there at all."""
 
     def __init__(self, config: TrainingConfig):
         self.config = config
         self.out = Path(config.output_dir)
         self.cache_dir = config.resolved_data_cache_dir
         self.out_existed, self.cache_existed = self.out.exists(), self.cache_dir.exists()
+        self.cache_before = set(os.listdir(self.cache_dir)) if self.cache_dir.is_dir() else set()
+        self.cache_files: Path | None = None  # the cache this run uses: its files are removed if this run made them
         self.lock: RunLock | None = None
 
     def take_lock(self) -> RunLock:
@@ -154,6 +157,11 @@ class FirstWrites:
     def undo(self) -> None:
         if self.lock is not None:
             self.lock.release(remove=self.lock.created_file)
+        if self.cache_files is not None:  # e.g. the dataset turned out smaller than a global batch (exit 2)
+            stem = self.cache_files.stem
+            for path in self.cache_files.parent.glob(f"{stem}.*"):
+                if path.name not in self.cache_before:
+                    path.unlink(missing_ok=True)
         for folder, existed in ((self.cache_dir, self.cache_existed), (self.out, self.out_existed)):
             if not existed and folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
@@ -249,6 +257,8 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
     try:
         checked = decided_by_main(accelerator, lambda: check_before_writing(config, config_file, writes))
         source, dataset, data_note = training_dataset(config, accelerator.local_main_process_first)
+        if writes is not None and config.data_cache:
+            writes.cache_files = cache_path(config, source)
         if len(dataset) < config.global_batch_size:
             raise ConfigError([f"the dataset ({len(dataset)} images) is smaller than one global batch "
                                f"({config.global_batch_size} = {config.train_batch_size} per process x "
