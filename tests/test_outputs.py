@@ -127,6 +127,50 @@ def test_only_our_own_temporaries_are_removed_at_start(tmp_path):
                                                overwrite_output_dir=True))
 
 
+def test_a_folder_that_only_uses_our_names_is_not_taken_for_our_run(tmp_path, capsys):
+    """Issue 17 case 1: with no training_config.yaml, a folder whose every entry had one of our names was taken for
+    a run of ours that stopped early: `ddpm train` overwrote the user's README.md and samples/0000.png and exited 0.
+    A folder is ours only if it carries our own record of a run."""
+    from trainer.cli import main
+
+    user = tmp_path / "u"
+    (user / "samples").mkdir(parents=True)
+    (user / "README.md").write_text("mine")
+    (user / "samples" / "0000.png").write_text("pic")
+    (tmp_path / "v" / "data_cache").mkdir(parents=True)  # our names only, but not our cache files either
+    (tmp_path / "v" / "data_cache" / "photos.npy").write_text("mine")
+    for folder in (user, tmp_path / "v"):
+        before = tree(folder)
+        code = main(["train", *map(str, TINY), "--output_dir", str(folder), "--max_train_steps", "2"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"output_dir {folder} is not empty and is not a ddpm-trainer run" in err, err
+        assert tree(folder) == before
+
+
+@pytest.mark.slow
+def test_our_own_folder_that_crashed_before_its_record_still_continues(tmp_path):
+    """What a run of ours leaves when it dies (SIGKILL, node loss) after its first writes (the lock, the data cache)
+    and before its record: that folder is still ours, and the same command simply continues it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "out"
+    args = [*TINY, "--output_dir", out, "--max_train_steps", "1", "--save_image_epochs", "100"]
+    code = ("import os, sys; import trainer.setup as setup\n"
+            "setup.begin = lambda *a: os._exit(9)\n"
+            "from trainer.main import entrypoint\nsys.argv = ['ddpm', 'train', *sys.argv[1:]]\nentrypoint()\n")
+    crash = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO, env=clean_env(),
+                           capture_output=True, text=True)
+    assert crash.returncode == 9, crash.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".ddpm-train.lock", "data_cache"]
+    config = TrainingConfig(output_dir=out, model_preset="small", image_size=16)
+    assert outputs.plan_output_dir(config).action == "continue"
+    ddpm("train", *args)
+    assert (out / "training_complete.json").is_file()
+
+
 def test_inputs_and_outputs_never_nest(tmp_path):
     images = project(tmp_path) / "images"
     for out, words in ((images, "is the same folder as"), (images / "run", "is inside"), (tmp_path, "contains")):

@@ -42,6 +42,7 @@ class CachedImages(torch.utils.data.Dataset):
 
 
 def cache_path(config: TrainingConfig, source: ImageSource) -> Path:
+    """<slug>-<size>px-<digest>.npy: the shape trainer.outputs.CACHE_FILE recognises as ours."""
     identity = {"version": CACHE_VERSION, "dataset": source.name, "fingerprint": source.fingerprint,
                 "length": source.length, "image_size": config.image_size, "center_crop": config.center_crop}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

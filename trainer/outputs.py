@@ -22,6 +22,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,9 @@ OUR_TEMPORARIES = frozenset({
 # In the data cache folder (trainer.data_cache, often a shared volume): a builder's temporary files start with this,
 # and only those are removed as orphans.
 CACHE_TEMPORARY_PREFIX = ".tmp-ddpm-cache-"
+# A cache file of ours (trainer.data_cache.cache_path): <dataset slug>-<image_size>px-<key digest>.npy, its .json
+# sidecar. Only a data_cache/ holding nothing else marks a folder as a run of ours that stopped before its record.
+CACHE_FILE = re.compile(r"[A-Za-z0-9-]*-\d+px-[0-9a-f]+\.[a-z]+")
 # Inside checkpoints/ (trainer.checkpoint): checkpoints set aside are renamed <prefix>checkpoint-<step>, and
 # <prefix>checkpoint-<step>.<n> (n = 2, 3, ...) when one of that name was set aside before: never overwritten.
 DAMAGED_PREFIX = "damaged-"  # found damaged by a resume
@@ -101,16 +105,27 @@ def plan_output_dir(config: TrainingConfig, config_file: Path | None = None) -> 
     foreign = [e for e in entries if not _is_ours(e)]
     listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
     saved = out / RESOLVED_CONFIG_NAME
-    if not saved.is_file():
-        if foreign:
-            raise OutputDirError(
-                f"output_dir {out} is not empty and is not a ddpm-trainer run (it holds {listed}); nothing was changed. "
-                "Choose a new or empty folder for output_dir (overwrite_output_dir only ever deletes a ddpm-trainer run)")
-        return OutputPlan("continue", "a run of ours that stopped before writing its config")
-    try:
-        theirs = yaml.safe_load(saved.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise OutputDirError(f"{saved} cannot be read ({e}); move it away or choose another output_dir") from e
+    if saved.is_file():
+        try:
+            theirs = yaml.safe_load(saved.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise OutputDirError(f"{saved} cannot be read ({e}); move it away or choose another output_dir") from e
+    elif (out / HISTORY_NAME).is_file():  # a start that stopped between its two records
+        from trainer.run_record import read_history
+
+        history = read_history(out)
+        theirs = (history[-1].get("config") or {}) if history else {}
+        if not theirs:
+            return OutputPlan("continue", "a run of ours whose record was cut short")
+    elif _started_before_its_record(out, entries):
+        return OutputPlan("continue", "a run of ours that stopped before writing its record")
+    else:  # no record of a run: whatever the names, not ours
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise OutputDirError(
+            f"output_dir {out} is not empty and is not a ddpm-trainer run (it holds {shown}, but no "
+            f"{RESOLVED_CONFIG_NAME} or {HISTORY_NAME}: the record every run of ours writes before it trains); "
+            "nothing was changed. Choose a new or empty folder for output_dir (overwrite_output_dir only ever deletes "
+            "a ddpm-trainer run)")
     mine = json.loads(config.model_dump_json())
     diff = [f"{k}: {theirs.get(k)!r} -> {mine[k]!r}" for k in RUN_IDENTITY_FIELDS if theirs.get(k) != mine[k]]
     if not diff:
@@ -125,6 +140,16 @@ def plan_output_dir(config: TrainingConfig, config_file: Path | None = None) -> 
     if clash:
         raise OutputDirError(f"{what}, but overwrite_output_dir cannot clear it: {clash}")
     return OutputPlan("clear", what)
+
+
+def _started_before_its_record(out: Path, entries: list[str]) -> bool:
+    """What a start of ours writes before its record (trainer.setup): the lock file, and the data cache folder with
+    our cache files (and a builder's leftovers) in it. Nothing else, so a user's folder is never taken for it."""
+    if not set(entries) <= {LOCK_NAME, DATA_CACHE_NAME}:
+        return False
+    cache = out / DATA_CACHE_NAME
+    return DATA_CACHE_NAME not in entries or cache.is_dir() and not cache.is_symlink() and all(
+        CACHE_FILE.fullmatch(name) or name.startswith(CACHE_TEMPORARY_PREFIX) for name in os.listdir(cache))
 
 
 def _resolved(path: Path | str | None) -> Path | None:
