@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +170,86 @@ def test_our_own_folder_that_crashed_before_its_record_still_continues(tmp_path)
     assert outputs.plan_output_dir(config).action == "continue"
     ddpm("train", *args)
     assert (out / "training_complete.json").is_file()
+
+
+def recorded_run(out: Path, *args) -> TrainingConfig:
+    """The record `ddpm train TINY --output_dir out *args` writes when it begins (its resolved config), as a run of
+    ours that the same command continues."""
+    from trainer.cli import build_parser
+    from trainer.config import load_config
+    from trainer.setup import with_global_batch
+
+    parser, sources = build_parser()
+    parsed, unknown = parser.parse_known_args(["train", *map(str, TINY), "--output_dir", str(out), *map(str, args)])
+    config = with_global_batch(load_config(parsed, unknown, sources["train"])[0], 1)
+    out.mkdir(parents=True, exist_ok=True)
+    outputs.write_resolved_config(config)
+    return config
+
+
+def outside(tmp_path: Path) -> Path:
+    """A user's folder elsewhere: what a link in output_dir must never let a run write into or delete."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "0000.png").write_text("my holiday")
+    (photos / "checkpoint-1").mkdir()
+    (photos / "notes.md").write_text("mine")
+    return photos
+
+
+def test_a_link_in_output_dir_is_never_written_through(tmp_path, capsys):
+    """Issue 17 case 2: `ln -s ~/photos out/samples`, and a run replaced photos/0000.png with a sample grid. Now a
+    link in our part of output_dir that leads outside it is refused with exit 2 before anything is written."""
+    from trainer.cli import main
+
+    photos = outside(tmp_path)
+    out = tmp_path / "out"
+    recorded_run(out, "--max_train_steps", "1", "--save_image_epochs", "1")
+    (out / "samples").symlink_to(photos)
+    before, theirs = tree(out), tree(photos)
+    code = main(["train", *map(str, TINY), "--output_dir", str(out), "--max_train_steps", "1",
+                 "--save_image_epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"output_dir {out} holds links that lead outside it (samples -> {photos})" in err, err
+    assert tree(photos) == theirs and tree(out) == before
+
+
+@pytest.mark.parametrize("link", ["checkpoints", "README.md", "samples/0001.png", "logs/train", ".ddpm-train.lock",
+                                  "data_cache"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_every_link_leading_outside_is_refused_with_or_without_overwrite(tmp_path, link, overwrite):
+    photos = outside(tmp_path)
+    out = tmp_path / "out"
+    run_folder(out)
+    (out / "logs").mkdir()
+    target = photos if link in ("checkpoints", "logs/train", "data_cache") else photos / "notes.md"
+    if (out / link).is_dir():
+        shutil.rmtree(out / link)
+    (out / link).symlink_to(target)
+    before, theirs = tree(out), tree(photos)
+    config = TrainingConfig(output_dir=out, model_preset="small", image_size=32 if overwrite else 16,
+                            overwrite_output_dir=overwrite)
+    with pytest.raises(OutputDirError, match=f"holds links that lead outside it \\({link} -> {target}\\)"):
+        outputs.plan_output_dir(config)
+    assert tree(out) == before and tree(photos) == theirs
+    if link == ".ddpm-train.lock":  # the lock-only folder is a new one, and still never written through
+        for entry in ("samples", "checkpoints", "training_config.yaml"):
+            p = out / entry
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        with pytest.raises(OutputDirError, match="holds links that lead outside it"):
+            outputs.plan_output_dir(config)
+
+
+def test_links_that_stay_inside_or_are_not_ours_are_left_alone(tmp_path):
+    photos = outside(tmp_path)
+    out = tmp_path / "out"
+    config = run_folder(out)
+    (out / "samples" / "latest.png").symlink_to(out / "samples" / "0000.png")  # stays inside output_dir
+    (out / "my-photos").symlink_to(photos)  # the user's own entry: a run never writes there
+    assert outputs.plan_output_dir(config).action == "continue"
+    (out / "logs").symlink_to(out / "logs")  # a loop: where it leads cannot be told, so it is refused
+    with pytest.raises(OutputDirError, match="holds links that lead outside it"):
+        outputs.plan_output_dir(config)
 
 
 def test_inputs_and_outputs_never_nest(tmp_path):

@@ -100,6 +100,13 @@ def plan_output_dir(config: TrainingConfig, config_file: Path | None = None) -> 
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"output_dir {out} is a file, not a folder; choose a folder path")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    links = links_leaving(out, entries)
+    if links:
+        shown = ", ".join(links[:5]) + (f" and {len(links) - 5} more" if len(links) > 5 else "")
+        raise OutputDirError(
+            f"output_dir {out} holds links that lead outside it ({shown}); a run writes and deletes inside these, so "
+            "it would change files elsewhere; nothing was changed. Replace each link by a real folder or file (or "
+            "remove it), or choose another output_dir (to share the data cache, set data_cache_dir instead)")
     if not [e for e in entries if e != LOCK_NAME]:
         return OutputPlan("new")
     foreign = [e for e in entries if not _is_ours(e)]
@@ -140,6 +147,31 @@ def plan_output_dir(config: TrainingConfig, config_file: Path | None = None) -> 
     if clash:
         raise OutputDirError(f"{what}, but overwrite_output_dir cannot clear it: {clash}")
     return OutputPlan("clear", what)
+
+
+def links_leaving(out: Path, entries: list[str]) -> list[str]:
+    """'<path> -> <target>' for each symbolic link in our part of output_dir (entries of our layout and everything
+    under them) that resolves outside output_dir: a run would write or delete through it. The user's own entries
+    are never written, so links there are theirs to keep."""
+    root = out.resolve()
+    found = []
+    for name in entries:
+        if not _is_ours(name):
+            continue
+        top = out / name
+        paths = [top]
+        if top.is_dir() and not top.is_symlink():
+            for folder, dirs, files in os.walk(top):  # does not follow links
+                paths += [Path(folder) / child for child in sorted(dirs + files)]
+        found += [f"{p.relative_to(out)} -> {os.readlink(p)}" for p in paths if p.is_symlink() and not _stays(p, root)]
+    return found
+
+
+def _stays(link: Path, root: Path) -> bool:
+    try:
+        return inside(link.resolve(), root)
+    except (OSError, RuntimeError):  # a loop of links leads nowhere we could check
+        return False
 
 
 def _started_before_its_record(out: Path, entries: list[str]) -> bool:
