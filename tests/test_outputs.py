@@ -86,6 +86,33 @@ def test_overwrite_clears_only_our_run_and_keeps_the_data_cache(tmp_path):
     assert (out / "data_cache" / "x.npy").read_bytes() == b"cache"
 
 
+def test_overwrite_deletes_only_what_the_run_wrote_inside_its_folders(tmp_path):
+    """Issue 17 case 5: overwrite_output_dir deleted samples/, logs/ and checkpoints/ whole, the user's own files in
+    them too. Only what a run writes there is ours: grids samples/<epoch>.png, TensorBoard's files under logs/train,
+    checkpoints/[damaged-|abandoned-|.tmp-]checkpoint-<step>."""
+    out = tmp_path / "out"
+    run_folder(out)
+    ours = {"samples/0000.png": "grid", "samples/12345.png": "grid", "logs/train/events.out.tfevents.1.vm.7.0": "tb",
+            "logs/train/1796528940.4718294/events.out.tfevents.1.vm.7.1": "tb",
+            "logs/train/1796528940.475033/hparams.yml": "tb", "checkpoints/damaged-checkpoint-3.2/model.safetensors": "x",
+            "checkpoints/.tmp-checkpoint-7/model.safetensors": "x"}
+    users = {"samples/my.png": "mine", "logs/notes.txt": "mine", "logs/train/notes.txt": "mine",
+             "checkpoints/my-best/model.safetensors": "mine", "samples/0001.png.bak": "mine"}
+    for name, text in {**ours, **users}.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    config = TrainingConfig(output_dir=out, model_preset="small", image_size=32, overwrite_output_dir=True)
+    assert outputs.plan_output_dir(config).action == "clear"
+    outputs.clear_output_dir(config)
+    assert {name: (out / name).read_text() for name in users if (out / name).is_file()} == users
+    left = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert left == set(users), "everything the run wrote is gone, the rest is kept"
+    assert not (out / "logs" / "train" / "1796528940.475033").exists(), "emptied folders of ours go too"
+    (out / "samples" / "0009.png").write_text("grid")
+    (out / "samples" / "0010.png").write_text("grid")
+    assert outputs.last_grid(out) == out / "samples" / "0010.png", "the model card shows our last grid, not my.png"
+
+
 def test_overwrite_refuses_to_delete_the_config_file_or_a_chosen_cache(tmp_path):
     out = tmp_path / "out"
     run_folder(out)

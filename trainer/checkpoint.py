@@ -23,7 +23,7 @@ from accelerate import Accelerator
 
 from trainer.config import TrainingConfig
 from trainer.errors import CheckpointError
-from trainer.outputs import DAMAGED_PREFIX, disk_full, sha256_file
+from trainer.outputs import CHECKPOINTS_NAME, DAMAGED_PREFIX, disk_full, sha256_file
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -50,7 +50,7 @@ class TrainState:
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return Path(output_dir) / CHECKPOINTS_NAME
 
 
 def step_of(path: Path) -> int:

@@ -226,8 +226,7 @@ def finish(run: Run) -> None:
     if run.last_checkpoint_step != state.global_step:
         save_checkpoint(run)
     if run.last_grid is None and accelerator.is_main_process:
-        grids = sorted((Path(config.output_dir) / "samples").glob("*.png"))
-        run.last_grid = grids[-1] if grids else None
+        run.last_grid = outputs.last_grid(config.output_dir)
     save_model(run)
     if any_process(accelerator, SIGNALS.received is not None):
         raise SIGNALS.stopped(f"checkpoint and pipeline saved at step {state.global_step}; the retry marks the run "

@@ -39,11 +39,13 @@ LOCK_NAME = ".ddpm-train.lock"
 DATA_CACHE_NAME = "data_cache"
 PIPELINE_ENTRIES = ("model_index.json", "unet", "scheduler")
 MODEL_CARD_NAME = "README.md"
+SAMPLES_NAME, LOGS_NAME, CHECKPOINTS_NAME = "samples", "logs", "checkpoints"
+TRACKER_RUN_NAME = "train"  # accelerator.init_trackers(TRACKER_RUN_NAME): TensorBoard writes under logs/train/
 PIPELINE_TMP = ".tmp-pipeline"  # save_pretrained writes here, then each part is renamed into place
 # Every top-level entry a run of ours writes; anything else makes the folder "not ours".
 OUR_ENTRIES = frozenset({
-    *PIPELINE_ENTRIES, MODEL_CARD_NAME, "samples", "logs", "checkpoints", RESOLVED_CONFIG_NAME, HISTORY_NAME,
-    COMPLETE_MARKER, DATA_CACHE_NAME, LOCK_NAME,
+    *PIPELINE_ENTRIES, MODEL_CARD_NAME, SAMPLES_NAME, LOGS_NAME, CHECKPOINTS_NAME, RESOLVED_CONFIG_NAME,
+    HISTORY_NAME, COMPLETE_MARKER, DATA_CACHE_NAME, LOCK_NAME,
 })
 
 
@@ -72,6 +74,14 @@ CACHE_FILE = re.compile(r"[A-Za-z0-9-]*-\d+px-[0-9a-f]+\.[a-z]+")
 # Inside checkpoints/ (trainer.checkpoint): checkpoints set aside are renamed <prefix>checkpoint-<step>, and
 # <prefix>checkpoint-<step>.<n> (n = 2, 3, ...) when one of that name was set aside before: never overwritten.
 DAMAGED_PREFIX = "damaged-"  # found damaged by a resume
+# What a run writes inside its folders (paths relative to the folder): only these are ours to delete there; a
+# user's samples/my.png or logs/notes.txt is not. Grids are samples/<epoch:04d>.png; Accelerate's TensorBoard tracker
+# writes logs/train/events.out.tfevents.* and logs/train/<time>/ (hparams); a checkpoint folder is ours whole.
+WRITTEN_INSIDE = {
+    SAMPLES_NAME: re.compile(r"\d{4,}\.png"),
+    LOGS_NAME: re.compile(rf"{TRACKER_RUN_NAME}/(\d+(\.\d+)?/)?(events\.out\.tfevents\.[^/]+|hparams\.yml)"),
+    CHECKPOINTS_NAME: re.compile(rf"(\.tmp-|{DAMAGED_PREFIX})?checkpoint-\d+(\.\d+)?(/.+)?"),
+}
 
 
 def _is_ours(name: str) -> bool:
@@ -217,14 +227,54 @@ def _clear_clashes(config: TrainingConfig, config_file: Path | None) -> str:
 
 
 def clear_output_dir(config: TrainingConfig) -> list[str]:
-    """Delete the old run (plan_output_dir said every entry is ours). Keeps the lock and the data cache."""
+    """Delete the old run (plan_output_dir said every entry is ours): what it wrote, and in samples/, logs/ and
+    checkpoints/ only that (WRITTEN_INSIDE), so the user's own files there stay. Keeps the lock and the data cache.
+    Returns what was removed, relative to output_dir."""
     out = Path(config.output_dir)
     removed = []
     for child in sorted(out.iterdir()):
         if child.name in (LOCK_NAME, DATA_CACHE_NAME) or not _is_ours(child.name):
             continue
+        written = WRITTEN_INSIDE.get(child.name)
+        if written is not None and child.is_dir() and not child.is_symlink():
+            removed += [p.relative_to(out).as_posix() for p in _remove_written(child, written)]
+            continue
         shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         removed.append(child.name)
+    return removed
+
+
+def last_grid(output_dir: Path) -> Path | None:
+    """The newest sample grid the run wrote (highest epoch), never a user's image that sits next to them."""
+    samples = Path(output_dir) / SAMPLES_NAME
+    grids = [p for p in samples.glob("*.png") if WRITTEN_INSIDE[SAMPLES_NAME].fullmatch(p.name)] \
+        if samples.is_dir() else []
+    return max(grids, key=lambda p: int(p.stem)) if grids else None
+
+
+def _remove_written(folder: Path, written: re.Pattern) -> list[Path]:
+    """Delete the files (and links) under `folder` whose relative path `written` matches, then the folders that this
+    emptied, up to `folder` itself. Links are never followed."""
+    removed = []
+    for parent, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            path = Path(parent) / name
+            if not written.fullmatch(path.relative_to(folder).as_posix()):
+                continue
+            if name in dirs and not path.is_symlink():
+                shutil.rmtree(path)  # a folder of ours whole (a checkpoint)
+                dirs.remove(name)
+            else:
+                path.unlink()
+            removed.append(path)
+    for path in removed:
+        for emptied in path.parents:
+            if not inside(emptied, folder):
+                break
+            try:
+                emptied.rmdir()
+            except OSError:  # not empty: the user's files are in it
+                break
     return removed
 
 

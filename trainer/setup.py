@@ -308,7 +308,7 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
     clock.before = clock.agreed = state.training_seconds  # a resumed run's clock goes on from its checkpoint
 
     # --- trackers and what the log says first ----------------------------------------------------------------------
-    accelerator.init_trackers("train", config=hparams(config))
+    accelerator.init_trackers(outputs.TRACKER_RUN_NAME, config=hparams(config))
     flops, peak = training_flops_per_image(config), peak_flops(config, accelerator.device)
     tracker = Tracker(accelerator, total_steps, state.global_step, stream,
                       flops_per_image=flops, peak_flops=peak * world if peak else None)  # MFU of all devices
