@@ -157,6 +157,48 @@ def test_disk_full_says_so_and_keeps_the_previous_checkpoint(accelerator, tmp_pa
     assert checkpoint.resolve_resume(TrainingConfig(output_dir=tmp_path)).path.name == "checkpoint-1"
 
 
+def test_disk_full_in_the_safetensors_writer_says_so_and_leaves_no_temporary_folder(accelerator, tmp_path,
+                                                                                       monkeypatch):
+    """Issue 17 case 13: safetensors reports ENOSPC as SafetensorError (not an OSError), so save_checkpoint let it
+    through: a traceback, exit 1, and .tmp-checkpoint-N left behind. The writer Accelerate calls fails as the real
+    one does on a full disk (part of the file written, then the error)."""
+    import accelerate.utils.other
+    from safetensors import SafetensorError
+
+    save(accelerator, tmp_path, 1)
+
+    def full(tensors, filename, metadata=None):
+        checkpoint.Path(filename).write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(accelerate.utils.other, "safe_save_file", full)
+    with pytest.raises(OutputDirError, match="no space left on device while writing checkpoint checkpoint-6 to .* "
+                                             "MiB free, it needs about 1 MiB") as caught:
+        checkpoint.save_checkpoint(accelerator, TrainState(global_step=6), tmp_path, None, size_estimate=2**20)
+    assert caught.value.exit_code == 2
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-1"], "no .tmp-checkpoint-6 left"
+
+
+@pytest.mark.parametrize("message", [
+    "Error while serializing: I/O error: Disk quota exceeded (os error 122)",  # EDQUOT
+    "Error while serializing: I/O error: File too large (os error 27)",  # EFBIG: a file size limit (ulimit -f)
+])
+def test_every_kind_of_full_is_recognised_through_the_exception_chain(tmp_path, message):
+    from safetensors import SafetensorError
+
+    from trainer import outputs
+
+    try:
+        try:
+            raise SafetensorError(message)
+        except SafetensorError as e:
+            raise RuntimeError("saving failed") from e  # wrapped by a caller: found through __cause__
+    except RuntimeError as e:
+        full = outputs.disk_full(e, "checkpoint checkpoint-6", tmp_path, 2**20)
+    assert full is not None and "no space left on device while writing checkpoint checkpoint-6" in str(full)
+    assert outputs.disk_full(RuntimeError("unrelated"), "x", tmp_path, 1) is None
+
+
 def test_a_checkpoint_of_another_model_is_refused_naming_both():
     state = {"model": {"preset": "small", "config": {"block_out_channels": [32, 64], "sample_size": 16}}}
     with pytest.raises(CheckpointError, match=r"model_preset 'small', block_out_channels \[32, 64\].*model_preset "

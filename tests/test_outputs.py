@@ -403,6 +403,88 @@ def test_a_read_only_output_dir_is_exit_2_not_writable(tmp_path):
     assert tree(volume) == {"run": None}
 
 
+@pytest.mark.slow
+def test_a_file_size_limit_while_saving_a_checkpoint_is_exit_2_and_leaves_no_temporary_folder(tmp_path):
+    """Issue 17 case 13 for real: under a file size limit (ulimit -f) the checkpoint's first file fails with EFBIG
+    (safetensors: 'File too large (os error 27)'); it was a traceback, exit 1, .tmp-checkpoint-1 left behind."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "out"
+    limit = 2**20  # the data cache, the config and the logs fit; the 12 MB model.safetensors does not
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", *map(str, TINY), "--output_dir", str(out),
+                           "--max_train_steps", "2", "--checkpointing_steps", "1", "--save_image_epochs", "100"],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, preexec_fn=limited)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "no space left on device while writing checkpoint checkpoint-1 to" in proc.stderr
+    assert "File too large: the file size limit (ulimit -f) is 1 MiB" in proc.stderr
+    assert list((out / "checkpoints").iterdir()) == [], "no .tmp-checkpoint-1 left behind"
+    assert not (out / "training_complete.json").exists()
+
+
+SAVES_UNDER_A_FILE_SIZE_LIMIT = """
+import json, resource, sys
+from pathlib import Path
+import numpy as np
+from diffusers import DDPMScheduler, UNet2DModel
+from PIL import Image
+from trainer import outputs
+from trainer.config import TrainingConfig
+from trainer.errors import OutputDirError
+from trainer.model import SMALL_UNET
+
+out = Path(sys.argv[1])
+config = TrainingConfig(output_dir=out, image_size=8, model_preset="small")
+unet = UNet2DModel(**SMALL_UNET, sample_size=8)
+outputs.save_pipeline(config, unet, DDPMScheduler())  # the previous pipeline, saved with room to spare
+grid = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+results = {}
+for what, save in (("pipeline", lambda: outputs.save_pipeline(config, unet, DDPMScheduler())),
+                   ("model card", lambda: outputs.write_model_card(config, None, 7)),
+                   ("grid", lambda: outputs.save_grid(grid, out / "samples" / "0003.png"))):
+    try:
+        save()
+        results[what] = "saved"
+    except OutputDirError as e:
+        results[what] = [e.exit_code, str(e)]
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_the_pipeline_model_card_and_grid_under_a_full_disk_say_so_and_leave_nothing_half_written(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-c", SAVES_UNDER_A_FILE_SIZE_LIMIT, str(out)], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout.splitlines()[-1])
+    for what, where in (("pipeline", "the pipeline"), ("model card", "the model card"), ("grid", "sample grid")):
+        code, message = results[what]
+        assert code == 2 and f"no space left on device while writing {where}" in message, message
+        assert "File too large" in message
+    assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "samples", "scheduler", "unet"], \
+        "no temporary left, no half-written README.md"
+    assert list((out / "samples").iterdir()) == []
+    from diffusers import DDPMPipeline
+
+    DDPMPipeline.from_pretrained(out)  # the previous pipeline is intact
+
+
 # ---- 4. the run record and the completion marker -----------------------------------------------------------------
 
 def test_run_id_is_kept_on_resume_and_new_for_an_extension_and_history_records_changes(tmp_path):

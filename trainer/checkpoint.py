@@ -234,7 +234,7 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: Pat
                 shutil.rmtree(final)
             os.replace(tmp, final)
             rotate(output_dir, total_limit)
-    except OSError as e:
+    except Exception as e:  # OSError, or a writer's own error type: SafetensorError, torch's RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         full = disk_full(e, f"checkpoint {final.name}", tmp.parent, size_estimate)
         if full is not None:

@@ -23,7 +23,9 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +80,7 @@ DAMAGED_PREFIX = "damaged-"  # found damaged by a resume
 # user's samples/my.png or logs/notes.txt is not. Grids are samples/<epoch:04d>.png; Accelerate's TensorBoard tracker
 # writes logs/train/events.out.tfevents.* and logs/train/<time>/ (hparams); a checkpoint folder is ours whole.
 WRITTEN_INSIDE = {
-    SAMPLES_NAME: re.compile(r"\d{4,}\.png"),
+    SAMPLES_NAME: re.compile(r"(\.tmp-)?\d{4,}\.png"),
     LOGS_NAME: re.compile(rf"{TRACKER_RUN_NAME}/(\d+(\.\d+)?/)?(events\.out\.tfevents\.[^/]+|hparams\.yml)"),
     CHECKPOINTS_NAME: re.compile(rf"(\.tmp-|{DAMAGED_PREFIX})?checkpoint-\d+(\.\d+)?(/.+)?"),
 }
@@ -247,7 +249,7 @@ def clear_output_dir(config: TrainingConfig) -> list[str]:
 def last_grid(output_dir: Path) -> Path | None:
     """The newest sample grid the run wrote (highest epoch), never a user's image that sits next to them."""
     samples = Path(output_dir) / SAMPLES_NAME
-    grids = [p for p in samples.glob("*.png") if WRITTEN_INSIDE[SAMPLES_NAME].fullmatch(p.name)] \
+    grids = [p for p in samples.glob("*.png") if WRITTEN_INSIDE[SAMPLES_NAME].fullmatch(p.name) and p.stem.isdigit()] \
         if samples.is_dir() else []
     return max(grids, key=lambda p: int(p.stem)) if grids else None
 
@@ -326,14 +328,75 @@ def check_space(config: TrainingConfig, checkpoint_bytes: int, weights_bytes: in
             "checkpoints_total_limit")
 
 
-def disk_full(error: OSError, what: str, path: Path, needed_bytes: int) -> OutputDirError | None:
-    """The user-facing error for ENOSPC/EDQUOT while writing `what` to `path`, else None."""
-    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no room: on the device, in the quota, under ulimit -f
+# torch.save's zip writer reports a failed write without its errno ("unexpected pos ...", "iostream error")
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter", "inline_container", "iostream error", "file write failed")
+
+
+def disk_full(error: BaseException, what: str, path: Path, needed_bytes: int) -> OutputDirError | None:
+    """The user-facing error (exit 2) when writing `what` to `path` failed for want of room, else None. Whichever
+    library wrote: an OSError's errno, or the errno in the message of an error that wraps it (safetensors raises
+    SafetensorError '... (os error 28)'), anywhere in the chain of causes; torch's writer, which loses the errno,
+    when the volume or the file size limit leaves less than `needed_bytes`."""
+    code = _full_errno(error)
+    base = _nearest_existing(Path(path))
+    free = shutil.disk_usage(base).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if code is None and any(marker in text for text in _chain_texts(error) for marker in _TORCH_WRITE_FAILED):
+        code = errno.EFBIG if limit != resource.RLIM_INFINITY and limit < needed_bytes else \
+            errno.ENOSPC if free < needed_bytes else None
+    if code is None:
         return None
-    free = shutil.disk_usage(_nearest_existing(path)).free
-    return OutputDirError(f"no space left on device while writing {what} to {path}: {free / 2**20:.0f} MiB free, "
-                          f"it needs about {needed_bytes / 2**20:.0f} MiB; free space or use a bigger volume (the "
-                          "newest complete checkpoint is intact)")
+    reason = "" if code == errno.ENOSPC else f" ({os.strerror(code)}" + (
+        f": the file size limit (ulimit -f) is {_size(limit)})" if code == errno.EFBIG and
+        limit != resource.RLIM_INFINITY else ")")
+    return OutputDirError(f"no space left on device while writing {what} to {path}{reason}: {free / 2**20:.0f} MiB "
+                          f"free, it needs about {needed_bytes / 2**20:.0f} MiB; free space or use a bigger volume"
+                          + (", or raise the file size limit" if code == errno.EFBIG else "")
+                          + " (the newest complete checkpoint is intact)")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def _chain(error: BaseException | None):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _chain_texts(error: BaseException):
+    return [str(e) for e in _chain(error)]
+
+
+def _full_errno(error: BaseException) -> int | None:
+    for e in _chain(error):
+        if getattr(e, "errno", None) in FULL_ERRNOS:
+            return e.errno
+        text = str(e)
+        for code in FULL_ERRNOS:
+            if f"os error {code})" in text or os.strerror(code) in text:
+                return code
+    return None
+
+
+@contextmanager
+def writing(what: str, path: Path, needed_bytes: int = 0, temporary_path: Path | None = None):
+    """Around a write into output_dir: a failure removes `temporary_path` (what it was writing), and a full disk
+    becomes the exit-2 error that says so instead of a traceback."""
+    try:
+        yield
+    except Exception as e:
+        if temporary_path is not None:
+            shutil.rmtree(temporary_path, ignore_errors=True) if temporary_path.is_dir() and not \
+                temporary_path.is_symlink() else temporary_path.unlink(missing_ok=True)
+        full = disk_full(e, what, path, needed_bytes)
+        if full is not None:
+            raise full from e
+        raise
 
 
 def sha256_file(path: Path) -> str:
@@ -369,7 +432,9 @@ def save_pipeline(config: TrainingConfig, unet, scheduler) -> None:
     out = Path(config.output_dir)
     tmp = out / PIPELINE_TMP
     shutil.rmtree(tmp, ignore_errors=True)
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
+    needed = sum(p.numel() * p.element_size() for p in unet.parameters())
+    with writing("the pipeline", out, needed, temporary_path=tmp):  # a full disk: the previous pipeline stays
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
     for name in PIPELINE_ENTRIES:
         target, old = out / name, out / replaced(name)
         if target.exists():
@@ -377,6 +442,15 @@ def save_pipeline(config: TrainingConfig, unet, scheduler) -> None:
         os.replace(tmp / name, target)
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_grid(grid, path: Path) -> None:
+    """A sample grid, written whole or not at all (a full disk leaves no half PNG, and says so)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(temporary(path.name))
+    with writing(f"sample grid {path.name}", path, 0, temporary_path=tmp):
+        grid.save(tmp, format="PNG")
+        os.replace(tmp, path)
 
 
 def remove_temporary(output_dir: Path) -> None:
@@ -423,5 +497,8 @@ image = pipeline().images[0]
 ```
 """
     path = Path(config.output_dir) / MODEL_CARD_NAME
-    ModelCard(content).save(path)
+    tmp = path.with_name(temporary(path.name))
+    with writing("the model card", path, len(content.encode()), temporary_path=tmp):
+        ModelCard(content).save(tmp)
+        os.replace(tmp, path)
     return path
