@@ -199,6 +199,63 @@ def test_every_kind_of_full_is_recognised_through_the_exception_chain(tmp_path, 
     assert outputs.disk_full(RuntimeError("unrelated"), "x", tmp_path, 1) is None
 
 
+def branch_from(out, step):
+    """What `ddpm train --resume_from_checkpoint .../checkpoint-<step>` decides and records when it begins."""
+    from trainer import run_record
+
+    config = TrainingConfig(output_dir=out, resume_from_checkpoint=str(out / "checkpoints" / f"checkpoint-{step}"))
+    resume = checkpoint.resolve_resume(config)
+    moved = checkpoint.set_aside_abandoned(resume.abandoned)
+    run_record.begin(config, step, environ={}, branch=resume.branch)
+    return resume, moved
+
+
+def names(out):
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def test_rolling_back_sets_the_newer_checkpoints_aside_and_a_retry_continues_the_branch(accelerator, tmp_path):
+    """Issue 17 case 3, step by step: resuming an older checkpoint by path left the newer ones in place (auto-resume
+    later took the stale checkpoint-8), and a retry of the same command went back to checkpoint-4 again."""
+    for step in (4, 8):
+        save(accelerator, tmp_path, step)
+    resume, moved = branch_from(tmp_path, 4)
+    assert resume.path.name == "checkpoint-4" and [p.name for p in moved] == ["abandoned-checkpoint-8"]
+    assert names(tmp_path) == ["abandoned-checkpoint-8", "checkpoint-4"]
+    for step in (5, 6):  # the branch goes on, checkpoints_total_limit 1: rotation keeps the branch point too
+        save(accelerator, tmp_path, step, limit=1)
+    assert names(tmp_path) == ["abandoned-checkpoint-8", "checkpoint-4", "checkpoint-6"]
+    again, moved = branch_from(tmp_path, 4)  # the same command again, as a Job's retry runs it
+    assert again.path.name == "checkpoint-6" and again.abandoned == [] and moved == [], "the branch continues"
+    assert checkpoint.resolve_resume(TrainingConfig(output_dir=tmp_path)).path.name == "checkpoint-6"
+
+
+def test_a_different_command_in_between_makes_the_same_path_a_new_rollback(accelerator, tmp_path):
+    from trainer import run_record
+
+    for step in (2, 4):
+        save(accelerator, tmp_path, step)
+    branch_from(tmp_path, 2)
+    save(accelerator, tmp_path, 3)
+    run_record.begin(TrainingConfig(output_dir=tmp_path), 3, environ={})  # then `auto`: the branch is the run
+    save(accelerator, tmp_path, 5, limit=1)
+    assert names(tmp_path) == ["abandoned-checkpoint-4", "checkpoint-5"], "no longer kept for a retry"
+    save(accelerator, tmp_path, 2)  # a checkpoint-2 again (copied back by the user, say), and back to it
+    resume, moved = branch_from(tmp_path, 2)
+    assert resume.path.name == "checkpoint-2" and [p.name for p in moved] == ["abandoned-checkpoint-5"]
+
+
+def test_resuming_another_runs_checkpoint_sets_this_runs_later_ones_aside(accelerator, tmp_path):
+    other, out = tmp_path / "other", tmp_path / "out"
+    save(accelerator, other, 4)
+    for step in (2, 4, 6):
+        save(accelerator, out, step)
+    config = TrainingConfig(output_dir=out, resume_from_checkpoint=str(other / "checkpoints" / "checkpoint-4"))
+    resume = checkpoint.resolve_resume(config)
+    assert resume.path == other / "checkpoints" / "checkpoint-4"
+    assert [p.name for p in resume.abandoned] == ["checkpoint-4", "checkpoint-6"], "not this branch's"
+
+
 def test_a_checkpoint_of_another_model_is_refused_naming_both():
     state = {"model": {"preset": "small", "config": {"block_out_channels": [32, 64], "sample_size": 16}}}
     with pytest.raises(CheckpointError, match=r"model_preset 'small', block_out_channels \[32, 64\].*model_preset "
@@ -206,6 +263,47 @@ def test_a_checkpoint_of_another_model_is_refused_naming_both():
         checkpoint.check_model(state, {"block_out_channels": [128, 256], "sample_size": 16},
                                checkpoint.Path("ckpt"), "tutorial")
     checkpoint.check_model(state, state["model"]["config"], checkpoint.Path("ckpt"), "small")  # the same: fine
+
+
+BRANCH = [*TINY, "--save_image_epochs", "100", "--eval_quality_images", "0", "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def finished_at_8(tmp_path_factory):
+    """A finished run with checkpoints 4 and 8 (the issue's scenario); tests copy it."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    ddpm("train", *BRANCH, "--output_dir", out, "--max_train_steps", "8", "--checkpointing_steps", "4")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
+    return out
+
+
+@pytest.mark.slow
+def test_rolling_back_by_path_keeps_the_new_branch_and_the_command_is_retryable(finished_at_8, tmp_path):
+    """Issue 17 case 3, the issue's scenario through the CLI: with checkpoints 4 and 8, `--resume_from_checkpoint
+    .../checkpoint-4 --max_train_steps 7 --checkpointing_steps 1` kept the stale checkpoint-8 and rotated
+    checkpoint-4 away; the same command again exited 2 (checkpoint-4 gone); auto-resume took checkpoint-8."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished_at_8, out, symlinks=True)
+    ckpts = out / "checkpoints"
+    eight = (ckpts / "checkpoint-8" / checkpoint.MANIFEST).read_text()
+    back = [*BRANCH, "--output_dir", out, "--resume_from_checkpoint", ckpts / "checkpoint-4", "--max_train_steps", "7",
+            "--checkpointing_steps", "1"]
+    first = ddpm("train", *back)
+    assert "checkpoint-8 is newer than resume_from_checkpoint" in first.stdout
+    assert "set aside as abandoned-checkpoint-8" in first.stdout
+    assert f"resumed from {ckpts / 'checkpoint-4'} at step 4" in first.stdout
+    assert sorted(p.name for p in ckpts.iterdir()) == ["abandoned-checkpoint-8", "checkpoint-4", "checkpoint-5",
+                                                        "checkpoint-6", "checkpoint-7"]
+    assert (ckpts / "abandoned-checkpoint-8" / checkpoint.MANIFEST).read_text() == eight, "kept as it was"
+    assert json.loads((out / "training_complete.json").read_text())["global_step"] == 7
+
+    retry = ddpm("train", *back)  # the same command, as a retry runs it
+    assert f"resumed from {ckpts / 'checkpoint-7'} at step 7" in retry.stdout, retry.stdout
+    assert json.loads((out / "training_complete.json").read_text())["global_step"] == 7
+    assert checkpoint.resolve_resume(TrainingConfig(output_dir=out)).path == ckpts / "checkpoint-7", \
+        "auto continues the branch the user chose"
 
 
 @pytest.mark.slow

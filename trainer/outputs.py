@@ -76,13 +76,14 @@ CACHE_FILE = re.compile(r"[A-Za-z0-9-]*-\d+px-[0-9a-f]+\.[a-z]+")
 # Inside checkpoints/ (trainer.checkpoint): checkpoints set aside are renamed <prefix>checkpoint-<step>, and
 # <prefix>checkpoint-<step>.<n> (n = 2, 3, ...) when one of that name was set aside before: never overwritten.
 DAMAGED_PREFIX = "damaged-"  # found damaged by a resume
+ABANDONED_PREFIX = "abandoned-"  # newer than the checkpoint a rollback (resume_from_checkpoint <path>) went back to
 # What a run writes inside its folders (paths relative to the folder): only these are ours to delete there; a
 # user's samples/my.png or logs/notes.txt is not. Grids are samples/<epoch:04d>.png; Accelerate's TensorBoard tracker
 # writes logs/train/events.out.tfevents.* and logs/train/<time>/ (hparams); a checkpoint folder is ours whole.
 WRITTEN_INSIDE = {
     SAMPLES_NAME: re.compile(r"(\.tmp-)?\d{4,}\.png"),
     LOGS_NAME: re.compile(rf"{TRACKER_RUN_NAME}/(\d+(\.\d+)?/)?(events\.out\.tfevents\.[^/]+|hparams\.yml)"),
-    CHECKPOINTS_NAME: re.compile(rf"(\.tmp-|{DAMAGED_PREFIX})?checkpoint-\d+(\.\d+)?(/.+)?"),
+    CHECKPOINTS_NAME: re.compile(rf"(\.tmp-|{DAMAGED_PREFIX}|{ABANDONED_PREFIX})?checkpoint-\d+(\.\d+)?(/.+)?"),
 }
 
 

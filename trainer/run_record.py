@@ -72,9 +72,11 @@ class RunRecord:
     changes: dict  # field -> [old, new] since the previous start, empty when nothing changed or the run is new
 
 
-def begin(config: TrainingConfig, step: int, environ: dict[str, str] | None = None) -> RunRecord:
-    """Rank 0, once every check has passed and before training: record the config in effect from `step`, write
-    training_config.yaml and remove the completion marker. Returns the run's id (kept on resume)."""
+def begin(config: TrainingConfig, step: int, environ: dict[str, str] | None = None,
+          branch: dict | None = None) -> RunRecord:
+    """Rank 0, once every check has passed and before training: record the config in effect from `step` (and the
+    rollback it continues, `branch`: trainer.checkpoint), write training_config.yaml and remove the completion
+    marker. Returns the run's id (kept on resume)."""
     out = Path(config.output_dir)
     values, digest = config_values(config), run_digest(config)
     kubernetes = kubernetes_identity(environ)
@@ -89,9 +91,11 @@ def begin(config: TrainingConfig, step: int, environ: dict[str, str] | None = No
         run_id = hashlib.sha256(seed.encode()).hexdigest()[:16]
     previous = last["config"] if last else {}
     changes = {k: [previous.get(k), v] for k, v in values.items() if last and previous.get(k) != v}
-    if last is None or changes or last.get("run_id") != run_id:
+    if last is None or changes or last.get("run_id") != run_id or last.get("branch") != branch:
         entry = {"step": step, "time": _now(), "run_id": run_id, "run_started_at": started_at, "run_digest": digest,
                  "changes": changes, "config": values, "kubernetes": kubernetes}
+        if branch is not None:
+            entry["branch"] = branch
         with open(out / HISTORY_NAME, "a") as f:
             f.write(_json(entry) + "\n")
             f.flush()

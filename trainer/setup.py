@@ -183,7 +183,8 @@ def check_before_writing(config: TrainingConfig, config_file: Path | None, write
         identity = model_identity(config)
         checkpoint.check_model(resume_state, identity["config"], resume.path, identity["preset"])
     num_params = sum(p.numel() for p in build_unet_on_meta(config).parameters())
-    existing = len(checkpoint.complete_checkpoints(config.output_dir)) - len(resume.damaged)
+    existing = len(checkpoint.complete_checkpoints(config.output_dir)) - len(resume.damaged) - len(resume.abandoned)
+    existing -= resume.branch is not None and checkpoint.branch_point(config.output_dir) is not None  # kept aside
     outputs.check_space(config, checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema), num_params * 4,
                         0 if plan.action == "clear" else existing)
     if config.push_to_hub:
@@ -235,10 +236,12 @@ def begin(config: TrainingConfig, checked: Checked) -> run_record.RunRecord:
         if checked.plan.action == "clear":
             outputs.clear_output_dir(config)
         checked.resume.aside = checkpoint.set_aside(checked.resume.damaged)
+        # Before the branch is recorded: a retry that finds the record must find the old branch already aside.
+        checked.resume.abandoned_aside = checkpoint.set_aside_abandoned(checked.resume.abandoned)
         checkpoint.remove_incomplete(config.output_dir)
         outputs.remove_temporary(config.output_dir)
         step = (checked.resume_state or {}).get("global_step", 0)
-        record = run_record.begin(config, step)
+        record = run_record.begin(config, step, branch=checked.resume.branch)
     if SIGNALS.received is not None:
         raise SIGNALS.stopped("stopped before training started")
     return record
@@ -368,6 +371,14 @@ def announce(run: Run, source, data_note: str, num_params: int, flops: float, re
                         f"or {run.total_steps} steps, whichever comes first")
     for (path, problem), aside in zip(resume.damaged, resume.aside):
         tracker.message(f"checkpoint {path} is damaged ({problem}); set aside as {aside.name}")
+    for path, aside in zip(resume.abandoned, resume.abandoned_aside):
+        tracker.message(f"checkpoint {path.name} is newer than resume_from_checkpoint {config.resume_from_checkpoint} "
+                        f"(step {resume.branch['step']}): set aside as {aside.name}, kept as it was (never resumed or "
+                        "rotated; delete it when you no longer need it)")
+    if resume.continued:
+        tracker.message(f"resume_from_checkpoint {config.resume_from_checkpoint}: this run went back there already "
+                        f"(recorded in {outputs.HISTORY_NAME}), so this start continues that branch; to go back to "
+                        "another step, name that step's checkpoint")
     tracker.message(
         f"resumed from {resume.path} at step {state.global_step} epoch {state.global_step // run.steps_per_epoch}"
         if resume.path else "starting fresh at step 0 (no checkpoint to resume)")
