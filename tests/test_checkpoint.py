@@ -307,6 +307,27 @@ def test_rolling_back_by_path_keeps_the_new_branch_and_the_command_is_retryable(
 
 
 @pytest.mark.slow
+def test_a_shorter_run_than_the_one_trained_is_refused_not_marked_complete(finished_at_8, tmp_path):
+    """Issue 17 case 10: finishing at step 8, then `--max_train_steps 4` left a marker saying complete at step 8
+    under a config that says 4 (and the push gate took that pipeline for the 4-step run). Refused, exit 2, with
+    output_dir as it was; going back by path is how to end earlier."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished_at_8, out, symlinks=True)
+    before = {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))
+              if p.name != ".ddpm-train.lock"}  # the lock file's content names its latest holder
+    proc = ddpm("train", *BRANCH, "--output_dir", out, "--max_train_steps", "4", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "already trained to step 8 (checkpoint-8), past the 4 steps this config asks for" in proc.stderr
+    assert "resume_from_checkpoint" in proc.stderr and "max_train_steps to 8 or more" in proc.stderr
+    after = {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))
+             if p.name != ".ddpm-train.lock"}
+    assert after == before
+    assert json.loads((out / "training_complete.json").read_text())["global_step"] == 8
+
+
+@pytest.mark.slow
 def test_training_skips_a_damaged_checkpoint_and_refuses_when_none_is_intact(tmp_path):
     out = tmp_path / "out"
     args = [*TINY, "--output_dir", out, "--checkpointing_steps", "2", "--save_image_epochs", "100",

@@ -194,6 +194,22 @@ def check_before_writing(config: TrainingConfig, config_file: Path | None, write
     return Checked(plan, resume, resume_state)
 
 
+def check_not_shorter(config: TrainingConfig, checked: Checked, steps_per_epoch: int) -> None:
+    """A run cannot end before the step it resumes at: finishing would mark it complete at that step under a config
+    that asks for fewer (and a push would take that model for the shorter run). Going back is a rollback by path."""
+    resumed = (checked.resume_state or {}).get("global_step", 0)
+    total = config.max_train_steps or config.num_epochs * steps_per_epoch
+    if resumed <= total:
+        return
+    asks = f"max_train_steps {total}" if config.max_train_steps else f"num_epochs {config.num_epochs}, {total} steps"
+    raise ConfigError([
+        f"the run in {config.output_dir} already trained to step {resumed} ({checked.resume.path.name}), past the "
+        f"{total} steps this config asks for ({asks}): it cannot end at an earlier step, and marking it complete at "
+        f"step {resumed} would be untrue. Set max_train_steps to {resumed} or more to finish or extend it, go back "
+        "with resume_from_checkpoint <an earlier checkpoint's path> (the newer ones are set aside, not deleted), or "
+        "start the shorter run in a new output_dir"])
+
+
 def with_global_batch(config: TrainingConfig, world: int) -> TrainingConfig:
     """The config with the run's global batch fixed and gradient_accumulation_steps derived for `world` processes.
     Without global_batch_size, the run in output_dir keeps the one it started with (when it is the same run), else
@@ -267,6 +283,7 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
                                f"({config.global_batch_size} = {config.train_batch_size} per process x "
                                f"{config.gradient_accumulation_steps} accumulation x {world} processes); lower "
                                "train_batch_size or global_batch_size"])
+        check_not_shorter(config, checked, len(dataset) // config.global_batch_size)
         record = decided_by_main(accelerator, lambda: begin(config, checked))
     except BaseException:
         if writes is not None:
