@@ -430,6 +430,22 @@ def test_a_file_size_limit_while_saving_a_checkpoint_is_exit_2_and_leaves_no_tem
     assert not (out / "training_complete.json").exists()
 
 
+def test_any_other_write_that_runs_out_of_room_is_exit_2_saying_so(tmp_path, monkeypatch):
+    """Writes without a message of their own (the run record, the marker, TensorBoard's first file): a full disk
+    is still the exit-2 disk-full error, not a traceback and exit 1."""
+    import errno
+
+    from trainer import loop
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "config_history.jsonl"))
+
+    monkeypatch.setattr(loop, "setup", full)
+    with pytest.raises(OutputDirError, match="no space left on device while writing the run's outputs") as caught:
+        loop.train(TrainingConfig(output_dir=tmp_path))
+    assert caught.value.exit_code == 2
+
+
 SAVES_UNDER_A_FILE_SIZE_LIMIT = """
 import json, resource, sys
 from pathlib import Path
