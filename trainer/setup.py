@@ -184,7 +184,8 @@ def check_before_writing(config: TrainingConfig, config_file: Path | None, write
         checkpoint.check_model(resume_state, identity["config"], resume.path, identity["preset"])
     num_params = sum(p.numel() for p in build_unet_on_meta(config).parameters())
     existing = len(checkpoint.complete_checkpoints(config.output_dir)) - len(resume.damaged) - len(resume.abandoned)
-    existing -= resume.branch is not None and checkpoint.branch_point(config.output_dir) is not None  # kept aside
+    if resume.branch is not None and not Path(resume.branch["from"]).is_absolute():
+        existing -= 1  # the checkpoint gone back to stays besides the newest checkpoints_total_limit
     outputs.check_space(config, checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema), num_params * 4,
                         0 if plan.action == "clear" else existing)
     if config.push_to_hub:
