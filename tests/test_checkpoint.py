@@ -157,6 +157,105 @@ def test_disk_full_says_so_and_keeps_the_previous_checkpoint(accelerator, tmp_pa
     assert checkpoint.resolve_resume(TrainingConfig(output_dir=tmp_path)).path.name == "checkpoint-1"
 
 
+def test_disk_full_in_the_safetensors_writer_says_so_and_leaves_no_temporary_folder(accelerator, tmp_path,
+                                                                                       monkeypatch):
+    """Issue 17 case 13: safetensors reports ENOSPC as SafetensorError (not an OSError), so save_checkpoint let it
+    through: a traceback, exit 1, and .tmp-checkpoint-N left behind. The writer Accelerate calls fails as the real
+    one does on a full disk (part of the file written, then the error)."""
+    import accelerate.utils.other
+    from safetensors import SafetensorError
+
+    save(accelerator, tmp_path, 1)
+
+    def full(tensors, filename, metadata=None):
+        checkpoint.Path(filename).write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(accelerate.utils.other, "safe_save_file", full)
+    with pytest.raises(OutputDirError, match="no space left on device while writing checkpoint checkpoint-6 to .* "
+                                             "MiB free, it needs about 1 MiB") as caught:
+        checkpoint.save_checkpoint(accelerator, TrainState(global_step=6), tmp_path, None, size_estimate=2**20)
+    assert caught.value.exit_code == 2
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-1"], "no .tmp-checkpoint-6 left"
+
+
+@pytest.mark.parametrize("message", [
+    "Error while serializing: I/O error: Disk quota exceeded (os error 122)",  # EDQUOT
+    "Error while serializing: I/O error: File too large (os error 27)",  # EFBIG: a file size limit (ulimit -f)
+])
+def test_every_kind_of_full_is_recognised_through_the_exception_chain(tmp_path, message):
+    from safetensors import SafetensorError
+
+    from trainer import outputs
+
+    try:
+        try:
+            raise SafetensorError(message)
+        except SafetensorError as e:
+            raise RuntimeError("saving failed") from e  # wrapped by a caller: found through __cause__
+    except RuntimeError as e:
+        full = outputs.disk_full(e, "checkpoint checkpoint-6", tmp_path, 2**20)
+    assert full is not None and "no space left on device while writing checkpoint checkpoint-6" in str(full)
+    assert outputs.disk_full(RuntimeError("unrelated"), "x", tmp_path, 1) is None
+
+
+def branch_from(out, step):
+    """What `ddpm train --resume_from_checkpoint .../checkpoint-<step>` decides and records when it begins."""
+    from trainer import run_record
+
+    config = TrainingConfig(output_dir=out, resume_from_checkpoint=str(out / "checkpoints" / f"checkpoint-{step}"))
+    resume = checkpoint.resolve_resume(config)
+    moved = checkpoint.set_aside_abandoned(resume.abandoned)
+    run_record.begin(config, step, environ={}, branch=resume.branch)
+    return resume, moved
+
+
+def names(out):
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def test_rolling_back_sets_the_newer_checkpoints_aside_and_a_retry_continues_the_branch(accelerator, tmp_path):
+    """Issue 17 case 3, step by step: resuming an older checkpoint by path left the newer ones in place (auto-resume
+    later took the stale checkpoint-8), and a retry of the same command went back to checkpoint-4 again."""
+    for step in (4, 8):
+        save(accelerator, tmp_path, step)
+    resume, moved = branch_from(tmp_path, 4)
+    assert resume.path.name == "checkpoint-4" and [p.name for p in moved] == ["abandoned-checkpoint-8"]
+    assert names(tmp_path) == ["abandoned-checkpoint-8", "checkpoint-4"]
+    for step in (5, 6):  # the branch goes on, checkpoints_total_limit 1: rotation keeps the branch point too
+        save(accelerator, tmp_path, step, limit=1)
+    assert names(tmp_path) == ["abandoned-checkpoint-8", "checkpoint-4", "checkpoint-6"]
+    again, moved = branch_from(tmp_path, 4)  # the same command again, as a Job's retry runs it
+    assert again.path.name == "checkpoint-6" and again.abandoned == [] and moved == [], "the branch continues"
+    assert checkpoint.resolve_resume(TrainingConfig(output_dir=tmp_path)).path.name == "checkpoint-6"
+
+
+def test_a_different_command_in_between_makes_the_same_path_a_new_rollback(accelerator, tmp_path):
+    from trainer import run_record
+
+    for step in (2, 4):
+        save(accelerator, tmp_path, step)
+    branch_from(tmp_path, 2)
+    save(accelerator, tmp_path, 3)
+    run_record.begin(TrainingConfig(output_dir=tmp_path), 3, environ={})  # then `auto`: the branch is the run
+    save(accelerator, tmp_path, 5, limit=1)
+    assert names(tmp_path) == ["abandoned-checkpoint-4", "checkpoint-5"], "no longer kept for a retry"
+    save(accelerator, tmp_path, 2)  # a checkpoint-2 again (copied back by the user, say), and back to it
+    resume, moved = branch_from(tmp_path, 2)
+    assert resume.path.name == "checkpoint-2" and [p.name for p in moved] == ["abandoned-checkpoint-5"]
+
+
+def test_resuming_another_runs_checkpoint_sets_this_runs_later_ones_aside(accelerator, tmp_path):
+    other, out = tmp_path / "other", tmp_path / "out"
+    save(accelerator, other, 4)
+    for step in (2, 4, 6):
+        save(accelerator, out, step)
+    config = TrainingConfig(output_dir=out, resume_from_checkpoint=str(other / "checkpoints" / "checkpoint-4"))
+    resume = checkpoint.resolve_resume(config)
+    assert resume.path == other / "checkpoints" / "checkpoint-4"
+    assert [p.name for p in resume.abandoned] == ["checkpoint-4", "checkpoint-6"], "not this branch's"
+
+
 def test_a_checkpoint_of_another_model_is_refused_naming_both():
     state = {"model": {"preset": "small", "config": {"block_out_channels": [32, 64], "sample_size": 16}}}
     with pytest.raises(CheckpointError, match=r"model_preset 'small', block_out_channels \[32, 64\].*model_preset "
@@ -164,6 +263,68 @@ def test_a_checkpoint_of_another_model_is_refused_naming_both():
         checkpoint.check_model(state, {"block_out_channels": [128, 256], "sample_size": 16},
                                checkpoint.Path("ckpt"), "tutorial")
     checkpoint.check_model(state, state["model"]["config"], checkpoint.Path("ckpt"), "small")  # the same: fine
+
+
+BRANCH = [*TINY, "--save_image_epochs", "100", "--eval_quality_images", "0", "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def finished_at_8(tmp_path_factory):
+    """A finished run with checkpoints 4 and 8 (the issue's scenario); tests copy it."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    ddpm("train", *BRANCH, "--output_dir", out, "--max_train_steps", "8", "--checkpointing_steps", "4")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
+    return out
+
+
+@pytest.mark.slow
+def test_rolling_back_by_path_keeps_the_new_branch_and_the_command_is_retryable(finished_at_8, tmp_path):
+    """Issue 17 case 3, the issue's scenario through the CLI: with checkpoints 4 and 8, `--resume_from_checkpoint
+    .../checkpoint-4 --max_train_steps 7 --checkpointing_steps 1` kept the stale checkpoint-8 and rotated
+    checkpoint-4 away; the same command again exited 2 (checkpoint-4 gone); auto-resume took checkpoint-8."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished_at_8, out, symlinks=True)
+    ckpts = out / "checkpoints"
+    eight = (ckpts / "checkpoint-8" / checkpoint.MANIFEST).read_text()
+    back = [*BRANCH, "--output_dir", out, "--resume_from_checkpoint", ckpts / "checkpoint-4", "--max_train_steps", "7",
+            "--checkpointing_steps", "1"]
+    first = ddpm("train", *back)
+    assert "checkpoint-8 is newer than resume_from_checkpoint" in first.stdout
+    assert "set aside as abandoned-checkpoint-8" in first.stdout
+    assert f"resumed from {ckpts / 'checkpoint-4'} at step 4" in first.stdout
+    assert sorted(p.name for p in ckpts.iterdir()) == ["abandoned-checkpoint-8", "checkpoint-4", "checkpoint-5",
+                                                        "checkpoint-6", "checkpoint-7"]
+    assert (ckpts / "abandoned-checkpoint-8" / checkpoint.MANIFEST).read_text() == eight, "kept as it was"
+    assert json.loads((out / "training_complete.json").read_text())["global_step"] == 7
+
+    retry = ddpm("train", *back)  # the same command, as a retry runs it
+    assert f"resumed from {ckpts / 'checkpoint-7'} at step 7" in retry.stdout, retry.stdout
+    assert json.loads((out / "training_complete.json").read_text())["global_step"] == 7
+    assert checkpoint.resolve_resume(TrainingConfig(output_dir=out)).path == ckpts / "checkpoint-7", \
+        "auto continues the branch the user chose"
+
+
+@pytest.mark.slow
+def test_a_shorter_run_than_the_one_trained_is_refused_not_marked_complete(finished_at_8, tmp_path):
+    """Issue 17 case 10: finishing at step 8, then `--max_train_steps 4` left a marker saying complete at step 8
+    under a config that says 4 (and the push gate took that pipeline for the 4-step run). Refused, exit 2, with
+    output_dir as it was; going back by path is how to end earlier."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished_at_8, out, symlinks=True)
+    before = {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))
+              if p.name != ".ddpm-train.lock"}  # the lock file's content names its latest holder
+    proc = ddpm("train", *BRANCH, "--output_dir", out, "--max_train_steps", "4", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "already trained to step 8 (checkpoint-8), past the 4 steps this config asks for" in proc.stderr
+    assert "resume_from_checkpoint" in proc.stderr and "max_train_steps to 8 or more" in proc.stderr
+    after = {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))
+             if p.name != ".ddpm-train.lock"}
+    assert after == before
+    assert json.loads((out / "training_complete.json").read_text())["global_step"] == 8
 
 
 @pytest.mark.slow
@@ -224,3 +385,20 @@ def test_a_pipeline_with_nonfinite_weights_is_never_saved_or_pushed(tmp_path):
     run_record.write_marker(config, record, 1, 0, environ={})  # even a marker over them does not make them pushable
     with pytest.raises(PushError, match="holds NaN/inf weights"):
         hub.check_complete(tmp_path / "run")
+
+
+def test_a_checkpoint_damaged_again_is_set_aside_next_to_the_first(three):
+    """Issue 17 case 14: with damaged-checkpoint-6 already there (set aside by an earlier start), a new damaged
+    checkpoint-6 made os.replace fail with ENOTEMPTY on every start: exit 1, retried forever by a Job."""
+    aside = three / "checkpoints" / "damaged-checkpoint-6"
+    aside.mkdir()
+    (aside / "model.safetensors").write_bytes(b"the first post-mortem")
+    DAMAGE["missing"][0](three / "checkpoints" / "checkpoint-6")
+    resume = checkpoint.resolve_resume(TrainingConfig(output_dir=three))
+    assert resume.path.name == "checkpoint-4"
+    checkpoint.set_aside(resume.damaged)
+    assert (aside / "model.safetensors").read_bytes() == b"the first post-mortem", "the first one is kept as it was"
+    second = three / "checkpoints" / "damaged-checkpoint-6.2"
+    assert (second / checkpoint.STATE_FILE).is_file(), "the second one is kept next to it"
+    assert [p.name for p in checkpoint.complete_checkpoints(three)] == ["checkpoint-2", "checkpoint-4"]
+    assert checkpoint.resolve_resume(TrainingConfig(output_dir=three)).path.name == "checkpoint-4"

@@ -180,18 +180,44 @@ def test_damaged_cache_is_rebuilt_not_a_crash_on_every_retry(tmp_path, damage):
     assert note == "reused"
 
 
-def test_orphaned_cache_files_are_removed_but_a_live_builders_is_kept(tmp_path):
+def test_orphaned_cache_files_are_removed_but_a_live_builders_and_the_users_files_are_kept(tmp_path):
+    """Issue 17 case 6: any `.tmp-*` with no lock holder was deleted as an orphan, a user's `.tmp-notes.txt` in a
+    shared data_cache_dir too. Only our own temporaries (named with CACHE_TEMPORARY_PREFIX) are ours to delete."""
     import fcntl
+
+    from trainer.outputs import CACHE_TEMPORARY_PREFIX
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    dead, live = cache / ".tmp-host-1-a.npy", cache / ".tmp-host-2-b.npy"
+    dead, live = cache / f"{CACHE_TEMPORARY_PREFIX}host-1-a.npy", cache / f"{CACHE_TEMPORARY_PREFIX}host-2-b.npy"
     dead.write_bytes(b"half a cache")
     live.write_bytes(b"being written")
+    users = [cache / ".tmp-notes.txt", cache / ".tmp-host-1-a.npy"]  # the second: what ours looked like before
+    for path in users:
+        path.write_text("mine")
     with open(live, "rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # what a running builder holds (another process: flock is per open file)
         assert data_cache.remove_orphans(cache) == [dead]
     assert live.exists() and not dead.exists()
+    assert all(path.read_text() == "mine" for path in users)
+
+
+def test_the_cache_builder_names_its_temporaries_as_ours(tmp_path, monkeypatch):
+    from trainer.outputs import CACHE_TEMPORARY_PREFIX
+
+    config = TrainingConfig(image_size=8, builtin_num_images=4, data_cache_dir=tmp_path / "cache")
+    seen = []
+    real = data_cache._write
+
+    def write(config, source, tmp):
+        seen.append(sorted(p.name for p in tmp.parent.iterdir()))
+        return real(config, source, tmp)
+
+    monkeypatch.setattr(data_cache, "_write", write)
+    data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    [names] = seen
+    assert len(names) == 1 and names[0].startswith(CACHE_TEMPORARY_PREFIX)
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp")], "none left behind"
 
 
 def test_all_corrupt_folder_leaves_no_cache(tmp_path):

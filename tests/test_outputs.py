@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,33 @@ def test_overwrite_clears_only_our_run_and_keeps_the_data_cache(tmp_path):
     assert (out / "data_cache" / "x.npy").read_bytes() == b"cache"
 
 
+def test_overwrite_deletes_only_what_the_run_wrote_inside_its_folders(tmp_path):
+    """Issue 17 case 5: overwrite_output_dir deleted samples/, logs/ and checkpoints/ whole, the user's own files in
+    them too. Only what a run writes there is ours: grids samples/<epoch>.png, TensorBoard's files under logs/train,
+    checkpoints/[damaged-|abandoned-|.tmp-]checkpoint-<step>."""
+    out = tmp_path / "out"
+    run_folder(out)
+    ours = {"samples/0000.png": "grid", "samples/12345.png": "grid", "logs/train/events.out.tfevents.1.vm.7.0": "tb",
+            "logs/train/1796528940.4718294/events.out.tfevents.1.vm.7.1": "tb",
+            "logs/train/1796528940.475033/hparams.yml": "tb", "checkpoints/damaged-checkpoint-3.2/model.safetensors": "x",
+            "checkpoints/.tmp-checkpoint-7/model.safetensors": "x"}
+    users = {"samples/my.png": "mine", "logs/notes.txt": "mine", "logs/train/notes.txt": "mine",
+             "checkpoints/my-best/model.safetensors": "mine", "samples/0001.png.bak": "mine"}
+    for name, text in {**ours, **users}.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    config = TrainingConfig(output_dir=out, model_preset="small", image_size=32, overwrite_output_dir=True)
+    assert outputs.plan_output_dir(config).action == "clear"
+    outputs.clear_output_dir(config)
+    assert {name: (out / name).read_text() for name in users if (out / name).is_file()} == users
+    left = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert left == set(users), "everything the run wrote is gone, the rest is kept"
+    assert not (out / "logs" / "train" / "1796528940.475033").exists(), "emptied folders of ours go too"
+    (out / "samples" / "0009.png").write_text("grid")
+    (out / "samples" / "0010.png").write_text("grid")
+    assert outputs.last_grid(out) == out / "samples" / "0010.png", "the model card shows our last grid, not my.png"
+
+
 def test_overwrite_refuses_to_delete_the_config_file_or_a_chosen_cache(tmp_path):
     out = tmp_path / "out"
     run_folder(out)
@@ -106,6 +134,149 @@ def test_overwrite_refuses_to_delete_the_config_file_or_a_chosen_cache(tmp_path)
     with pytest.raises(OutputDirError, match="holds data_cache_dir"):
         outputs.plan_output_dir(TrainingConfig(output_dir=out, image_size=32, model_preset="small",
                                                overwrite_output_dir=True, data_cache_dir=out / "data_cache" / "x"))
+
+
+def test_only_our_own_temporaries_are_removed_at_start(tmp_path):
+    """Issue 17 case 6 in output_dir: every top-level `.tmp-*` was taken for an interrupted write of ours and
+    deleted at the next start, a user's `.tmp-notes.txt` too. Ours have names of our own."""
+    out = tmp_path / "out"
+    run_folder(out)
+    ours = [out / ".tmp-pipeline" / "unet", out / ".tmp-old-unet", out / ".tmp-training_config.yaml"]
+    for path in ours:
+        path.mkdir(parents=True) if path.name in ("unet", ".tmp-old-unet") else path.write_text("half")
+    (out / ".tmp-notes.txt").write_text("mine")
+    assert outputs.plan_output_dir(TrainingConfig(output_dir=out, model_preset="small", image_size=16)).action \
+        == "continue"
+    outputs.remove_temporary(out)
+    assert not any(path.exists() for path in ours) and not (out / ".tmp-pipeline").exists()
+    assert (out / ".tmp-notes.txt").read_text() == "mine"
+    with pytest.raises(OutputDirError, match=r"not a ddpm-trainer run's \(.tmp-notes.txt\)"):
+        outputs.plan_output_dir(TrainingConfig(output_dir=out, model_preset="small", image_size=32,
+                                               overwrite_output_dir=True))
+
+
+def test_a_folder_that_only_uses_our_names_is_not_taken_for_our_run(tmp_path, capsys):
+    """Issue 17 case 1: with no training_config.yaml, a folder whose every entry had one of our names was taken for
+    a run of ours that stopped early: `ddpm train` overwrote the user's README.md and samples/0000.png and exited 0.
+    A folder is ours only if it carries our own record of a run."""
+    from trainer.cli import main
+
+    user = tmp_path / "u"
+    (user / "samples").mkdir(parents=True)
+    (user / "README.md").write_text("mine")
+    (user / "samples" / "0000.png").write_text("pic")
+    (tmp_path / "v" / "data_cache").mkdir(parents=True)  # our names only, but not our cache files either
+    (tmp_path / "v" / "data_cache" / "photos.npy").write_text("mine")
+    for folder in (user, tmp_path / "v"):
+        before = tree(folder)
+        code = main(["train", *map(str, TINY), "--output_dir", str(folder), "--max_train_steps", "2"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"output_dir {folder} is not empty and is not a ddpm-trainer run" in err, err
+        assert tree(folder) == before
+
+
+@pytest.mark.slow
+def test_our_own_folder_that_crashed_before_its_record_still_continues(tmp_path):
+    """What a run of ours leaves when it dies (SIGKILL, node loss) after its first writes (the lock, the data cache)
+    and before its record: that folder is still ours, and the same command simply continues it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "out"
+    args = [*TINY, "--output_dir", out, "--max_train_steps", "1", "--save_image_epochs", "100"]
+    code = ("import os, sys; import trainer.setup as setup\n"
+            "setup.begin = lambda *a: os._exit(9)\n"
+            "from trainer.main import entrypoint\nsys.argv = ['ddpm', 'train', *sys.argv[1:]]\nentrypoint()\n")
+    crash = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO, env=clean_env(),
+                           capture_output=True, text=True)
+    assert crash.returncode == 9, crash.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".ddpm-train.lock", "data_cache"]
+    config = TrainingConfig(output_dir=out, model_preset="small", image_size=16)
+    assert outputs.plan_output_dir(config).action == "continue"
+    ddpm("train", *args)
+    assert (out / "training_complete.json").is_file()
+
+
+def recorded_run(out: Path, *args) -> TrainingConfig:
+    """The record `ddpm train TINY --output_dir out *args` writes when it begins (its resolved config), as a run of
+    ours that the same command continues."""
+    from trainer.cli import build_parser
+    from trainer.config import load_config
+    from trainer.setup import with_global_batch
+
+    parser, sources = build_parser()
+    parsed, unknown = parser.parse_known_args(["train", *map(str, TINY), "--output_dir", str(out), *map(str, args)])
+    config = with_global_batch(load_config(parsed, unknown, sources["train"])[0], 1)
+    out.mkdir(parents=True, exist_ok=True)
+    outputs.write_resolved_config(config)
+    return config
+
+
+def outside(tmp_path: Path) -> Path:
+    """A user's folder elsewhere: what a link in output_dir must never let a run write into or delete."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "0000.png").write_text("my holiday")
+    (photos / "checkpoint-1").mkdir()
+    (photos / "notes.md").write_text("mine")
+    return photos
+
+
+def test_a_link_in_output_dir_is_never_written_through(tmp_path, capsys):
+    """Issue 17 case 2: `ln -s ~/photos out/samples`, and a run replaced photos/0000.png with a sample grid. Now a
+    link in our part of output_dir that leads outside it is refused with exit 2 before anything is written."""
+    from trainer.cli import main
+
+    photos = outside(tmp_path)
+    out = tmp_path / "out"
+    recorded_run(out, "--max_train_steps", "1", "--save_image_epochs", "1")
+    (out / "samples").symlink_to(photos)
+    before, theirs = tree(out), tree(photos)
+    code = main(["train", *map(str, TINY), "--output_dir", str(out), "--max_train_steps", "1",
+                 "--save_image_epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"output_dir {out} holds links that lead outside it (samples -> {photos})" in err, err
+    assert tree(photos) == theirs and tree(out) == before
+
+
+@pytest.mark.parametrize("link", ["checkpoints", "README.md", "samples/0001.png", "logs/train", ".ddpm-train.lock",
+                                  "data_cache"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_every_link_leading_outside_is_refused_with_or_without_overwrite(tmp_path, link, overwrite):
+    photos = outside(tmp_path)
+    out = tmp_path / "out"
+    run_folder(out)
+    (out / "logs").mkdir()
+    target = photos if link in ("checkpoints", "logs/train", "data_cache") else photos / "notes.md"
+    if (out / link).is_dir():
+        shutil.rmtree(out / link)
+    (out / link).symlink_to(target)
+    before, theirs = tree(out), tree(photos)
+    config = TrainingConfig(output_dir=out, model_preset="small", image_size=32 if overwrite else 16,
+                            overwrite_output_dir=overwrite)
+    with pytest.raises(OutputDirError, match=f"holds links that lead outside it \\({link} -> {target}\\)"):
+        outputs.plan_output_dir(config)
+    assert tree(out) == before and tree(photos) == theirs
+    if link == ".ddpm-train.lock":  # the lock-only folder is a new one, and still never written through
+        for entry in ("samples", "checkpoints", "training_config.yaml"):
+            p = out / entry
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        with pytest.raises(OutputDirError, match="holds links that lead outside it"):
+            outputs.plan_output_dir(config)
+
+
+def test_links_that_stay_inside_or_are_not_ours_are_left_alone(tmp_path):
+    photos = outside(tmp_path)
+    out = tmp_path / "out"
+    config = run_folder(out)
+    (out / "samples" / "latest.png").symlink_to(out / "samples" / "0000.png")  # stays inside output_dir
+    (out / "my-photos").symlink_to(photos)  # the user's own entry: a run never writes there
+    assert outputs.plan_output_dir(config).action == "continue"
+    (out / "logs").symlink_to(out / "logs")  # a loop: where it leads cannot be told, so it is refused
+    with pytest.raises(OutputDirError, match="holds links that lead outside it"):
+        outputs.plan_output_dir(config)
 
 
 def test_inputs_and_outputs_never_nest(tmp_path):
@@ -178,6 +349,156 @@ def test_user_errors_write_nothing_and_the_corrected_command_works(tmp_path, cap
         assert tree(root) == before, f"{name} left files behind"
     ddpm("train", *base, *folder, "--train_data_dir", root / "images")  # the corrected command
     assert (out / "training_complete.json").is_file()
+
+
+def test_a_data_error_after_the_cache_was_built_writes_nothing(tmp_path, capsys):
+    """Issue 17 case 18: one 1x1 image is smaller than a global batch, an exit 2 found after the data cache was
+    built: a new output_dir was left holding data_cache/. Now a new output_dir is not created at all, and an
+    existing one (here: with the cache of other images in it) is left exactly as it was."""
+    from trainer.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((1, 1, 3), dtype=np.uint8)).save(images / "a.png")
+    existing = tmp_path / "existing"
+    (existing / "data_cache").mkdir(parents=True)
+    (existing / "data_cache" / "other-16px-0123456789abcdef.npy").write_bytes(b"another cache")
+    before = tree(existing)
+    for out in (tmp_path / "new", existing):
+        code = main(["train", *map(str, TINY), "--output_dir", str(out), "--dataset_name", "imagefolder",
+                     "--train_data_dir", str(images), "--max_train_steps", "1"])
+        err = capsys.readouterr().err
+        assert code == 2 and "the dataset (1 images) is smaller than one global batch" in err, err
+    assert not (tmp_path / "new").exists()
+    assert tree(existing) == before
+
+
+@pytest.mark.slow
+def test_a_read_only_output_dir_is_exit_2_not_writable(tmp_path):
+    """Issue 17 case 15: on a read-only volume the lock was taken before the writability check, so `ddpm train`
+    died with `OSError EROFS ... .ddpm-train.lock` (exit 1, retried). A read-only bind mount in a mount namespace of
+    its own (it goes with the process: nothing global is left behind), through the real CLI."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    volume = tmp_path / "volume"
+    (volume / "run").mkdir(parents=True)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    train = [sys.executable, "-m", "trainer", "train", *TINY, "--max_train_steps", "1"]
+    runs = "\n".join(f"{' '.join(train)} --output_dir {volume / name} >{logs / name}.out 2>{logs / name}.err; "
+                     f"echo $? >{logs / name}.code" for name in ("run", "new"))  # an empty folder; a new one
+    script = f"mount --bind {volume} {volume} && mount -o remount,bind,ro {volume} && touch {volume}/probe\n" \
+             f"echo $? >{logs}/probe.code\n{runs}\n"
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], cwd=REPO,
+                          env=clean_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (logs / "probe.code").read_text().strip() != "0", "the volume was read-only for the trainer"
+    for name in ("run", "new"):
+        err = (logs / f"{name}.err").read_text()
+        assert (logs / f"{name}.code").read_text().strip() == "2", err
+        assert f"output_dir {volume / name} is not writable" in err and "Traceback" not in err
+    assert tree(volume) == {"run": None}
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_while_saving_a_checkpoint_is_exit_2_and_leaves_no_temporary_folder(tmp_path):
+    """Issue 17 case 13 for real: under a file size limit (ulimit -f) the checkpoint's first file fails with EFBIG
+    (safetensors: 'File too large (os error 27)'); it was a traceback, exit 1, .tmp-checkpoint-1 left behind."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "out"
+    limit = 2**20  # the data cache, the config and the logs fit; the 12 MB model.safetensors does not
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", *map(str, TINY), "--output_dir", str(out),
+                           "--max_train_steps", "2", "--checkpointing_steps", "1", "--save_image_epochs", "100"],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, preexec_fn=limited)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "no space left on device while writing checkpoint checkpoint-1 to" in proc.stderr
+    assert "File too large: the file size limit (ulimit -f) is 1 MiB" in proc.stderr
+    assert list((out / "checkpoints").iterdir()) == [], "no .tmp-checkpoint-1 left behind"
+    assert not (out / "training_complete.json").exists()
+
+
+def test_any_other_write_that_runs_out_of_room_is_exit_2_saying_so(tmp_path, monkeypatch):
+    """Writes without a message of their own (the run record, the marker, TensorBoard's first file): a full disk
+    is still the exit-2 disk-full error, not a traceback and exit 1."""
+    import errno
+
+    from trainer import loop
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "config_history.jsonl"))
+
+    monkeypatch.setattr(loop, "setup", full)
+    with pytest.raises(OutputDirError, match="no space left on device while writing the run's outputs") as caught:
+        loop.train(TrainingConfig(output_dir=tmp_path))
+    assert caught.value.exit_code == 2
+
+
+SAVES_UNDER_A_FILE_SIZE_LIMIT = """
+import json, resource, sys
+from pathlib import Path
+import numpy as np
+from diffusers import DDPMScheduler, UNet2DModel
+from PIL import Image
+from trainer import outputs
+from trainer.config import TrainingConfig
+from trainer.errors import OutputDirError
+from trainer.model import SMALL_UNET
+
+out = Path(sys.argv[1])
+config = TrainingConfig(output_dir=out, image_size=8, model_preset="small")
+unet = UNet2DModel(**SMALL_UNET, sample_size=8)
+outputs.save_pipeline(config, unet, DDPMScheduler())  # the previous pipeline, saved with room to spare
+grid = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+results = {}
+for what, save in (("pipeline", lambda: outputs.save_pipeline(config, unet, DDPMScheduler())),
+                   ("model card", lambda: outputs.write_model_card(config, None, 7)),
+                   ("grid", lambda: outputs.save_grid(grid, out / "samples" / "0003.png"))):
+    try:
+        save()
+        results[what] = "saved"
+    except OutputDirError as e:
+        results[what] = [e.exit_code, str(e)]
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_the_pipeline_model_card_and_grid_under_a_full_disk_say_so_and_leave_nothing_half_written(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-c", SAVES_UNDER_A_FILE_SIZE_LIMIT, str(out)], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout.splitlines()[-1])
+    for what, where in (("pipeline", "the pipeline"), ("model card", "the model card"), ("grid", "sample grid")):
+        code, message = results[what]
+        assert code == 2 and f"no space left on device while writing {where}" in message, message
+        assert "File too large" in message
+    assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "samples", "scheduler", "unet"], \
+        "no temporary left, no half-written README.md"
+    assert list((out / "samples").iterdir()) == []
+    from diffusers import DDPMPipeline
+
+    DDPMPipeline.from_pretrained(out)  # the previous pipeline is intact
 
 
 # ---- 4. the run record and the completion marker -----------------------------------------------------------------

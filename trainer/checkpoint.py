@@ -1,7 +1,14 @@
 """Checkpoints: Accelerate save_state into a temporary folder, a manifest written last, then renamed into place.
 
-Layout: output_dir/checkpoints/checkpoint-<step>/ (complete), .tmp-checkpoint-<step>/ (being written) and
-damaged-checkpoint-<step>/ (set aside by a resume that found it damaged; never loaded, never rotated).
+Layout: output_dir/checkpoints/checkpoint-<step>/ (complete), .tmp-checkpoint-<step>/ (being written),
+damaged-checkpoint-<step>/ (set aside by a resume that found it damaged) and abandoned-checkpoint-<step>/ (newer than
+the checkpoint a rollback went back to). Set-aside ones are never loaded or rotated; a second one of the same name is
+<name>.2, and so on.
+
+A rollback (resume_from_checkpoint <path>, at step S) starts a branch: the run's checkpoints at S or later are set
+aside as abandoned, and the branch is recorded in config_history.jsonl (trainer.run_record). Running the same command
+again (a Job's retry) continues that branch from its newest intact checkpoint instead of going back again, and
+rotation keeps the branch point while the command names it, so the command stays valid.
 
 manifest.json lists every file with its size and SHA-256. Resume verifies the newest checkpoint before loading it:
 every listed file present with its size and hash, and the weights, the EMA and the optimizer state all finite. A
@@ -15,14 +22,14 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from accelerate import Accelerator
 
 from trainer.config import TrainingConfig
 from trainer.errors import CheckpointError
-from trainer.outputs import disk_full, sha256_file
+from trainer.outputs import ABANDONED_PREFIX, CHECKPOINTS_NAME, DAMAGED_PREFIX, disk_full, inside, sha256_file
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -49,7 +56,7 @@ class TrainState:
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return Path(output_dir) / CHECKPOINTS_NAME
 
 
 def step_of(path: Path) -> int:
@@ -133,10 +140,16 @@ def _nonfinite(folder: Path, manifest: dict) -> str:
 
 @dataclass
 class Resume:
-    """The checkpoint to load (None: start fresh) and the newer ones found damaged on the way to it."""
+    """The checkpoint to load (None: start fresh), the newer ones found damaged on the way to it, and for a
+    rollback (resume_from_checkpoint <path>) the run's checkpoints it leaves behind and the branch it records."""
 
     path: Path | None
     damaged: list[tuple[Path, str]] = field(default_factory=list)
+    aside: list[Path] = field(default_factory=list)  # where the damaged ones went (filled when the run begins)
+    abandoned: list[Path] = field(default_factory=list)  # this run's checkpoints at or after the rollback's step
+    abandoned_aside: list[Path] = field(default_factory=list)  # where they went (filled when the run begins)
+    branch: dict | None = None  # {"from": branch_key(path), "step": S}: recorded in config_history.jsonl
+    continued: bool = False  # the same rollback as the recorded branch: a retry, continuing it
 
 
 def resolve_resume(config: TrainingConfig) -> Resume:
@@ -146,17 +159,17 @@ def resolve_resume(config: TrainingConfig) -> Resume:
     if mode == "none":
         return Resume(None)
     if mode not in ("auto", "latest"):
-        path = Path(mode)
-        problem = damage(path) if path.is_dir() else "it does not exist or is not a folder"
-        if problem:
-            raise CheckpointError(f"resume_from_checkpoint {path} cannot be used: {problem}")
-        return Resume(path)
+        return _rollback(config, Path(mode))
     candidates = list(reversed(complete_checkpoints(config.output_dir)))
     if not candidates:
         if mode == "latest":
             raise CheckpointError(f"resume_from_checkpoint latest: no checkpoint in "
                                   f"{checkpoints_dir(config.output_dir)}; use auto to start fresh when there is none")
         return Resume(None)
+    return _newest_intact(candidates, mode, config.output_dir)
+
+
+def _newest_intact(candidates: list[Path], mode: str, output_dir: Path) -> Resume:
     damaged = []
     for path in candidates:
         problem = damage(path)
@@ -165,14 +178,76 @@ def resolve_resume(config: TrainingConfig) -> Resume:
         damaged.append((path, problem))
     listing = "\n".join(f"  - {path.name}: {problem}" for path, problem in damaged)
     raise CheckpointError(
-        f"no intact checkpoint in {checkpoints_dir(config.output_dir)} ({mode}); every one is damaged:\n{listing}\n"
+        f"no intact checkpoint in {checkpoints_dir(output_dir)} ({mode}); every one is damaged:\n{listing}\n"
         "Restore one from a backup, or start again in a new output_dir (or with resume_from_checkpoint none)")
 
 
-def set_aside(damaged: list[tuple[Path, str]]) -> None:
-    """Rename damaged checkpoints so they are never tried or rotated again (kept for a post-mortem)."""
-    for path, _ in damaged:
-        os.replace(path, path.with_name(f"damaged-{path.name}"))
+def branch_key(path: Path, output_dir: Path) -> str:
+    """How a rollback's checkpoint is recorded: relative to output_dir when inside it (so a volume mounted
+    elsewhere is still the same run), else its absolute path."""
+    resolved, root = Path(path).resolve(), Path(output_dir).resolve()
+    return resolved.relative_to(root).as_posix() if inside(resolved, root) else str(resolved)
+
+
+def recorded_branch(output_dir: Path) -> dict | None:
+    """The rollback the run's newest record was started with (None: the newest start named no checkpoint)."""
+    from trainer.run_record import read_history
+
+    history = read_history(output_dir)
+    branch = history[-1].get("branch") if history else None
+    return branch if isinstance(branch, dict) and "from" in branch and "step" in branch else None
+
+
+def _rollback(config: TrainingConfig, path: Path) -> Resume:
+    """resume_from_checkpoint <path>. The first time: that checkpoint, verified, and this run's checkpoints at its
+    step or later set aside (they are another branch: auto-resume must never take them). The same command again
+    (the recorded branch): the branch's newest intact checkpoint, else the chosen one."""
+    out = config.output_dir
+    branch = recorded_branch(out)
+    if branch is not None and branch["from"] == branch_key(path, out):
+        damaged = []
+        for later in reversed(complete_checkpoints(out)):
+            if step_of(later) <= branch["step"]:
+                break
+            problem = damage(later)
+            if not problem:
+                return Resume(later, damaged, branch=branch, continued=True)
+            damaged.append((later, problem))
+        return replace(_chosen(path), damaged=damaged, branch=branch, continued=True)  # nothing newer is intact
+    resume = _chosen(path)
+    step = json.loads((path / STATE_FILE).read_text()).get("global_step", 0)
+    chosen = path.resolve()
+    abandoned = [p for p in complete_checkpoints(out) if step_of(p) >= step and p.resolve() != chosen]
+    return replace(resume, abandoned=abandoned, branch={"from": branch_key(path, out), "step": step})
+
+
+def _chosen(path: Path) -> Resume:
+    problem = damage(path) if path.is_dir() else "it does not exist or is not a folder"
+    if problem:
+        raise CheckpointError(f"resume_from_checkpoint {path} cannot be used: {problem}")
+    return Resume(path)
+
+
+def set_aside(damaged: list[tuple[Path, str]]) -> list[Path]:
+    """Rename damaged checkpoints so they are never tried or rotated again (kept for a post-mortem); returns their
+    new paths."""
+    return [_rename_aside(path, DAMAGED_PREFIX) for path, _ in damaged]
+
+
+def set_aside_abandoned(abandoned: list[Path]) -> list[Path]:
+    """Rename the checkpoints a rollback leaves behind: never resumed by auto, never rotated, never deleted by us."""
+    return [_rename_aside(path, ABANDONED_PREFIX) for path in abandoned]
+
+
+def _rename_aside(path: Path, prefix: str) -> Path:
+    """`path` renamed <prefix><name>, or <prefix><name>.<n> when that is taken: one set aside before (by an
+    earlier start) is never replaced, and a rename onto it would fail (ENOTEMPTY) on every start."""
+    target, n = path.with_name(f"{prefix}{path.name}"), 1
+    while target.exists() or target.is_symlink():
+        n += 1
+        target = path.with_name(f"{prefix}{path.name}.{n}")
+    os.rename(path, target)
+    return target
 
 
 def check_model(resume_state: dict, model_config: dict, path: Path, preset: str) -> None:
@@ -221,7 +296,7 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: Pat
                 shutil.rmtree(final)
             os.replace(tmp, final)
             rotate(output_dir, total_limit)
-    except OSError as e:
+    except Exception as e:  # OSError, or a writer's own error type: SafetensorError, torch's RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         full = disk_full(e, f"checkpoint {final.name}", tmp.parent, size_estimate)
         if full is not None:
@@ -232,11 +307,22 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: Pat
 
 
 def rotate(output_dir: Path, total_limit: int | None) -> None:
-    """Remove the oldest complete checkpoints beyond total_limit (only called after a newer one is complete)."""
+    """Remove the oldest complete checkpoints beyond total_limit (only called after a newer one is complete). The
+    checkpoint the run's current command rolled back to is kept: the same command must stay valid for a retry."""
     if total_limit is None:
         return
+    keep = branch_point(output_dir)
     for old in complete_checkpoints(output_dir)[:-total_limit]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def branch_point(output_dir: Path) -> Path | None:
+    """The checkpoint of this output_dir that the recorded rollback went back to, if it is one of its own."""
+    branch = recorded_branch(output_dir)
+    if branch is None or Path(branch["from"]).is_absolute():
+        return None
+    return Path(output_dir) / branch["from"]
 
 
 def _fsync_tree(root: Path, only: str | None = None) -> None:

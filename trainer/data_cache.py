@@ -23,7 +23,7 @@ from numpy.lib.format import open_memmap
 from trainer.config import TrainingConfig
 from trainer.data import ImageSource, TrainDataset, available_cpus, build_transform, load_image_source, worker_init
 from trainer.errors import DataError
-from trainer.outputs import disk_full
+from trainer.outputs import CACHE_TEMPORARY_PREFIX, disk_full
 
 CACHE_VERSION = 1  # bump when build_transform's output changes
 
@@ -42,6 +42,7 @@ class CachedImages(torch.utils.data.Dataset):
 
 
 def cache_path(config: TrainingConfig, source: ImageSource) -> Path:
+    """<slug>-<size>px-<digest>.npy: the shape trainer.outputs.CACHE_FILE recognises as ours."""
     identity = {"version": CACHE_VERSION, "dataset": source.name, "fingerprint": source.fingerprint,
                 "length": source.length, "image_size": config.image_size, "center_crop": config.center_crop}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -78,7 +79,7 @@ def _build(config: TrainingConfig, source: ImageSource, path: Path) -> dict:
     here, or by the next start), never a file that looks like a cache. The builder holds a lock on its .tmp file,
     so `remove_orphans` can tell a dead builder's leftovers from a live one's on a shared volume."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{socket.gethostname()}-{os.getpid()}-{path.name}")
+    tmp = path.with_name(f"{CACHE_TEMPORARY_PREFIX}{socket.gethostname()}-{os.getpid()}-{path.name}")
     with open(tmp, "wb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         try:
@@ -93,15 +94,16 @@ def _build(config: TrainingConfig, source: ImageSource, path: Path) -> dict:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp = path.with_name(f"{CACHE_TEMPORARY_PREFIX}{socket.gethostname()}-{os.getpid()}-{path.name}")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
 def remove_orphans(cache_dir: Path) -> list[Path]:
-    """Delete .tmp-* files left by builders that died (a live builder holds a lock on its file)."""
+    """Delete our temporary files (CACHE_TEMPORARY_PREFIX) left by builders that died (a live builder holds a lock
+    on its file). Nothing else: the folder may be a shared volume holding other people's files."""
     removed = []
-    for tmp in cache_dir.glob(".tmp-*") if cache_dir.is_dir() else []:
+    for tmp in sorted(cache_dir.glob(f"{CACHE_TEMPORARY_PREFIX}*")) if cache_dir.is_dir() else []:
         try:
             with open(tmp, "rb") as f:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

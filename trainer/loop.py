@@ -17,7 +17,7 @@ from trainer.checkpoint import TrainState
 from trainer.data import to_model_range
 from trainer.diffusion import training_loss
 from trainer.distributed import any_process, decided_by_main, sum_over_processes
-from trainer.errors import Diverged, NonFiniteSamples, Stopped
+from trainer.errors import DdpmError, Diverged, NonFiniteSamples, Stopped
 from trainer.events import RunEvents
 from trainer.model import ema_weights
 from trainer.sampling import sample_for_eval, shard, to_grid
@@ -52,7 +52,11 @@ def train(config, stream=None, config_file: Path | None = None) -> TrainState:
         events.nonfinite_samples(run.state.global_step if run else 0, str(e), final=True)
         raise
     except BaseException as e:
-        events.failed(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        full = outputs.disk_full(e, "the run's outputs", config.output_dir, 0) if isinstance(e, Exception) and \
+            not isinstance(e, DdpmError) else None  # any other write (the record, the marker): exit 2, says so
+        events.failed(str(full or e).strip().splitlines()[0] if str(full or e).strip() else type(e).__name__)
+        if full is not None:
+            raise full from e
         raise
     finally:
         events.close(timeout_s=5.0)
@@ -209,9 +213,8 @@ def evaluate(run: Run, epoch: int) -> Path | None:
         run.tracker.message(f"sample quality at step {step}: {quality.format_scores(scores)}")
         run.events.evaluated(step, scores)
     grid = to_grid(images[: config.eval_batch_size])
-    path = Path(config.output_dir) / "samples" / f"{epoch:04d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    path = Path(config.output_dir) / outputs.SAMPLES_NAME / f"{epoch:04d}.png"
+    outputs.save_grid(grid, path)
     run.tracker.image("samples", grid, step)
     run.tracker.message(f"saved sample grid {path}")
     return path
@@ -256,8 +259,7 @@ def finish(run: Run) -> None:
     if run.last_checkpoint_step != state.global_step:
         save_checkpoint(run)
     if run.last_grid is None and accelerator.is_main_process:
-        grids = sorted((Path(config.output_dir) / "samples").glob("*.png"))
-        run.last_grid = grids[-1] if grids else None
+        run.last_grid = outputs.last_grid(config.output_dir)
     save_model(run)
     check_saved_pipeline(run)
     if any_process(accelerator, SIGNALS.received is not None):

@@ -21,7 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from trainer.config import RESOLVED_CONFIG_NAME, RUN_IDENTITY_FIELDS, RUN_LENGTH_FIELDS, TrainingConfig
-from trainer.outputs import COMPLETE_MARKER, HISTORY_NAME, PIPELINE_ENTRIES, sha256_file, write_resolved_config
+from trainer.outputs import (COMPLETE_MARKER, HISTORY_NAME, PIPELINE_ENTRIES, sha256_file, temporary,
+                             write_resolved_config)
 
 KUBERNETES_ENV = {"namespace": "POD_NAMESPACE", "pod": "POD_NAME", "pod_uid": "POD_UID",
                   "workload": "TRAINING_WORKLOAD"}  # the chart sets these (downward API and a literal)
@@ -71,9 +72,11 @@ class RunRecord:
     changes: dict  # field -> [old, new] since the previous start, empty when nothing changed or the run is new
 
 
-def begin(config: TrainingConfig, step: int, environ: dict[str, str] | None = None) -> RunRecord:
-    """Rank 0, once every check has passed and before training: record the config in effect from `step`, write
-    training_config.yaml and remove the completion marker. Returns the run's id (kept on resume)."""
+def begin(config: TrainingConfig, step: int, environ: dict[str, str] | None = None,
+          branch: dict | None = None) -> RunRecord:
+    """Rank 0, once every check has passed and before training: record the config in effect from `step` (and the
+    rollback it continues, `branch`: trainer.checkpoint), write training_config.yaml and remove the completion
+    marker. Returns the run's id (kept on resume)."""
     out = Path(config.output_dir)
     values, digest = config_values(config), run_digest(config)
     kubernetes = kubernetes_identity(environ)
@@ -88,9 +91,11 @@ def begin(config: TrainingConfig, step: int, environ: dict[str, str] | None = No
         run_id = hashlib.sha256(seed.encode()).hexdigest()[:16]
     previous = last["config"] if last else {}
     changes = {k: [previous.get(k), v] for k, v in values.items() if last and previous.get(k) != v}
-    if last is None or changes or last.get("run_id") != run_id:
+    if last is None or changes or last.get("run_id") != run_id or last.get("branch") != branch:
         entry = {"step": step, "time": _now(), "run_id": run_id, "run_started_at": started_at, "run_digest": digest,
                  "changes": changes, "config": values, "kubernetes": kubernetes}
+        if branch is not None:
+            entry["branch"] = branch
         with open(out / HISTORY_NAME, "a") as f:
             f.write(_json(entry) + "\n")
             f.flush()
@@ -122,7 +127,7 @@ def write_marker(config: TrainingConfig, record: RunRecord, global_step: int, ep
     marker = {"run_id": record.run_id, "run_started_at": record.started_at, "run_digest": run_digest(config),
               "global_step": global_step, "epoch": epoch, "finished_at": time.time(),
               "kubernetes": kubernetes_identity(environ), "pipeline": pipeline_hashes(out)}
-    path, tmp = out / COMPLETE_MARKER, out / f".tmp-{COMPLETE_MARKER}"
+    path, tmp = out / COMPLETE_MARKER, out / temporary(COMPLETE_MARKER)
     tmp.write_text(json.dumps(marker, indent=1))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())

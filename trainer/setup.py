@@ -11,8 +11,10 @@ so the corrected command simply works.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +29,7 @@ from trainer.budget import TrainClock, budget_lr_scheduler
 from trainer.checkpoint import Resume, TrainState
 from trainer.config import RUN_IDENTITY_FIELDS, TrainingConfig, config_yaml
 from trainer.data import build_dataloader
-from trainer.data_cache import training_dataset
+from trainer.data_cache import cache_path, training_dataset
 from trainer.distributed import decided_by_main, local_world_size
 from trainer.errors import ConfigError, OutputDirError
 from trainer.events import RunEvents
@@ -127,23 +129,39 @@ class Checked:
 
 
 class FirstWrites:
-    """Rank 0's writes before the run begins (the lock file, and output_dir itself if it was missing), undone when
-    a check fails so that an exit 2 leaves output_dir as it was."""
+    """Rank 0's writes before the run begins (output_dir itself if it was missing, the lock file, the data cache it
+    built), undone when a check fails so that an exit 2 leaves output_dir as it was, or not there at all."""
 
     def __init__(self, config: TrainingConfig):
+        self.config = config
         self.out = Path(config.output_dir)
         self.cache_dir = config.resolved_data_cache_dir
         self.out_existed, self.cache_existed = self.out.exists(), self.cache_dir.exists()
+        self.cache_before = set(os.listdir(self.cache_dir)) if self.cache_dir.is_dir() else set()
+        self.cache_files: Path | None = None  # the cache this run uses: its files are removed if this run made them
         self.lock: RunLock | None = None
 
     def take_lock(self) -> RunLock:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.lock = RunLock(self.out).acquire(holder_info(run_record.kubernetes_identity()))
+        """The first write: output_dir itself if missing, and the lock. Refused (exit 2) on a read-only volume or a
+        folder this uid may not write, before anything is created."""
+        outputs.check_writable(self.config)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock = RunLock(self.out).acquire(holder_info(run_record.kubernetes_identity()))
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            raise outputs.not_writable(self.out, Path(e.filename or self.out), e) from e
         return self.lock
 
     def undo(self) -> None:
         if self.lock is not None:
             self.lock.release(remove=self.lock.created_file)
+        if self.cache_files is not None:  # e.g. the dataset turned out smaller than a global batch (exit 2)
+            stem = self.cache_files.stem
+            for path in self.cache_files.parent.glob(f"{stem}.*"):
+                if path.name not in self.cache_before:
+                    path.unlink(missing_ok=True)
         for folder, existed in ((self.cache_dir, self.cache_existed), (self.out, self.out_existed)):
             if not existed and folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
@@ -165,7 +183,9 @@ def check_before_writing(config: TrainingConfig, config_file: Path | None, write
         identity = model_identity(config)
         checkpoint.check_model(resume_state, identity["config"], resume.path, identity["preset"])
     num_params = sum(p.numel() for p in build_unet_on_meta(config).parameters())
-    existing = len(checkpoint.complete_checkpoints(config.output_dir)) - len(resume.damaged)
+    existing = len(checkpoint.complete_checkpoints(config.output_dir)) - len(resume.damaged) - len(resume.abandoned)
+    if resume.branch is not None and not Path(resume.branch["from"]).is_absolute():
+        existing -= 1  # the checkpoint gone back to stays besides the newest checkpoints_total_limit
     outputs.check_space(config, checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema), num_params * 4,
                         0 if plan.action == "clear" else existing)
     if config.push_to_hub:
@@ -173,6 +193,22 @@ def check_before_writing(config: TrainingConfig, config_file: Path | None, write
 
         check_can_push()
     return Checked(plan, resume, resume_state)
+
+
+def check_not_shorter(config: TrainingConfig, checked: Checked, steps_per_epoch: int) -> None:
+    """A run cannot end before the step it resumes at: finishing would mark it complete at that step under a config
+    that asks for fewer (and a push would take that model for the shorter run). Going back is a rollback by path."""
+    resumed = (checked.resume_state or {}).get("global_step", 0)
+    total = config.max_train_steps or config.num_epochs * steps_per_epoch
+    if resumed <= total:
+        return
+    asks = f"max_train_steps {total}" if config.max_train_steps else f"num_epochs {config.num_epochs}, {total} steps"
+    raise ConfigError([
+        f"the run in {config.output_dir} already trained to step {resumed} ({checked.resume.path.name}), past the "
+        f"{total} steps this config asks for ({asks}): it cannot end at an earlier step, and marking it complete at "
+        f"step {resumed} would be untrue. Set max_train_steps to {resumed} or more to finish or extend it, go back "
+        "with resume_from_checkpoint <an earlier checkpoint's path> (the newer ones are set aside, not deleted), or "
+        "start the shorter run in a new output_dir"])
 
 
 def with_global_batch(config: TrainingConfig, world: int) -> TrainingConfig:
@@ -216,11 +252,13 @@ def begin(config: TrainingConfig, checked: Checked) -> run_record.RunRecord:
     with SIGNALS.deferred():  # clearing and recording are not cut in half by a signal
         if checked.plan.action == "clear":
             outputs.clear_output_dir(config)
-        checkpoint.set_aside(checked.resume.damaged)
+        checked.resume.aside = checkpoint.set_aside(checked.resume.damaged)
+        # Before the branch is recorded: a retry that finds the record must find the old branch already aside.
+        checked.resume.abandoned_aside = checkpoint.set_aside_abandoned(checked.resume.abandoned)
         checkpoint.remove_incomplete(config.output_dir)
         outputs.remove_temporary(config.output_dir)
         step = (checked.resume_state or {}).get("global_step", 0)
-        record = run_record.begin(config, step)
+        record = run_record.begin(config, step, branch=checked.resume.branch)
     if SIGNALS.received is not None:
         raise SIGNALS.stopped("stopped before training started")
     return record
@@ -239,11 +277,14 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
     try:
         checked = decided_by_main(accelerator, lambda: check_before_writing(config, config_file, writes))
         source, dataset, data_note = training_dataset(config, accelerator.local_main_process_first)
+        if writes is not None and config.data_cache:
+            writes.cache_files = cache_path(config, source)
         if len(dataset) < config.global_batch_size:
             raise ConfigError([f"the dataset ({len(dataset)} images) is smaller than one global batch "
                                f"({config.global_batch_size} = {config.train_batch_size} per process x "
                                f"{config.gradient_accumulation_steps} accumulation x {world} processes); lower "
                                "train_batch_size or global_batch_size"])
+        check_not_shorter(config, checked, len(dataset) // config.global_batch_size)
         record = decided_by_main(accelerator, lambda: begin(config, checked))
     except BaseException:
         if writes is not None:
@@ -288,7 +329,7 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
     clock.before = clock.agreed = state.training_seconds  # a resumed run's clock goes on from its checkpoint
 
     # --- trackers and what the log says first ----------------------------------------------------------------------
-    accelerator.init_trackers("train", config=hparams(config))
+    accelerator.init_trackers(outputs.TRACKER_RUN_NAME, config=hparams(config))
     flops, peak = training_flops_per_image(config), peak_flops(config, accelerator.device)
     tracker = Tracker(accelerator, total_steps, state.global_step, stream, clock=clock,
                       flops_per_image=flops, peak_flops=peak * world if peak else None)  # MFU of all devices
@@ -346,8 +387,16 @@ def announce(run: Run, source, data_note: str, num_params: int, flops: float, re
     if config.max_train_seconds is not None:
         tracker.message(f"time budget: {config.max_train_seconds:g} s of training ({run.clock.before:.0f} s spent), "
                         f"or {run.total_steps} steps, whichever comes first")
-    for path, problem in resume.damaged:
-        tracker.message(f"checkpoint {path} is damaged ({problem}); set aside as damaged-{path.name}")
+    for (path, problem), aside in zip(resume.damaged, resume.aside):
+        tracker.message(f"checkpoint {path} is damaged ({problem}); set aside as {aside.name}")
+    for path, aside in zip(resume.abandoned, resume.abandoned_aside):
+        tracker.message(f"checkpoint {path.name} is newer than resume_from_checkpoint {config.resume_from_checkpoint} "
+                        f"(step {resume.branch['step']}): set aside as {aside.name}, kept as it was (never resumed or "
+                        "rotated; delete it when you no longer need it)")
+    if resume.continued:
+        tracker.message(f"resume_from_checkpoint {config.resume_from_checkpoint}: this run went back there already "
+                        f"(recorded in {outputs.HISTORY_NAME}), so this start continues that branch; to go back to "
+                        "another step, name that step's checkpoint")
     tracker.message(
         f"resumed from {resume.path} at step {state.global_step} epoch {state.global_step // run.steps_per_epoch}"
         if resume.path else "starting fresh at step 0 (no checkpoint to resume)")
