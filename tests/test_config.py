@@ -156,3 +156,140 @@ def test_sample_rejects_bad_values_before_loading_anything(tmp_path, capsys):
     for message in ("not a DDPMPipeline folder", "--num_inference_steps must be at least 1, got 0",
                     "--batch-size must be at least 1, got 0", f"--out {out_file} is a file"):
         assert message in stderr
+
+
+# ---- issue 17: a config is read once, and what is read and echoed is bounded ---------------------------------------
+
+def feed_fifo(path, text: str):
+    """A named pipe whose first reader gets `text` and any later reader nothing, like `<(envsubst < t.yaml)`."""
+    import os
+    import threading
+
+    os.mkfifo(path)
+
+    def write():
+        for i in range(3):  # a second open of the path (a re-read) gets an empty pipe
+            with open(path, "w") as f:
+                f.write(text if i == 0 else "")
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    return thread
+
+
+def release_fifo(path):
+    """Unblock a writer still waiting for a reader."""
+    import os
+
+    for _ in range(3):
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        except OSError:
+            break
+
+
+def test_a_config_from_a_pipe_is_read_once(tmp_path):
+    fifo = tmp_path / "config.fifo"
+    feed_fifo(fifo, "image_size: 16\nmodel_preset: small\n")
+    try:
+        config, sources = load(["--config", str(fifo)])
+    finally:
+        release_fifo(fifo)
+    assert (config.image_size, config.model_preset) == (16, "small")
+    assert sources["image_size"] == sources["model_preset"] == "file"
+
+
+def test_process_substitution_and_stdin_configs_are_not_replaced_by_the_defaults(tmp_path):
+    """The red team's commands: `--config <(envsubst < t.yaml)` and `DDPM_CONFIG_FILE=/dev/stdin` fed by a pipe."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    (tmp_path / "t.yaml").write_text("image_size: 16\nmodel_preset: small\n")
+    script = (f"{sys.executable} -m trainer config --config <(cat t.yaml) && echo --- && "
+              f"cat t.yaml | DDPM_CONFIG_FILE=/dev/stdin {sys.executable} -m trainer config")
+    env = clean_env(PYTHONPATH=str(REPO))
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    for output in proc.stdout.split("---\n"):
+        values = yaml.safe_load(output)
+        assert (values["image_size"], values["model_preset"]) == (16, "small"), output
+
+
+def test_launch_refuses_a_config_its_workers_cannot_read_again(tmp_path, monkeypatch):
+    """torchrun's workers read the config again: from a pipe they would get nothing (or block), so it is refused."""
+    from trainer import cli, launch
+
+    monkeypatch.setattr(launch, "launch", lambda *a: pytest.fail("torchrun must not start"))
+    for i, via_env in enumerate((False, True)):
+        fifo = tmp_path / f"config-{i}.fifo"
+        feed_fifo(fifo, "image_size: 16\nmodel_preset: small\n")
+        if via_env:
+            monkeypatch.setenv("DDPM_CONFIG_FILE", str(fifo))
+        try:
+            with pytest.raises(ConfigError, match="not a regular file") as caught:
+                cli.run_command(["launch", *([] if via_env else ["--config", str(fifo)])])
+        finally:
+            release_fifo(fifo)
+        assert caught.value.exit_code == 2 and str(fifo) in str(caught.value)
+        assert "write it to a file" in str(caught.value)
+
+
+def alias_bomb(levels: int = 9, width: int = 9) -> str:
+    names = "abcdefghijklmnop"
+    lines = [f"{names[0]}: &{names[0]} [{', '.join(['x'] * width)}]"]
+    for i in range(1, levels):
+        lines.append(f"{names[i]}: &{names[i]} [{', '.join([f'*{names[i - 1]}'] * width)}]")
+    lines.append(f"seed: *{names[levels - 1]}")
+    return "\n".join(lines) + "\n"
+
+
+def timed_cli(argv, timeout=120):
+    """(exit code, seconds inside trainer.cli.main, stderr) of `argv` in a child process, so that a config which
+    takes minutes (or gigabytes) fails the test after `timeout` instead of hanging it."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import json, sys, time\nimport torch, trainer.model\nfrom trainer.cli import main\n"  # imports not timed
+            "start = time.monotonic()\n"
+            f"code = main({argv!r})\nprint(json.dumps([code, time.monotonic() - start]))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              env=clean_env(PYTHONPATH=str(REPO)))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"ddpm {' '.join(argv)} still running after {timeout} s")
+    code, seconds = json.loads(proc.stdout.strip().splitlines()[-1])
+    return code, seconds, proc.stderr
+
+
+def test_a_yaml_alias_bomb_is_refused_fast_with_a_short_message(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb())
+    assert len(bomb.read_bytes()) < 400  # 9**9 = 387 million values once expanded
+    code, seconds, err = timed_cli(["config", "--config", str(bomb)])
+    assert code == 2 and seconds < 2, (code, seconds)
+    assert len(err) < 4096, f"{len(err)} bytes of error message"
+    assert "expands to more than" in err and str(bomb) in err and "Traceback" not in err
+
+
+def test_an_oversized_config_file_is_refused_without_parsing_it(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("".join(f"key_{i}: {'v' * 80}\n" for i in range(120_000)))  # ~10 MB
+    code, seconds, err = timed_cli(["config", "--config", str(big)])
+    assert code == 2 and seconds < 2, (code, seconds)
+    assert "larger than 1 MiB" in err and len(err) < 4096
+
+
+def test_an_echoed_value_is_truncated(tmp_path, capsys):
+    from trainer.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"image_size: {'9' * 5000}x\nseed: [{', '.join(['123456789'] * 5000)}]\n")
+    assert main(["config", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "image_size" in err and "seed" in err and "from file" in err
+    assert len(err) < 2048, err[:500]

@@ -128,6 +128,12 @@ def cmd_launch(train_args: list[str]) -> int:
     # Validate once here (same sources as the workers will see) so a bad config fails fast with exit 2.
     parser, cli_sources = build_parser()
     args, unknown = parser.parse_known_args(["train", *train_args])
+    config_file = config_file_of(args)
+    if config_file is not None and config_file.exists() and not (config_file.is_file() or config_file.is_dir()):
+        # Each torchrun worker reads the config again, and a pipe (<(...), /dev/stdin) can be read only once.
+        raise ConfigError([f"config file {config_file} is not a regular file (a pipe such as <(...) or /dev/stdin?): "
+                           "`ddpm launch` starts workers that each read it again, and a pipe gives its content only "
+                           "once; write it to a file first, e.g. envsubst < t.yaml > run.yaml"])
     config, _ = load_config(args, unknown, cli_sources["train"])
     return launch(train_args, config.preemption_grace_seconds)
 

@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,8 +22,8 @@ from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
     EnvSettingsSource,
+    InitSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
 )
 
 from trainer.errors import ConfigError
@@ -30,6 +31,12 @@ from trainer.errors import ConfigError
 ENV_PREFIX = "DDPM_"
 CONFIG_FILE_ENV = "DDPM_CONFIG_FILE"
 RESOLVED_CONFIG_NAME = "training_config.yaml"  # written into output_dir at start
+
+# Bounds on a config file (issue 17): a config is a few dozen `field: value` lines, so anything near these limits is
+# the wrong file or an attack (a YAML alias bomb of 300 bytes expands to hundreds of millions of values).
+MAX_CONFIG_BYTES = 1 << 20  # read at most this much (parsing 1 MiB takes under a second)
+MAX_CONFIG_VALUES = 10_000  # YAML values once aliases are expanded
+MAX_ECHO_CHARS = 200  # of a rejected value shown back in an error message
 
 RUN_ROLES = ("identity", "length", "setting")
 
@@ -266,23 +273,107 @@ def build_cli_parser(parser: argparse.ArgumentParser) -> CliSettingsSource:
 
 
 def _read_config_file(path: Path, origin: str) -> tuple[dict | None, list[str]]:
-    """The YAML mapping in `path`, or None and the reason, worded for the user."""
+    """The YAML mapping in `path`, or None and the reason, worded for the user. The file is opened and read once
+    (a pipe, `<(envsubst < t.yaml)` or /dev/stdin, cannot be read twice) and at most MAX_CONFIG_BYTES of it."""
     where = f"config file {path} (from {origin})"
     if path.is_dir():
         return None, [f"{where} is a directory; give the YAML file inside it"]
     if not path.exists():
         return None, [f"{where} does not exist"]
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         return None, [f"{where} cannot be read: {e.strerror or e}"]
+    if len(data) > MAX_CONFIG_BYTES:
+        return None, [f"{where} is larger than 1 MiB; a config is a few dozen `field: value` lines: is it the right "
+                      "file?"]
+    try:
+        raw = _parse_yaml(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         return None, [f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 YAML"]
     except yaml.YAMLError as e:
         return None, [f"{where} is not valid YAML: {e}"]
+    except ConfigFileTooLarge as e:
+        return None, [f"{where} {e}"]
+    raw = raw or {}
     if not isinstance(raw, dict):
         return None, [f"{where} must be a mapping of field: value, got {type(raw).__name__}"]
     return raw, []
+
+
+class ConfigFileTooLarge(Exception):
+    """A YAML document that would expand (through aliases) or nest beyond what a config can be."""
+
+
+MAX_CONFIG_DEPTH = 32  # nested collections; a config has one level (libyaml's composer recurses in C: no limit)
+
+
+def _parse_yaml(text: str):
+    """yaml.safe_load, refusing a document nested deeper than MAX_CONFIG_DEPTH or of more than MAX_CONFIG_VALUES
+    values once its aliases are expanded. A first pass over the parser's events (no recursion, ~0.3 s for 1 MiB)
+    bounds the depth and the number of nodes; then the node graph is composed (aliases stay shared references
+    there) and its expanded size counted before anything is constructed."""
+    loader_class = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~4x faster on a large file
+    loader = loader_class(text)
+    try:
+        depth = events = 0
+        while loader.check_event():
+            event = loader.get_event()
+            events += 1
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_CONFIG_DEPTH:
+                    raise ConfigFileTooLarge(f"nests collections more than {MAX_CONFIG_DEPTH} deep; a config is a flat "
+                                             "mapping of field: value")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            if events > 2 * MAX_CONFIG_VALUES + 10:
+                raise ConfigFileTooLarge(f"holds more than {MAX_CONFIG_VALUES:,} values; a config is a flat mapping "
+                                         "of field: value")
+    finally:
+        loader.dispose()
+    loader = loader_class(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+            raise ConfigFileTooLarge(f"expands to more than {MAX_CONFIG_VALUES:,} values (YAML anchors and aliases "
+                                     "repeat whole subtrees); a config is a flat mapping of field: value")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root, limit: int) -> int:
+    """How many values `root` stands for with every alias expanded (counting stops past `limit`). Each node's size
+    is computed once (memoised): a node reached through an alias is counted again, but not walked again."""
+    sizes: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = ([item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode)
+                    else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if children_done or not children:
+            sizes[id(node)] = min(limit + 1, 1 + sum(sizes.get(id(child), 0) for child in children))
+        else:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+_ECHO = reprlib.Repr()  # bounded at every level, so a huge or deeply shared value costs microseconds
+_ECHO.maxlevel, _ECHO.maxlist, _ECHO.maxdict = 2, 4, 4
+_ECHO.maxstring = _ECHO.maxother = _ECHO.maxlong = MAX_ECHO_CHARS
+
+
+def _shown(value: Any) -> str:
+    """repr(value), bounded: a rejected value is echoed so the user can find it, never megabytes of it."""
+    text = _ECHO.repr(value)
+    return text if len(text) <= MAX_ECHO_CHARS else text[:MAX_ECHO_CHARS - 3] + "..."
 
 
 def load_config(
@@ -305,7 +396,7 @@ def load_config(
             for key in raw:
                 if key not in FIELDS:
                     problems.append(f"unknown key '{key}' in {config_file}{_suggest(str(key))}")
-            known = YamlConfigSettingsSource(TrainingConfig, yaml_file=config_file, yaml_file_encoding="utf-8")()
+            known = InitSettingsSource(TrainingConfig, raw)()  # the mapping read above: the file is not read again
             layers.append(("file", {k: v for k, v in known.items() if k in FIELDS}))
 
     for var in sorted(environ):
@@ -342,7 +433,7 @@ def load_config(
     except ValidationError as e:
         for err in e.errors():
             field = ".".join(str(p) for p in err["loc"])
-            given = f" (got {err['input']!r} from {sources.get(field, '?')})" if "input" in err else ""
+            given = f" (got {_shown(err['input'])} from {sources.get(field, '?')})" if "input" in err else ""
             problems.append(f"{field}: {err['msg']}{given}")
         # Still run the cross-field checks, with the invalid fields at their defaults, to report everything at once.
         bad = {str(err["loc"][0]) for err in e.errors() if err["loc"]}
