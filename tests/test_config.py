@@ -293,3 +293,41 @@ def test_an_echoed_value_is_truncated(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "image_size" in err and "seed" in err and "from file" in err
     assert len(err) < 2048, err[:500]
+
+
+# ---- issue 17 case 11: a number that is not finite is not a setting ------------------------------------------------
+
+FLOAT_FIELDS = [name for name, info in TrainingConfig.model_fields.items() if "float" in str(info.annotation)]
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
+def test_non_finite_numbers_are_rejected_in_every_float_field(value, tmp_path):
+    assert {"learning_rate", "max_train_seconds", "preemption_grace_seconds", "peak_tflops"} <= set(FLOAT_FIELDS)
+    for name in FLOAT_FIELDS:
+        with pytest.raises(ConfigError) as caught:
+            load([f"--{name}={value}"])
+        assert any(p.startswith(f"{name}: ") and "finite" in p and "from cli" in p for p in caught.value.problems), \
+            caught.value.problems
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_train_seconds: .inf\n")  # YAML's own spelling of infinity
+    with pytest.raises(ConfigError, match=r"max_train_seconds: .*finite.*from file"):
+        load(["--config", str(cfg)], {"DDPM_LEARNING_RATE": "inf"})
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["push", "--retry-delay", "inf"], "--retry-delay"),
+    (["push", "--deadline-seconds", "nan"], "--deadline-seconds"),
+    (["push", "--request-timeout", "inf"], "--request-timeout"),
+    (["wait-for-training", "--workload", "Job/x", "--poll-seconds", "nan"], "--poll-seconds"),
+    (["wait-for-training", "--workload", "Job/x", "--timeout-seconds", "nan"], "--timeout-seconds"),
+    (["sample", "--model", "/nonexistent", "--out", "/nonexistent/out", "--eta", "nan"], "--eta"),
+])
+def test_non_finite_flag_values_are_exit_2_naming_the_flag(argv, flag, capsys, tmp_path, monkeypatch):
+    from trainer import hub, wait
+    from trainer.cli import main
+
+    monkeypatch.setattr(hub, "push", lambda *a, **k: pytest.fail("must not start pushing"))
+    monkeypatch.setattr(wait, "wait_for_training", lambda *a, **k: pytest.fail("must not start waiting"))
+    assert main([*argv, "--output_dir", str(tmp_path / "run")] if argv[0] != "sample" else argv) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} must be a finite number" in err, err

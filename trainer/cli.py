@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -142,6 +143,8 @@ def cmd_push(config: TrainingConfig, args) -> int:
     from trainer.hub import PushOptions, push
 
     problems = [f"--max-attempts must be at least 1, got {args.max_attempts}"] if args.max_attempts < 1 else []
+    problems += not_finite(("--retry-delay", args.retry_delay), ("--deadline-seconds", args.deadline_seconds),
+                           ("--request-timeout", args.request_timeout))
     problems += [f"--retry-delay must be >= 0, got {args.retry_delay}"] if args.retry_delay < 0 else []
     problems += [f"--deadline-seconds must be > 0, got {args.deadline_seconds}"] if args.deadline_seconds <= 0 else []
     problems += [f"--request-timeout must be > 0, got {args.request_timeout}"] if args.request_timeout <= 0 else []
@@ -154,6 +157,12 @@ def cmd_push(config: TrainingConfig, args) -> int:
     return EXIT_OK
 
 
+def not_finite(*flags: tuple[str, float]) -> list[str]:
+    """A problem for each (flag, value) that is inf or nan: argparse's float() accepts them, and nan passes every
+    comparison a range check makes."""
+    return [f"{flag} must be a finite number, got {value}" for flag, value in flags if not math.isfinite(value)]
+
+
 def cmd_sample(args) -> int:
     problems = [] if (args.model / "model_index.json").is_file() else [
         f"--model {args.model} is not a DDPMPipeline folder (no model_index.json)"]
@@ -161,7 +170,8 @@ def cmd_sample(args) -> int:
                         ("--batch-size", args.batch_size)):
         if value < 1:
             problems.append(f"{flag} must be at least 1, got {value}")
-    if not 0 <= args.eta <= 1:
+    problems += not_finite(("--eta", args.eta))
+    if math.isfinite(args.eta) and not 0 <= args.eta <= 1:
         problems.append(f"--eta must be between 0 and 1, got {args.eta}")
     if args.out.exists() and not args.out.is_dir():
         problems.append(f"--out {args.out} is a file; give a folder (it is created if missing)")
@@ -212,6 +222,7 @@ def cmd_wait(config: TrainingConfig, args) -> int:
     workload = args.workload or os.environ.get("TRAINING_WORKLOAD", "")
     problems = [] if "/" in workload else [f"--workload {workload!r} must be KIND/NAME, e.g. Job/ddpm-train (or set "
                                            "$TRAINING_WORKLOAD)"]
+    problems += not_finite(("--poll-seconds", args.poll_seconds), ("--timeout-seconds", args.timeout_seconds))
     problems += [f"--poll-seconds must be > 0, got {args.poll_seconds}"] if args.poll_seconds <= 0 else []
     problems += [f"--timeout-seconds must be > 0, got {args.timeout_seconds}"] if args.timeout_seconds <= 0 else []
     if problems:

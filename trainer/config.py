@@ -70,7 +70,8 @@ def setting(default, description: str, **constraints):
 
 
 class TrainingConfig(BaseSettings):
-    model_config = SettingsConfigDict(extra="forbid", validate_default=True, frozen=True)
+    # allow_inf_nan=False: `inf`/`nan` (and 1e999) are not settings: they passed `gt=0` and printed as null.
+    model_config = SettingsConfigDict(extra="forbid", validate_default=True, frozen=True, allow_inf_nan=False)
 
     # --- the tutorial's fields -------------------------------------------------------------------
     image_size: int = identity(128, "side of the square training images, in pixels", gt=0)
