@@ -331,3 +331,49 @@ def test_non_finite_flag_values_are_exit_2_naming_the_flag(argv, flag, capsys, t
     assert main([*argv, "--output_dir", str(tmp_path / "run")] if argv[0] != "sample" else argv) == 2
     err = capsys.readouterr().err
     assert f"{flag} must be a finite number" in err, err
+
+
+# ---- issue 17 case 12: sampler settings are checked with the config, not at the first grid -------------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["--num_inference_steps", "1001"], "num_inference_steps 1001 exceeds ddpm_num_steps 1000"),
+    (["--ddpm_num_steps", "10"], "num_inference_steps 50 exceeds ddpm_num_steps 10"),
+    (["--ddpm_num_steps", "10", "--eval_scheduler", "ddpm"], "num_inference_steps 50 exceeds ddpm_num_steps 10"),
+])
+def test_more_sampler_steps_than_diffusion_timesteps_is_a_config_error(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load(argv)
+    load([*argv, "--num_inference_steps", argv[1] if argv[0] == "--ddpm_num_steps" else "1000"])  # the bound is fine
+
+
+def test_train_with_more_sampler_steps_than_timesteps_is_exit_2_and_writes_nothing(tmp_path, capsys):
+    from conftest import TINY
+    from trainer.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--output_dir", str(out), "--ddpm_num_steps", "10", "--num_inference_steps", "11",
+                 "--max_train_steps", "2", "--eval_quality_images", "0"]) == 2
+    assert "num_inference_steps 11 exceeds ddpm_num_steps 10" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def tiny_pipeline(folder, num_train_timesteps=1000):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from trainer.model import SMALL_UNET
+
+    unet = UNet2DModel(**SMALL_UNET, sample_size=16)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=num_train_timesteps)).save_pretrained(folder)
+    return folder
+
+
+def test_sample_with_more_steps_than_the_models_timesteps_is_exit_2_before_sampling(tmp_path, capsys):
+    from trainer.cli import main
+
+    model, out = tiny_pipeline(tmp_path / "model", num_train_timesteps=20), tmp_path / "out"
+    for scheduler in ("ddim", "ddpm"):
+        assert main(["sample", "--model", str(model), "--num_inference_steps", "21", "--scheduler", scheduler,
+                     "--num-images", "1", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "--num_inference_steps 21 exceeds the model's 20 diffusion timesteps" in err, err
+        assert not out.exists()

@@ -14,6 +14,7 @@ from trainer.config import (
     build_cli_parser,
     config_yaml,
     load_config,
+    sampler_steps_problems,
 )
 from trainer.errors import EXIT_OK, ConfigError, DdpmError, Stopped
 
@@ -179,11 +180,17 @@ def cmd_sample(args) -> int:
         raise ConfigError(problems)
 
     import torch
-    from diffusers import DDPMPipeline
 
     from trainer.sampling import eval_scheduler, sample_images, save_images, to_grid
 
-    pipeline = DDPMPipeline.from_pretrained(args.model)
+    pipeline = load_pipeline(args.model)
+    timesteps = getattr(pipeline.scheduler.config, "num_train_timesteps", None)
+    if not isinstance(timesteps, int) or timesteps < 1:
+        raise ConfigError([f"--model {args.model}: its scheduler config has no num_train_timesteps ({timesteps!r})"])
+    problems = sampler_steps_problems("--num_inference_steps", args.num_inference_steps, timesteps,
+                                      f"the model's {timesteps} diffusion timesteps")
+    if problems:
+        raise ConfigError(problems)
     pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
     scheduler = eval_scheduler(args.scheduler, pipeline.scheduler.config)
     images = sample_images(pipeline.unet, scheduler, range(args.num_images), seed=args.seed,
@@ -192,6 +199,19 @@ def cmd_sample(args) -> int:
     to_grid(images).save(args.out / "grid.png")
     print(f"wrote {len(paths)} images and {args.out / 'grid.png'}")
     return EXIT_OK
+
+
+def load_pipeline(model: Path):
+    """DDPMPipeline.from_pretrained(model), or a ConfigError saying why not: the folder is the user's input (a broken
+    model_index.json, a missing or unreadable component), and loading it again cannot help."""
+    from diffusers import DDPMPipeline
+
+    try:
+        return DDPMPipeline.from_pretrained(model)
+    except Exception as e:  # diffusers raises OSError, ValueError, TypeError, AttributeError... for a broken folder
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError([f"--model {model} cannot be loaded as a DDPMPipeline ({type(e).__name__}: {reason}); "
+                           "give a folder written by save_pretrained, e.g. a finished run's output_dir"]) from e
 
 
 def cmd_eval(args, unknown, cli_source) -> int:

@@ -489,8 +489,8 @@ def cross_field_problems(config: TrainingConfig) -> list[str]:
     problems += time_to_quality_problems(config)
     if config.eval_quality_images == 1:
         problems.append("eval_quality_images must be 0 (off) or at least 2 (a distance between sets of images)")
-    if config.eval_scheduler == "ddpm" and config.num_inference_steps > config.ddpm_num_steps:
-        problems.append(f"num_inference_steps {config.num_inference_steps} exceeds ddpm_num_steps {config.ddpm_num_steps}")
+    problems += sampler_steps_problems("num_inference_steps", config.num_inference_steps, config.ddpm_num_steps,
+                                       f"ddpm_num_steps {config.ddpm_num_steps}")
     if config.resume_from_checkpoint not in ("auto", "latest", "none") and not Path(config.resume_from_checkpoint).is_dir():
         problems.append(
             f"resume_from_checkpoint '{config.resume_from_checkpoint}' is not a checkpoint folder; use auto, latest, none or a path"
@@ -499,6 +499,15 @@ def cross_field_problems(config: TrainingConfig) -> list[str]:
     if out.exists() and not out.is_dir():
         problems.append(f"output_dir {out} is a file, not a folder; choose a folder path (it is created if missing)")
     return problems
+
+
+def sampler_steps_problems(steps_name: str, steps: int, timesteps: int, timesteps_are: str) -> list[str]:
+    """Both samplers' set_timesteps (diffusers' DDIMScheduler and DDPMScheduler, every timestep_spacing) raise
+    when asked for more steps than the schedule has timesteps; anything in [1, timesteps] runs."""
+    if steps > timesteps:
+        return [f"{steps_name} {steps} exceeds {timesteps_are}: a sampler takes at most one step per diffusion "
+                f"timestep; use at most {timesteps}"]
+    return []
 
 
 def time_to_quality_problems(config: TrainingConfig) -> list[str]:
