@@ -377,3 +377,88 @@ def test_sample_with_more_steps_than_the_models_timesteps_is_exit_2_before_sampl
         err = capsys.readouterr().err
         assert "--num_inference_steps 21 exceeds the model's 20 diffusion timesteps" in err, err
         assert not out.exists()
+
+
+# ---- issue 17 case 16: user input that ended in a traceback with exit 1 -------------------------------------------
+
+def no_traceback_exit_2(argv, capsys) -> str:
+    from trainer.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: " in err, err
+    return err
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{bad", "is not JSON"),
+    ("[1, 2]", "is not a JSON object"),
+    ('{"down_block_types": "DownBlock2D", "up_block_types": "UpBlock2D"}', "down_block_types must be a list"),
+    ('{"down_block_types": ["Nope2D"], "up_block_types": ["UpBlock2D"]}', "diffusers cannot build a UNet2DModel"),
+    ('{"down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"], "block_out_channels": 5}',
+     "diffusers cannot build a UNet2DModel"),
+])
+def test_a_bad_unet_config_file_is_exit_2_naming_the_file(content, message, tmp_path, capsys):
+    from conftest import TINY
+
+    unet = tmp_path / "unet.json"
+    unet.write_text(content)
+    out = tmp_path / "run"
+    err = no_traceback_exit_2(["train", *TINY, "--output_dir", str(out), "--model_config_name_or_path", str(unet)],
+                              capsys)
+    assert f"model_config_name_or_path {unet}" in err and message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["../../etc", "./missing", "/nonexistent/images", "~/images", "a/b/c"])
+def test_a_path_as_dataset_name_is_exit_2_pointing_to_imagefolder(name, tmp_path, capsys):
+    out = tmp_path / "run"
+    err = no_traceback_exit_2(["train", "--model_preset", "small", "--image_size", "16", "--output_dir", str(out),
+                               "--dataset_name", name], capsys)
+    assert f"dataset_name '{name}' is not a Hub dataset id" in err
+    assert "dataset_name: imagefolder" in err and "train_data_dir" in err
+    assert not out.exists()
+
+
+def test_a_local_folder_shadowing_a_hub_id_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "butterflies").mkdir()  # datasets.load_dataset("butterflies") would read this folder, not the Hub
+    err = no_traceback_exit_2(["config", "--dataset_name", "butterflies"], capsys)
+    assert "dataset_name 'butterflies' is also a local folder" in err and "train_data_dir" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--hub_model_id", "bad id/with space"], "hub_model_id 'bad id/with space' is not a valid Hub repo id"),
+    (["--push_to_hub", "true", "--hub_model_id", "a/b/c"], "hub_model_id 'a/b/c' is not a valid Hub repo id"),
+    (["--push_to_hub", "true", "--output_dir", "runs/my run"],
+     "the Hub repo id 'my run' (output_dir's name, as hub_model_id is not set) is not a valid Hub repo id"),
+])
+def test_an_invalid_hub_repo_id_is_exit_2_before_training(argv, message, tmp_path, capsys, monkeypatch):
+    from conftest import TINY
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")  # the push would be allowed to start
+    err = no_traceback_exit_2(["train", *TINY, "--max_train_steps", "2", *argv], capsys)
+    assert message in err, err
+    assert "hf_not_a_real_token" not in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "ddpm-butterflies-128").exists()
+
+
+@pytest.mark.parametrize("index", ["{not json", '{"_class_name": "DDPMPipeline", "unet": ["diffusers", "Nope"]}',
+                                   '["DDPMPipeline"]'])
+def test_sample_from_a_broken_pipeline_folder_is_exit_2(index, tmp_path, capsys):
+    model = tiny_pipeline(tmp_path / "model")
+    (model / "model_index.json").write_text(index)
+    out = tmp_path / "out"
+    err = no_traceback_exit_2(["sample", "--model", str(model), "--num_inference_steps", "2", "--num-images", "1",
+                               "--out", str(out)], capsys)
+    assert f"--model {model} cannot be loaded as a DDPMPipeline" in err
+    assert not out.exists()
+
+
+def test_push_checks_the_repo_id_it_would_create(tmp_path, capsys, monkeypatch):
+    from trainer import hub
+
+    monkeypatch.setattr(hub, "push", lambda *a, **k: pytest.fail("must not start pushing"))
+    err = no_traceback_exit_2(["push", "--output_dir", str(tmp_path / "my run")], capsys)
+    assert "the Hub repo id 'my run' (output_dir's name, as hub_model_id is not set) is not a valid Hub repo id" in err

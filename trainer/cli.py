@@ -13,6 +13,7 @@ from trainer.config import (
     TrainingConfig,
     build_cli_parser,
     config_yaml,
+    hub_repo_id_problems,
     load_config,
     sampler_steps_problems,
 )
@@ -149,6 +150,7 @@ def cmd_push(config: TrainingConfig, args) -> int:
     problems += [f"--retry-delay must be >= 0, got {args.retry_delay}"] if args.retry_delay < 0 else []
     problems += [f"--deadline-seconds must be > 0, got {args.deadline_seconds}"] if args.deadline_seconds <= 0 else []
     problems += [f"--request-timeout must be > 0, got {args.request_timeout}"] if args.request_timeout <= 0 else []
+    problems += hub_repo_id_problems(config, pushing=True)
     if problems:
         raise ConfigError(problems)
     push(config, PushOptions(dry_run=args.dry_run, include_checkpoints=args.include_checkpoints,

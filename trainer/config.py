@@ -451,13 +451,56 @@ def load_config(
 
 def downsampling_factor(config: TrainingConfig) -> int:
     """How many times the UNet halves the image: image_size must be a multiple of this."""
-    from trainer.model import unet_config
+    from trainer.model import unet_build_problem, unet_config
 
+    where = f"model_config_name_or_path {config.model_config_name_or_path}"
     try:
         blocks = unet_config(config)["down_block_types"]
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError([f"model_config_name_or_path: cannot read a UNet2DModel config: {e}"]) from e
+        raise ConfigError([f"{where}: cannot read a UNet2DModel config: {e}"]) from e
+    if config.model_config_name_or_path and (problem := unet_build_problem(config)):
+        raise ConfigError([f"{where}: diffusers cannot build a UNet2DModel from it ({problem})"])
     return 2 ** (len(blocks) - 1)
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why `repo_id` is not a Hub repo id ('name' or 'owner/name'), in huggingface_hub's words; None if it is."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return str(e).split(". Use `repo_type`")[0]
+    return None
+
+
+IMAGEFOLDER_HINT = "for a folder of images use dataset_name: imagefolder with train_data_dir: <the folder>"
+
+
+def dataset_name_problems(name: str) -> list[str]:
+    """A Hub dataset id, deliberately not a path: datasets.load_dataset would read a local folder of that name
+    instead (or fail with a traceback for a path that does not exist)."""
+    if name == "imagefolder" or name.startswith("builtin:"):
+        return []
+    if repo_id_problem(name):
+        return [f"dataset_name '{name}' is not a Hub dataset id (name or owner/name: letters, digits, '-', '_', "
+                f"'.'); {IMAGEFOLDER_HINT}"]
+    if Path(name).exists():
+        return [f"dataset_name '{name}' is also a local folder here, which datasets would read instead of the Hub "
+                f"dataset; {IMAGEFOLDER_HINT}, or run from another folder to use the Hub dataset"]
+    return []
+
+
+def hub_repo_id_problems(config: TrainingConfig, pushing: bool) -> list[str]:
+    """hub_model_id when set, and the repo id a push would use (the tutorial's rule: output_dir's name)."""
+    if not (pushing or config.hub_model_id):
+        return []
+    problem = repo_id_problem(config.hub_repo_id)
+    if problem is None:
+        return []
+    what = (f"hub_model_id '{config.hub_model_id}'" if config.hub_model_id else
+            f"the Hub repo id '{config.hub_repo_id}' (output_dir's name, as hub_model_id is not set)")
+    return [f"{what} is not a valid Hub repo id ({problem}); set hub_model_id to name or owner/name"]
 
 
 def cross_field_problems(config: TrainingConfig) -> list[str]:
@@ -483,6 +526,8 @@ def cross_field_problems(config: TrainingConfig) -> list[str]:
         problems.append(f"train_data_dir is set but dataset_name is '{config.dataset_name}'; set dataset_name: imagefolder")
     if config.dataset_name.startswith("builtin:") and config.dataset_name != "builtin:butterflies":
         problems.append(f"unknown built-in dataset '{config.dataset_name}'; the built-in dataset is builtin:butterflies")
+    problems += dataset_name_problems(config.dataset_name)
+    problems += hub_repo_id_problems(config, pushing=config.push_to_hub)
     if config.global_batch_size is not None and config.global_batch_size % config.train_batch_size:
         problems.append(f"global_batch_size {config.global_batch_size} must be a multiple of train_batch_size "
                         f"{config.train_batch_size} (it is split into micro-batches of that size)")
