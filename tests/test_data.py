@@ -229,3 +229,36 @@ def test_hub_dataset_errors_say_whether_a_retry_can_help(monkeypatch):
             data.load_image_source(config)
         assert caught.value.exit_code == (1 if kind == "network" else 2), kind
 
+
+
+# ---- issue 17 case 9: high-bit-depth greyscale images keep their brightness ---------------------------------------
+
+def test_16_bit_greyscale_images_are_scaled_not_clipped(tmp_path):
+    """PIL's convert('RGB') clips I;16 / I values at 255, so 50 % grey in a 16-bit PNG (32768) became white."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    levels = {"black": (0, 0), "grey": (32768, 128), "quarter": (16384, 64), "white": (65535, 255)}
+    for name, (value, _) in levels.items():
+        image = Image.fromarray(np.full((12, 10), value, dtype=np.uint16))
+        assert image.mode == "I;16"
+        image.save(folder / f"{name}.png")  # a real 16-bit greyscale PNG
+    Image.fromarray(np.full((12, 10), 32768, dtype=np.int32)).save(folder / "grey32.tif")  # mode I
+    assert Image.open(folder / "grey.png").mode == "I;16" and Image.open(folder / "grey32.tif").mode == "I"
+    Image.fromarray(np.full((12, 10), 0.5, dtype=np.float32)).save(folder / "float.tif")  # mode F: no known range
+    config = TrainingConfig(dataset_name="imagefolder", train_data_dir=folder, image_size=8,
+                            output_dir=tmp_path / "run")
+    expected = {f"{name}.png": want for name, (_, want) in levels.items()} | {"grey32.tif": 128}
+
+    def by_file(source, dataset):
+        files = [source.describe(i).rsplit("/", 1)[-1] for i in (source.indices or range(source.length))]
+        return {name: dataset[i] for i, name in enumerate(files)}
+
+    source = data.load_image_source(config)  # no cache: decoded on every access
+    decoded = by_file(source, data.TrainDataset(source, data.build_transform(config)))
+    cached_source = data.load_image_source(config, scan=False)
+    cached, _ = data_cache.cached_dataset(config, cached_source)
+    for images, skipped in ((decoded, source.skipped), (by_file(cached_source, cached), cached_source.skipped)):
+        assert {name: int(image.float().mean().round()) for name, image in images.items()} == expected
+        assert all(image.shape == (3, 8, 8) and int(image.min()) == int(image.max()) for image in images.values())
+        [float_skip] = skipped
+        assert "float.tif" in float_skip and "32-bit float" in float_skip

@@ -21,11 +21,19 @@ import torch
 from numpy.lib.format import open_memmap
 
 from trainer.config import TrainingConfig
-from trainer.data import ImageSource, TrainDataset, available_cpus, build_transform, load_image_source, worker_init
+from trainer.data import (
+    ImageSource,
+    TrainDataset,
+    available_cpus,
+    build_transform,
+    load_image_source,
+    to_rgb,
+    worker_init,
+)
 from trainer.errors import DataError
 from trainer.outputs import disk_full
 
-CACHE_VERSION = 1  # bump when build_transform's output changes
+CACHE_VERSION = 2  # bump when build_transform's output changes (2: 16-bit greyscale scaled, not clipped)
 
 
 class CachedImages(torch.utils.data.Dataset):
@@ -60,7 +68,7 @@ class _Decode(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, self.transform(self.source.load(i).convert("RGB"))
+            return i, self.transform(to_rgb(self.source.load(i)))
         except Exception as e:  # PIL raises many types for corrupt data
             return i, f"{type(e).__name__}: {e}"
 
