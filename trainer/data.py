@@ -38,6 +38,7 @@ class ImageSource:
     indices: list[int] | None = None  # the readable entries (None: all, or not scanned yet)
     fingerprint: str = ""  # changes when the images change (datasets' fingerprint); keys the tensor cache
     describe: Callable[[int], str] = str  # entry i for error messages (its file path where known)
+    files: Callable[[], list[str]] | None = None  # the files the images are read from (the cache's content digest)
 
     def __len__(self) -> int:
         return self.length if self.indices is None else len(self.indices)
@@ -62,7 +63,14 @@ def _hf_source(name: str, dataset, scan: bool) -> ImageSource:
         item = raw[i][column]
         return item.get("path") or f"row {i}"
 
-    source = ImageSource(name, len(raw), load, fingerprint=dataset._fingerprint, describe=describe)
+    def files() -> list[str]:
+        """Image files on disk (imagefolder), and the dataset's Arrow files when images are embedded in them."""
+        images = raw.data.column(column).combine_chunks()
+        paths, embedded = images.field("path").to_pylist(), images.field("bytes").is_valid().to_pylist()
+        on_disk = sorted({p for p, inside in zip(paths, embedded) if p and not inside})
+        return on_disk + ([f["filename"] for f in dataset.cache_files] if any(embedded) else [])
+
+    source = ImageSource(name, len(raw), load, fingerprint=dataset._fingerprint, describe=describe, files=files)
     if scan:
         _drop_unreadable(source, describe)
     return source
