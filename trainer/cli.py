@@ -295,11 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.distributed import ErrorOnMainProcess
     from trainer.hub import redact
 
+    from trainer.signals import SIGNALS
+
     try:
         return run_command(sys.argv[1:] if argv is None else list(argv))
     except ErrorOnMainProcess as e:
+        SIGNALS.exiting(e.exit_code)
         return e.exit_code  # rank 0 prints it
     except DdpmError as e:
+        SIGNALS.exiting(e.exit_code)  # a signal while printing (torchrun stopping this rank) keeps this code
         print(redact(f"error: {e}"), file=sys.stderr, flush=True)
         return e.exit_code
     except Stopped as e:
