@@ -276,6 +276,17 @@ def test_a_yaml_alias_bomb_is_refused_fast_with_a_short_message(tmp_path):
     assert "expands to more than" in err and str(bomb) in err and "Traceback" not in err
 
 
+def test_a_yaml_alias_inside_its_own_anchor_is_refused(tmp_path):
+    cfg = tmp_path / "loop.yaml"
+    cfg.write_text("seed: &s [1, *s]\n")  # PyYAML builds a list that contains itself
+    with pytest.raises(ConfigError, match="expands to more than"):
+        load(["--config", str(cfg)])
+    cfg.write_text("a: &a [x, y]\nb: [*a, *a, {k: *a}]\nseed: 3\n")  # shared, not recursive: only unknown keys
+    with pytest.raises(ConfigError) as caught:
+        load(["--config", str(cfg)])
+    assert [p.split(" in ")[0] for p in caught.value.problems] == ["unknown key 'a'", "unknown key 'b'"]
+
+
 def test_an_oversized_config_file_is_refused_without_parsing_it(tmp_path):
     big = tmp_path / "big.yaml"
     big.write_text("".join(f"key_{i}: {'v' * 80}\n" for i in range(120_000)))  # ~10 MB

@@ -348,21 +348,29 @@ def _parse_yaml(text: str):
 
 
 def _expanded_size(root, limit: int) -> int:
-    """How many values `root` stands for with every alias expanded (counting stops past `limit`). Each node's size
-    is computed once (memoised): a node reached through an alias is counted again, but not walked again."""
+    """How many values `root` stands for with every alias expanded (counting stops past `limit`; a node that
+    contains itself, `a: &a [*a]`, counts as past it). Each node's size is computed once (memoised): a node reached
+    through an alias is counted again, but not walked again."""
+
+    def children(node) -> list:
+        if isinstance(node, yaml.MappingNode):
+            return [item for pair in node.value for item in pair]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
     sizes: dict[int, int] = {}
+    walking: set[int] = set()  # the nodes whose subtree is being walked: meeting one again is a cycle
     stack = [(root, False)]
     while stack:
         node, children_done = stack.pop()
-        if id(node) in sizes:
-            continue
-        children = ([item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode)
-                    else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
-        if children_done or not children:
-            sizes[id(node)] = min(limit + 1, 1 + sum(sizes.get(id(child), 0) for child in children))
-        else:
+        if children_done:
+            walking.discard(id(node))
+            sizes[id(node)] = min(limit + 1, 1 + sum(sizes[id(child)] for child in children(node)))
+        elif id(node) in walking:
+            return limit + 1
+        elif id(node) not in sizes:
+            walking.add(id(node))
             stack.append((node, True))
-            stack.extend((child, False) for child in children if id(child) not in sizes)
+            stack.extend((child, False) for child in children(node) if id(child) not in sizes)
     return sizes[id(root)]
 
 
