@@ -255,3 +255,93 @@ def test_hub_dataset_errors_say_whether_a_retry_can_help(monkeypatch):
             data.load_image_source(config)
         assert caught.value.exit_code == (1 if kind == "network" else 2), kind
 
+
+
+# ---- issue 17 case 9: high-bit-depth greyscale images keep their brightness ---------------------------------------
+
+def test_16_bit_greyscale_images_are_scaled_not_clipped(tmp_path):
+    """PIL's convert('RGB') clips I;16 / I values at 255, so 50 % grey in a 16-bit PNG (32768) became white."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    levels = {"black": (0, 0), "grey": (32768, 128), "quarter": (16384, 64), "white": (65535, 255)}
+    for name, (value, _) in levels.items():
+        image = Image.fromarray(np.full((12, 10), value, dtype=np.uint16))
+        assert image.mode == "I;16"
+        image.save(folder / f"{name}.png")  # a real 16-bit greyscale PNG
+    Image.fromarray(np.full((12, 10), 32768, dtype=np.int32)).save(folder / "grey32.tif")  # mode I
+    assert Image.open(folder / "grey.png").mode == "I;16" and Image.open(folder / "grey32.tif").mode == "I"
+    Image.fromarray(np.full((12, 10), 0.5, dtype=np.float32)).save(folder / "float.tif")  # mode F: no known range
+    config = TrainingConfig(dataset_name="imagefolder", train_data_dir=folder, image_size=8,
+                            output_dir=tmp_path / "run")
+    expected = {f"{name}.png": want for name, (_, want) in levels.items()} | {"grey32.tif": 128}
+
+    def by_file(source, dataset):
+        files = [source.describe(i).rsplit("/", 1)[-1] for i in (source.indices or range(source.length))]
+        return {name: dataset[i] for i, name in enumerate(files)}
+
+    source = data.load_image_source(config)  # no cache: decoded on every access
+    decoded = by_file(source, data.TrainDataset(source, data.build_transform(config)))
+    cached_source = data.load_image_source(config, scan=False)
+    cached, _ = data_cache.cached_dataset(config, cached_source)
+    for images, skipped in ((decoded, source.skipped), (by_file(cached_source, cached), cached_source.skipped)):
+        assert {name: int(image.float().mean().round()) for name, image in images.items()} == expected
+        assert all(image.shape == (3, 8, 8) and int(image.min()) == int(image.max()) for image in images.values())
+        [float_skip] = skipped
+        assert "float.tif" in float_skip and "32-bit float" in float_skip
+
+
+# ---- issue 17 case 8: the cache is checked against the images and against itself ----------------------------------
+
+def zero_body(path):
+    """Zero a .npy file's array in place, header kept: the shape still matches, every pixel is wrong."""
+    with open(path, "r+b") as f:
+        np.lib.format.read_magic(f)
+        np.lib.format.read_array_header_1_0(f)
+        f.write(b"\0" * (path.stat().st_size - f.tell()))
+
+
+def test_images_replaced_with_the_same_names_and_times_rebuild_the_cache(tmp_path):
+    import os
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, level in enumerate((40, 90, 140, 190)):
+        Image.fromarray(np.full((8, 8, 3), level, dtype=np.uint8)).save(folder / f"{i}.bmp")  # size: from shape
+    config = TrainingConfig(dataset_name="imagefolder", train_data_dir=folder, image_size=8,
+                            output_dir=tmp_path / "run")
+    source = data.load_image_source(config, scan=False)
+    _, note = data_cache.cached_dataset(config, source)
+    assert note == "built now"
+    stat = (folder / "2.bmp").stat()
+    Image.fromarray(np.full((8, 8, 3), 250, dtype=np.uint8)).save(folder / "2.bmp")  # same size, other pixels
+    os.utime(folder / "2.bmp", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # rsync -t, a restored backup
+    assert (folder / "2.bmp").stat().st_size == stat.st_size
+    again = data.load_image_source(config, scan=False)
+    assert again.fingerprint == source.fingerprint, "datasets' fingerprint cannot see this"
+    cached, note = data_cache.cached_dataset(config, again)
+    assert note.startswith("rebuilt: the images changed since the cache was built"), note
+    decoded = data.TrainDataset(again, data.build_transform(config))
+    assert all(torch.equal(cached[i], decoded[i]) for i in range(4))
+    assert sorted(int(cached[i][0, 0, 0]) for i in range(4)) == [40, 90, 190, 250]
+    assert data_cache.cached_dataset(config, data.load_image_source(config, scan=False))[1] == "reused"
+
+
+@pytest.mark.parametrize("verify_all", [True, False])
+def test_a_cache_body_zeroed_in_place_is_rebuilt(tmp_path, monkeypatch, verify_all):
+    """Also the built-in dataset's (generated deterministically, but its cache is a file like any other). With a
+    cache over FULL_VERIFY_BYTES only a strided sample of blocks is read back (first, last and evenly spaced)."""
+    if not verify_all:
+        monkeypatch.setattr(data_cache, "FULL_VERIFY_BYTES", 0)
+        monkeypatch.setattr(data_cache, "CHECKSUM_BLOCK_BYTES", 3 * 8 * 8 * 4)  # 4 images a block, 4 blocks
+        monkeypatch.setattr(data_cache, "SAMPLED_BLOCKS", 1)  # blocks 0, 2 and 3 of 4 are read
+    config = TrainingConfig(image_size=8, builtin_num_images=16, data_cache_dir=tmp_path / "cache")
+    built, note = data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    expected = [built[i] for i in range(16)]
+    del built
+    path = data_cache.cache_path(config, data.load_image_source(config, scan=False))
+    zero_body(path)
+    again, note = data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    assert note.startswith("rebuilt: the cache file was damaged (its content does not match its checksum"), note
+    assert ("(3 sampled)" in note) == (not verify_all), note
+    assert all(torch.equal(again[i], expected[i]) for i in range(16))
+    assert data_cache.cached_dataset(config, data.load_image_source(config, scan=False))[1] == "reused"

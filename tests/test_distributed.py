@@ -163,3 +163,56 @@ def test_accelerate_launch_runs_the_same_training_as_torchrun(runs, tmp_path):
     final = f"checkpoints/checkpoint-{STEPS}/model.safetensors"
     a, b = weights(out / final), weights(runs["two"][0] / final)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- issue 17 case 19: an error every rank agrees on exits 2 on every rank -----------------------------------------
+
+SLOW_RANK_0 = '''
+import os, sys, time
+if os.environ.get("RANK") == "0":  # rank 0 takes a moment to print its error, as a loaded node may
+    class SlowStderr:
+        def __init__(self, stream):
+            self.stream = stream
+        def write(self, text):
+            written = self.stream.write(text)
+            if text.startswith("error: "):
+                self.stream.flush()
+                time.sleep(3)  # rank 1 has exited by now: torchrun stops rank 0 (SIGTERM) while it is exiting
+            return written
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+    sys.stderr = SlowStderr(sys.stderr)
+'''
+
+
+def rank_exit_codes(torchrun_output: str) -> dict[int, int]:
+    """Each rank's exit code from torchrun's failure summary ('rank : 1 (local_rank: 1)' ... 'exitcode : 2')."""
+    import re
+
+    found = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", torchrun_output)
+    return {int(rank): int(code) for rank, code in found}
+
+
+def test_a_global_batch_two_ranks_cannot_split_exits_2_on_every_rank(tmp_path):
+    """Under plain torchrun the first rank to exit made torchrun SIGTERM the other one while it was still exiting
+    (exit -15 or 143), and a rank that left its gloo process group to the interpreter's shutdown could abort
+    ('terminate called without an active exception', SIGABRT): 12 of 20 runs before the fix. Both are provoked
+    here: rank 0 is made slow to print its error (a sitecustomize on the workers' path)."""
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(SLOW_RANK_0)
+    args = [*TINY, "--global_batch_size", "4", "--max_train_steps", "2"]
+    for attempt, hook in enumerate((True, False, False)):
+        env = clean_env(PYTHONPATH=f"{tmp_path / 'hook'}:{REPO}" if hook else str(REPO))
+        proc = run_train(2, [*args, "--output_dir", tmp_path / f"run-{attempt}"], env=env, check=False)
+        output = proc.stdout + proc.stderr
+        assert rank_exit_codes(output) == {0: 2, 1: 2}, output
+        assert output.count("cannot be split into micro-batches of train_batch_size 4 over 2 processes") == 1
+        assert "terminate called" not in output and "SIGABRT" not in output
+        assert not (tmp_path / f"run-{attempt}").exists()
+    # ddpm launch (the image's entrypoint) turns the workers' codes into the pod's
+    launched = subprocess.run([sys.executable, "-m", "trainer", "launch", *map(str, args), "--output_dir",
+                               tmp_path / "launched"], cwd=REPO, capture_output=True, text=True,
+                              env=clean_env(PET_NPROC_PER_NODE="2", PET_MASTER_PORT=str(free_port()),
+                                            PYTHONPATH=f"{tmp_path / 'hook'}:{REPO}"))
+    assert launched.returncode == 2, launched.stderr
+    assert rank_exit_codes(launched.stdout + launched.stderr) in ({}, {0: 2, 1: 2})

@@ -382,3 +382,41 @@ def test_a_run_whose_samples_are_nan_posts_warnings_and_never_completed(kube_ser
 def step_line(stdout: str) -> str:
     """The last status line without its timing: loss and learning rate, which must not depend on the API."""
     return [line for line in stdout.splitlines() if line.startswith("step 4/4")][0].split(" img/s")[0]
+
+
+def test_a_binary_token_file_turns_events_off_with_one_warning_and_no_traceback(kube_server, tmp_path, caplog,
+                                                                                monkeypatch):
+    import threading
+
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)  # what printed the traceback into the log
+    run = put_training_run(kube_server, "Job", nodes=1)
+    sa = kube_server.write_service_account(tmp_path / "sa")
+    (sa / "token").write_bytes(b"\xff\xfe\x00\x01binary")
+    events = RunEvents(pod_env(kube_server, sa, run))
+    short_run(events, Clock())
+    assert events.close(timeout_s=10)
+    assert crashed == [] and kube_server.requests == []
+    [warning] = warnings_from(caplog)
+    assert warning.startswith("Kubernetes events off: in-cluster config from ") and "token" in warning
+    assert not events.active
+
+
+def test_an_unexpected_error_in_the_events_thread_turns_events_off(kube_server, tmp_path, caplog, monkeypatch):
+    """Whatever the client raises (a token file refreshed into garbage mid-run, a bug), training goes on."""
+    import threading
+
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    run = put_training_run(kube_server, "Job", nodes=1)
+
+    def broken(*args, **kwargs):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    monkeypatch.setattr(ev.kube, "create_event", broken)
+    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run))
+    short_run(events, Clock())
+    assert events.close(timeout_s=10)
+    assert crashed == []
+    [warning] = warnings_from(caplog)
+    assert warning.startswith("Kubernetes events off: UnicodeDecodeError: ") and not events.active

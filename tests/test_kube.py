@@ -217,3 +217,19 @@ def test_role_rules_are_the_role_calls_as_rbac_rules():
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "watch"]},
     ]
+
+
+@pytest.mark.parametrize("token", [b"\xff\xfe\x00\x01SECRET", b"SECRET\nSECRET", b"SECRET\x00", b"SECRET SECRET",
+                                   b"SECRET\n"])
+def test_a_token_file_that_is_not_a_token_is_not_configured(kube_server, tmp_path, token):
+    """A binary or multi-line token file (a wrong Secret key, a key file mounted as the token) was a
+    UnicodeDecodeError or, inside the HTTP client, a ValueError: tracebacks where NotConfigured is the contract."""
+    sa = kube_server.write_service_account(tmp_path / "sa")
+    (sa / "token").write_bytes(token)
+    with pytest.raises(kube.NotConfigured, match="token") as caught:
+        kube.list_objects(kube.connect(kube_server.in_cluster_env(sa), in_cluster_only=True), kube.POD, "default")
+    assert "SECRET" not in str(caught.value)  # never the token itself
+    kubeconfig = kube_server.write_kubeconfig(tmp_path / "kubeconfig", token=token.decode("latin-1"))
+    with pytest.raises(kube.NotConfigured, match="token"):
+        kube.list_objects(kube.connect({"KUBECONFIG": str(kubeconfig)}, in_cluster_only=False), kube.POD, "default")
+    assert kube_server.requests == []

@@ -70,11 +70,23 @@ def test_c10d_rendezvous_argv_node_zero_hosts_the_store():
     ({"PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": "a:1", "PET_RDZV_CONF": "join_timeout=soon"},
      "join_timeout='soon' must be a number of seconds"),
     ({"PET_MAX_RESTARTS": "-3"}, "PET_MAX_RESTARTS='-3' must be at least 0"),
+    ({"PET_NPROC_PER_NODE": "²"}, "PET_NPROC_PER_NODE='²' must be a process count"),  # str.isdigit() says yes
+    ({"PET_NPROC_PER_NODE": "gpu"}, "PET_NPROC_PER_NODE='gpu' but this node has no CUDA GPU"),
+    ({"PET_MASTER_PORT": "٣٠٠٠"}, "PET_MASTER_PORT='٣٠٠٠' is not a whole number"),  # int() reads Arabic digits
 ])
 def test_nonsense_environment_is_exit_2_naming_the_variable(environ, named):
     with pytest.raises(LaunchError) as caught:
         argv(environ)
     assert named in str(caught.value) and caught.value.exit_code == EXIT_CONFIG
+
+
+@pytest.mark.parametrize("nproc", ["gpu", "²"])
+def test_nonsense_process_counts_are_exit_2_through_the_cli(nproc, monkeypatch, capsys):
+    monkeypatch.setenv("PET_NPROC_PER_NODE", nproc)
+    monkeypatch.setattr(launch, "_has_cuda", lambda: False)
+    assert cli.main(["launch", "--model_preset", "small", "--image_size", "16"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"PET_NPROC_PER_NODE={nproc!r}" in err and "Traceback" not in err
 
 
 def test_exit_codes_fold_into_one_for_the_pod():

@@ -162,3 +162,16 @@ def test_the_kubeconfig_context_and_its_namespace_are_honoured(kube_server, tmp_
     else:  # the current context's namespace does not
         assert code == STATUS_UNKNOWN and "in namespace 'default'" in first
     assert {r.namespace for r in kube_server.requests} == {namespace}
+
+
+def test_a_binary_token_file_is_exit_1_without_a_traceback(kube_server, tmp_path, monkeypatch, capsys):
+    from trainer.cli import main
+
+    sa = kube_server.write_service_account(tmp_path / "sa")
+    (sa / "token").write_bytes(b"\xff\xfe\x00\x01binary")
+    for key, value in kube_server.in_cluster_env(sa).items():
+        monkeypatch.setenv(key, value)
+    assert main(["status"]) == STATUS_UNKNOWN
+    out, err = capsys.readouterr()
+    assert out.startswith("error: no Kubernetes access: in-cluster config from ") and "token" in out
+    assert "Traceback" not in out + err

@@ -148,3 +148,23 @@ def test_a_malformed_workload_is_refused():
         wait({}, "ddpm-train", Marker(), [])
     with pytest.raises(ValueError, match="kind 'Deployment' is not one of Job, PyTorchJob, JobSet, TrainJob"):
         wait({}, "Deployment/ddpm-train", Marker(), [])
+
+
+def test_an_unusable_token_falls_back_to_polling_the_marker(kube_server, tmp_path, monkeypatch, capsys):
+    sa = kube_server.write_service_account(tmp_path / "sa")
+    (sa / "token").write_bytes(b"\xff\xfe\x00\x01binary")
+    lines, marker = [], Marker(misses=1)
+    assert wait(in_cluster(kube_server, tmp_path / "x") | {"K8S_SERVICE_ACCOUNT_DIR": str(sa)}, "Job/ddpm-train",
+                marker, lines) == WAIT_OK
+    assert lines[0].startswith("no Kubernetes API access (in-cluster config from ") and "polling" in lines[0]
+    assert lines[-1] == "completion marker matches: run 3f2a at step 6" and kube_server.requests == []
+
+    from trainer.cli import main  # the push Job's command: no marker yet, so it waits until its deadline
+
+    for key, value in kube_server.in_cluster_env(sa).items():
+        monkeypatch.setenv(key, value)
+    assert main(["wait-for-training", "--workload", "Job/ddpm-train", "--output_dir", str(tmp_path / "run"),
+                 "--poll-seconds", "0.05", "--timeout-seconds", "0.2"]) == WAIT_TIMEOUT
+    out, err = capsys.readouterr()
+    assert "polling the completion marker every 0.05s instead" in out and "timed out after 0.2s" in out
+    assert "Traceback" not in out + err

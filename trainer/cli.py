@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from trainer.config import (
     TrainingConfig,
     build_cli_parser,
     config_yaml,
+    hub_repo_id_problems,
     load_config,
+    sampler_steps_problems,
 )
 from trainer.errors import EXIT_OK, ConfigError, DdpmError, Stopped
 
@@ -128,6 +131,12 @@ def cmd_launch(train_args: list[str]) -> int:
     # Validate once here (same sources as the workers will see) so a bad config fails fast with exit 2.
     parser, cli_sources = build_parser()
     args, unknown = parser.parse_known_args(["train", *train_args])
+    config_file = config_file_of(args)
+    if config_file is not None and config_file.exists() and not (config_file.is_file() or config_file.is_dir()):
+        # Each torchrun worker reads the config again, and a pipe (<(...), /dev/stdin) can be read only once.
+        raise ConfigError([f"config file {config_file} is not a regular file (a pipe such as <(...) or /dev/stdin?): "
+                           "`ddpm launch` starts workers that each read it again, and a pipe gives its content only "
+                           "once; write it to a file first, e.g. envsubst < t.yaml > run.yaml"])
     config, _ = load_config(args, unknown, cli_sources["train"])
     return launch(train_args, config.preemption_grace_seconds)
 
@@ -136,9 +145,12 @@ def cmd_push(config: TrainingConfig, args) -> int:
     from trainer.hub import PushOptions, push
 
     problems = [f"--max-attempts must be at least 1, got {args.max_attempts}"] if args.max_attempts < 1 else []
+    problems += not_finite(("--retry-delay", args.retry_delay), ("--deadline-seconds", args.deadline_seconds),
+                           ("--request-timeout", args.request_timeout))
     problems += [f"--retry-delay must be >= 0, got {args.retry_delay}"] if args.retry_delay < 0 else []
     problems += [f"--deadline-seconds must be > 0, got {args.deadline_seconds}"] if args.deadline_seconds <= 0 else []
     problems += [f"--request-timeout must be > 0, got {args.request_timeout}"] if args.request_timeout <= 0 else []
+    problems += hub_repo_id_problems(config, pushing=True)
     if problems:
         raise ConfigError(problems)
     push(config, PushOptions(dry_run=args.dry_run, include_checkpoints=args.include_checkpoints,
@@ -148,6 +160,12 @@ def cmd_push(config: TrainingConfig, args) -> int:
     return EXIT_OK
 
 
+def not_finite(*flags: tuple[str, float]) -> list[str]:
+    """A problem for each (flag, value) that is inf or nan: argparse's float() accepts them, and nan passes every
+    comparison a range check makes."""
+    return [f"{flag} must be a finite number, got {value}" for flag, value in flags if not math.isfinite(value)]
+
+
 def cmd_sample(args) -> int:
     problems = [] if (args.model / "model_index.json").is_file() else [
         f"--model {args.model} is not a DDPMPipeline folder (no model_index.json)"]
@@ -155,7 +173,8 @@ def cmd_sample(args) -> int:
                         ("--batch-size", args.batch_size)):
         if value < 1:
             problems.append(f"{flag} must be at least 1, got {value}")
-    if not 0 <= args.eta <= 1:
+    problems += not_finite(("--eta", args.eta))
+    if math.isfinite(args.eta) and not 0 <= args.eta <= 1:
         problems.append(f"--eta must be between 0 and 1, got {args.eta}")
     if args.out.exists() and not args.out.is_dir():
         problems.append(f"--out {args.out} is a file; give a folder (it is created if missing)")
@@ -163,11 +182,17 @@ def cmd_sample(args) -> int:
         raise ConfigError(problems)
 
     import torch
-    from diffusers import DDPMPipeline
 
     from trainer.sampling import eval_scheduler, sample_images, save_images, to_grid
 
-    pipeline = DDPMPipeline.from_pretrained(args.model)
+    pipeline = load_pipeline(args.model)
+    timesteps = getattr(pipeline.scheduler.config, "num_train_timesteps", None)
+    if not isinstance(timesteps, int) or timesteps < 1:
+        raise ConfigError([f"--model {args.model}: its scheduler config has no num_train_timesteps ({timesteps!r})"])
+    problems = sampler_steps_problems("--num_inference_steps", args.num_inference_steps, timesteps,
+                                      f"the model's {timesteps} diffusion timesteps")
+    if problems:
+        raise ConfigError(problems)
     pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
     scheduler = eval_scheduler(args.scheduler, pipeline.scheduler.config)
     images = sample_images(pipeline.unet, scheduler, range(args.num_images), seed=args.seed,
@@ -176,6 +201,19 @@ def cmd_sample(args) -> int:
     to_grid(images).save(args.out / "grid.png")
     print(f"wrote {len(paths)} images and {args.out / 'grid.png'}")
     return EXIT_OK
+
+
+def load_pipeline(model: Path):
+    """DDPMPipeline.from_pretrained(model), or a ConfigError saying why not: the folder is the user's input (a broken
+    model_index.json, a missing or unreadable component), and loading it again cannot help."""
+    from diffusers import DDPMPipeline
+
+    try:
+        return DDPMPipeline.from_pretrained(model)
+    except Exception as e:  # diffusers raises OSError, ValueError, TypeError, AttributeError... for a broken folder
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError([f"--model {model} cannot be loaded as a DDPMPipeline ({type(e).__name__}: {reason}); "
+                           "give a folder written by save_pretrained, e.g. a finished run's output_dir"]) from e
 
 
 def cmd_eval(args, unknown, cli_source) -> int:
@@ -206,6 +244,7 @@ def cmd_wait(config: TrainingConfig, args) -> int:
     workload = args.workload or os.environ.get("TRAINING_WORKLOAD", "")
     problems = [] if "/" in workload else [f"--workload {workload!r} must be KIND/NAME, e.g. Job/ddpm-train (or set "
                                            "$TRAINING_WORKLOAD)"]
+    problems += not_finite(("--poll-seconds", args.poll_seconds), ("--timeout-seconds", args.timeout_seconds))
     problems += [f"--poll-seconds must be > 0, got {args.poll_seconds}"] if args.poll_seconds <= 0 else []
     problems += [f"--timeout-seconds must be > 0, got {args.timeout_seconds}"] if args.timeout_seconds <= 0 else []
     if problems:
@@ -256,11 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.distributed import ErrorOnMainProcess
     from trainer.hub import redact
 
+    from trainer.signals import SIGNALS
+
     try:
         return run_command(sys.argv[1:] if argv is None else list(argv))
     except ErrorOnMainProcess as e:
+        SIGNALS.exiting(e.exit_code)
         return e.exit_code  # rank 0 prints it
     except DdpmError as e:
+        SIGNALS.exiting(e.exit_code)  # a signal while printing (torchrun stopping this rank) keeps this code
         print(redact(f"error: {e}"), file=sys.stderr, flush=True)
         return e.exit_code
     except Stopped as e:

@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,8 +22,8 @@ from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
     EnvSettingsSource,
+    InitSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
 )
 
 from trainer.errors import ConfigError
@@ -30,6 +31,12 @@ from trainer.errors import ConfigError
 ENV_PREFIX = "DDPM_"
 CONFIG_FILE_ENV = "DDPM_CONFIG_FILE"
 RESOLVED_CONFIG_NAME = "training_config.yaml"  # written into output_dir at start
+
+# Bounds on a config file (issue 17): a config is a few dozen `field: value` lines, so anything near these limits is
+# the wrong file or an attack (a YAML alias bomb of 300 bytes expands to hundreds of millions of values).
+MAX_CONFIG_BYTES = 1 << 20  # read at most this much (parsing 1 MiB takes under a second)
+MAX_CONFIG_VALUES = 10_000  # YAML values once aliases are expanded
+MAX_ECHO_CHARS = 200  # of a rejected value shown back in an error message
 
 RUN_ROLES = ("identity", "length", "setting")
 
@@ -63,7 +70,8 @@ def setting(default, description: str, **constraints):
 
 
 class TrainingConfig(BaseSettings):
-    model_config = SettingsConfigDict(extra="forbid", validate_default=True, frozen=True)
+    # allow_inf_nan=False: `inf`/`nan` (and 1e999) are not settings: they passed `gt=0` and printed as null.
+    model_config = SettingsConfigDict(extra="forbid", validate_default=True, frozen=True, allow_inf_nan=False)
 
     # --- the tutorial's fields -------------------------------------------------------------------
     image_size: int = identity(128, "side of the square training images, in pixels", gt=0)
@@ -266,23 +274,115 @@ def build_cli_parser(parser: argparse.ArgumentParser) -> CliSettingsSource:
 
 
 def _read_config_file(path: Path, origin: str) -> tuple[dict | None, list[str]]:
-    """The YAML mapping in `path`, or None and the reason, worded for the user."""
+    """The YAML mapping in `path`, or None and the reason, worded for the user. The file is opened and read once
+    (a pipe, `<(envsubst < t.yaml)` or /dev/stdin, cannot be read twice) and at most MAX_CONFIG_BYTES of it."""
     where = f"config file {path} (from {origin})"
     if path.is_dir():
         return None, [f"{where} is a directory; give the YAML file inside it"]
     if not path.exists():
         return None, [f"{where} does not exist"]
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         return None, [f"{where} cannot be read: {e.strerror or e}"]
+    if len(data) > MAX_CONFIG_BYTES:
+        return None, [f"{where} is larger than 1 MiB; a config is a few dozen `field: value` lines: is it the right "
+                      "file?"]
+    try:
+        raw = _parse_yaml(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         return None, [f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 YAML"]
     except yaml.YAMLError as e:
         return None, [f"{where} is not valid YAML: {e}"]
+    except ConfigFileTooLarge as e:
+        return None, [f"{where} {e}"]
+    raw = raw or {}
     if not isinstance(raw, dict):
         return None, [f"{where} must be a mapping of field: value, got {type(raw).__name__}"]
     return raw, []
+
+
+class ConfigFileTooLarge(Exception):
+    """A YAML document that would expand (through aliases) or nest beyond what a config can be."""
+
+
+MAX_CONFIG_DEPTH = 32  # nested collections; a config has one level (libyaml's composer recurses in C: no limit)
+
+
+def _parse_yaml(text: str):
+    """yaml.safe_load, refusing a document nested deeper than MAX_CONFIG_DEPTH or of more than MAX_CONFIG_VALUES
+    values once its aliases are expanded. A first pass over the parser's events (no recursion, ~0.3 s for 1 MiB)
+    bounds the depth and the number of nodes; then the node graph is composed (aliases stay shared references
+    there) and its expanded size counted before anything is constructed."""
+    loader_class = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~4x faster on a large file
+    loader = loader_class(text)
+    try:
+        depth = events = 0
+        while loader.check_event():
+            event = loader.get_event()
+            events += 1
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_CONFIG_DEPTH:
+                    raise ConfigFileTooLarge(f"nests collections more than {MAX_CONFIG_DEPTH} deep; a config is a flat "
+                                             "mapping of field: value")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            if events > 2 * MAX_CONFIG_VALUES + 10:
+                raise ConfigFileTooLarge(f"holds more than {MAX_CONFIG_VALUES:,} values; a config is a flat mapping "
+                                         "of field: value")
+    finally:
+        loader.dispose()
+    loader = loader_class(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+            raise ConfigFileTooLarge(f"expands to more than {MAX_CONFIG_VALUES:,} values (YAML anchors and aliases "
+                                     "repeat whole subtrees); a config is a flat mapping of field: value")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root, limit: int) -> int:
+    """How many values `root` stands for with every alias expanded (counting stops past `limit`; a node that
+    contains itself, `a: &a [*a]`, counts as past it). Each node's size is computed once (memoised): a node reached
+    through an alias is counted again, but not walked again."""
+
+    def children(node) -> list:
+        if isinstance(node, yaml.MappingNode):
+            return [item for pair in node.value for item in pair]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+    sizes: dict[int, int] = {}
+    walking: set[int] = set()  # the nodes whose subtree is being walked: meeting one again is a cycle
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            walking.discard(id(node))
+            sizes[id(node)] = min(limit + 1, 1 + sum(sizes[id(child)] for child in children(node)))
+        elif id(node) in walking:
+            return limit + 1
+        elif id(node) not in sizes:
+            walking.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in children(node) if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+_ECHO = reprlib.Repr()  # bounded at every level, so a huge or deeply shared value costs microseconds
+_ECHO.maxlevel, _ECHO.maxlist, _ECHO.maxdict = 2, 4, 4
+_ECHO.maxstring = _ECHO.maxother = _ECHO.maxlong = MAX_ECHO_CHARS
+
+
+def _shown(value: Any) -> str:
+    """repr(value), bounded: a rejected value is echoed so the user can find it, never megabytes of it."""
+    text = _ECHO.repr(value)
+    return text if len(text) <= MAX_ECHO_CHARS else text[:MAX_ECHO_CHARS - 3] + "..."
 
 
 def load_config(
@@ -305,7 +405,7 @@ def load_config(
             for key in raw:
                 if key not in FIELDS:
                     problems.append(f"unknown key '{key}' in {config_file}{_suggest(str(key))}")
-            known = YamlConfigSettingsSource(TrainingConfig, yaml_file=config_file, yaml_file_encoding="utf-8")()
+            known = InitSettingsSource(TrainingConfig, raw)()  # the mapping read above: the file is not read again
             layers.append(("file", {k: v for k, v in known.items() if k in FIELDS}))
 
     for var in sorted(environ):
@@ -342,7 +442,7 @@ def load_config(
     except ValidationError as e:
         for err in e.errors():
             field = ".".join(str(p) for p in err["loc"])
-            given = f" (got {err['input']!r} from {sources.get(field, '?')})" if "input" in err else ""
+            given = f" (got {_shown(err['input'])} from {sources.get(field, '?')})" if "input" in err else ""
             problems.append(f"{field}: {err['msg']}{given}")
         # Still run the cross-field checks, with the invalid fields at their defaults, to report everything at once.
         bad = {str(err["loc"][0]) for err in e.errors() if err["loc"]}
@@ -359,13 +459,56 @@ def load_config(
 
 def downsampling_factor(config: TrainingConfig) -> int:
     """How many times the UNet halves the image: image_size must be a multiple of this."""
-    from trainer.model import unet_config
+    from trainer.model import unet_build_problem, unet_config
 
+    where = f"model_config_name_or_path {config.model_config_name_or_path}"
     try:
         blocks = unet_config(config)["down_block_types"]
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError([f"model_config_name_or_path: cannot read a UNet2DModel config: {e}"]) from e
+        raise ConfigError([f"{where}: cannot read a UNet2DModel config: {e}"]) from e
+    if config.model_config_name_or_path and (problem := unet_build_problem(config)):
+        raise ConfigError([f"{where}: diffusers cannot build a UNet2DModel from it ({problem})"])
     return 2 ** (len(blocks) - 1)
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why `repo_id` is not a Hub repo id ('name' or 'owner/name'), in huggingface_hub's words; None if it is."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return str(e).split(". Use `repo_type`")[0]
+    return None
+
+
+IMAGEFOLDER_HINT = "for a folder of images use dataset_name: imagefolder with train_data_dir: <the folder>"
+
+
+def dataset_name_problems(name: str) -> list[str]:
+    """A Hub dataset id, deliberately not a path: datasets.load_dataset would read a local folder of that name
+    instead (or fail with a traceback for a path that does not exist)."""
+    if name == "imagefolder" or name.startswith("builtin:"):
+        return []
+    if repo_id_problem(name):
+        return [f"dataset_name '{name}' is not a Hub dataset id (name or owner/name: letters, digits, '-', '_', "
+                f"'.'); {IMAGEFOLDER_HINT}"]
+    if Path(name).exists():
+        return [f"dataset_name '{name}' is also a local folder here, which datasets would read instead of the Hub "
+                f"dataset; {IMAGEFOLDER_HINT}, or run from another folder to use the Hub dataset"]
+    return []
+
+
+def hub_repo_id_problems(config: TrainingConfig, pushing: bool) -> list[str]:
+    """hub_model_id when set, and the repo id a push would use (the tutorial's rule: output_dir's name)."""
+    if not (pushing or config.hub_model_id):
+        return []
+    problem = repo_id_problem(config.hub_repo_id)
+    if problem is None:
+        return []
+    what = (f"hub_model_id '{config.hub_model_id}'" if config.hub_model_id else
+            f"the Hub repo id '{config.hub_repo_id}' (output_dir's name, as hub_model_id is not set)")
+    return [f"{what} is not a valid Hub repo id ({problem}); set hub_model_id to name or owner/name"]
 
 
 def cross_field_problems(config: TrainingConfig) -> list[str]:
@@ -391,14 +534,16 @@ def cross_field_problems(config: TrainingConfig) -> list[str]:
         problems.append(f"train_data_dir is set but dataset_name is '{config.dataset_name}'; set dataset_name: imagefolder")
     if config.dataset_name.startswith("builtin:") and config.dataset_name != "builtin:butterflies":
         problems.append(f"unknown built-in dataset '{config.dataset_name}'; the built-in dataset is builtin:butterflies")
+    problems += dataset_name_problems(config.dataset_name)
+    problems += hub_repo_id_problems(config, pushing=config.push_to_hub)
     if config.global_batch_size is not None and config.global_batch_size % config.train_batch_size:
         problems.append(f"global_batch_size {config.global_batch_size} must be a multiple of train_batch_size "
                         f"{config.train_batch_size} (it is split into micro-batches of that size)")
     problems += time_to_quality_problems(config)
     if config.eval_quality_images == 1:
         problems.append("eval_quality_images must be 0 (off) or at least 2 (a distance between sets of images)")
-    if config.eval_scheduler == "ddpm" and config.num_inference_steps > config.ddpm_num_steps:
-        problems.append(f"num_inference_steps {config.num_inference_steps} exceeds ddpm_num_steps {config.ddpm_num_steps}")
+    problems += sampler_steps_problems("num_inference_steps", config.num_inference_steps, config.ddpm_num_steps,
+                                       f"ddpm_num_steps {config.ddpm_num_steps}")
     if config.resume_from_checkpoint not in ("auto", "latest", "none") and not Path(config.resume_from_checkpoint).is_dir():
         problems.append(
             f"resume_from_checkpoint '{config.resume_from_checkpoint}' is not a checkpoint folder; use auto, latest, none or a path"
@@ -407,6 +552,15 @@ def cross_field_problems(config: TrainingConfig) -> list[str]:
     if out.exists() and not out.is_dir():
         problems.append(f"output_dir {out} is a file, not a folder; choose a folder path (it is created if missing)")
     return problems
+
+
+def sampler_steps_problems(steps_name: str, steps: int, timesteps: int, timesteps_are: str) -> list[str]:
+    """Both samplers' set_timesteps (diffusers' DDIMScheduler and DDPMScheduler, every timestep_spacing) raise
+    when asked for more steps than the schedule has timesteps; anything in [1, timesteps] runs."""
+    if steps > timesteps:
+        return [f"{steps_name} {steps} exceeds {timesteps_are}: a sampler takes at most one step per diffusion "
+                f"timestep; use at most {timesteps}"]
+    return []
 
 
 def time_to_quality_problems(config: TrainingConfig) -> list[str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
@@ -37,6 +38,7 @@ class ImageSource:
     indices: list[int] | None = None  # the readable entries (None: all, or not scanned yet)
     fingerprint: str = ""  # changes when the images change (datasets' fingerprint); keys the tensor cache
     describe: Callable[[int], str] = str  # entry i for error messages (its file path where known)
+    files: Callable[[], list[str]] | None = None  # the files the images are read from (the cache's content digest)
 
     def __len__(self) -> int:
         return self.length if self.indices is None else len(self.indices)
@@ -61,7 +63,14 @@ def _hf_source(name: str, dataset, scan: bool) -> ImageSource:
         item = raw[i][column]
         return item.get("path") or f"row {i}"
 
-    source = ImageSource(name, len(raw), load, fingerprint=dataset._fingerprint, describe=describe)
+    def files() -> list[str]:
+        """Image files on disk (imagefolder), and the dataset's Arrow files when images are embedded in them."""
+        images = raw.data.column(column).combine_chunks()
+        paths, embedded = images.field("path").to_pylist(), images.field("bytes").is_valid().to_pylist()
+        on_disk = sorted({p for p, inside in zip(paths, embedded) if p and not inside})
+        return on_disk + ([f["filename"] for f in dataset.cache_files] if any(embedded) else [])
+
+    source = ImageSource(name, len(raw), load, fingerprint=dataset._fingerprint, describe=describe, files=files)
     if scan:
         _drop_unreadable(source, describe)
     return source
@@ -72,7 +81,7 @@ def _drop_unreadable(source: ImageSource, describe: Callable[[int], str]) -> Non
     good = []
     for i in range(source.length):
         try:
-            source.load(i)
+            to_rgb(source.load(i))  # the conversion may refuse an image too (mode F)
             good.append(i)
         except Exception as e:  # PIL raises many types for corrupt data
             source.skipped.append(f"{describe(i)}: {type(e).__name__}: {e}")
@@ -129,6 +138,23 @@ def _load_hub_dataset(name: str):
                              f"network is gone for good: {where}") from e
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # greyscale, 0..65535 (PIL opens 16-bit PNG/TIFF so)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """image.convert('RGB'), except for high-bit-depth greyscale, which PIL clips at 255 (50 % grey in a 16-bit PNG
+    became white): those are scaled from 0..65535 to 0..255 (mode I, 32-bit, is read in the same 16-bit range,
+    as PIL's PNG and TIFF readers fill it; larger values saturate). A float image (mode F) has no range to scale
+    from and is refused (the file is skipped, and says why). 16-bit RGB(A) PNGs already arrive as 8-bit RGB(A)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.int64)
+        scaled = (np.clip(values, 0, 65535) * 255 + 32767) // 65535  # rounded: 32768 -> 128, 65535 -> 255
+        return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")  # mode L
+    if image.mode == "F":
+        raise ValueError("a 32-bit float image has no known value range; save it as an 8- or 16-bit PNG")
+    return image.convert("RGB")
+
+
 def build_transform(config: TrainingConfig) -> transforms.Compose:
     """The tutorial's preprocessing, after .convert('RGB'), to a uint8 CHW tensor: the flip is drawn in the step
     and ToTensor/Normalize are `to_model_range` on the device (see module doc)."""
@@ -157,7 +183,7 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         index = i if self.source.indices is None else self.source.indices[i]
-        return self.transform(self.source.load(index).convert("RGB"))
+        return self.transform(to_rgb(self.source.load(index)))
 
 
 def available_cpus() -> int:

@@ -3,7 +3,21 @@
 Training then slices a memory-mapped file instead of decoding PNG/JPEG every epoch: no DataLoader workers are
 needed, all ranks on a node share one copy through the page cache, and a later run (or a restarted pod) with the
 same images and preprocessing reuses the file. The key covers everything that changes the pixels: the dataset's
-fingerprint (datasets hashes the data files), image_size, center_crop and CACHE_VERSION.
+fingerprint (for an image folder datasets derives it from file names and modification times), image_size,
+center_crop and CACHE_VERSION.
+
+Before a cache is reused, two checks (issue 17) say whether it still holds those images, else it is rebuilt with a
+line saying why:
+- a content digest of the source files (`content_digest`: each file's name, size and three 16 KiB windows, head,
+  middle and tail): images replaced under the same names and times. Measured on this machine (Intel Xeon, page
+  cache warm): 1,000 files in 12 ms (5 KB PNGs) to 47 ms (100 KB files); cold, one open and up to three reads per
+  file. It misses only a same-size rewrite that leaves all three windows alone; a PNG cannot do that for any
+  pixel (zlib's Adler-32 of every pixel row sits in its last bytes), a JPEG or BMP over 48 KiB could.
+- a SHA-256 per 4 MiB block of the array, stored in the sidecar (`_block_digests`): a body damaged in place (zeroed,
+  a torn write-back). Up to FULL_VERIFY_BYTES (2 GiB) every block is read back (1.6 GB/s here: 31 ms for the
+  tutorial's 1,000 images at 128 px, 1.2 s for 1.8 GiB); above that the first, the last and SAMPLED_BLOCKS evenly
+  spaced blocks (512 MiB), which misses damage confined to the blocks not read.
+Only the first process of a node checks (the others open the file it just checked or built).
 """
 
 from __future__ import annotations
@@ -21,11 +35,23 @@ import torch
 from numpy.lib.format import open_memmap
 
 from trainer.config import TrainingConfig
-from trainer.data import ImageSource, TrainDataset, available_cpus, build_transform, load_image_source, worker_init
+from trainer.data import (
+    ImageSource,
+    TrainDataset,
+    available_cpus,
+    build_transform,
+    load_image_source,
+    to_rgb,
+    worker_init,
+)
 from trainer.errors import DataError
 from trainer.outputs import CACHE_TEMPORARY_PREFIX, disk_full
 
-CACHE_VERSION = 1  # bump when build_transform's output changes
+CACHE_VERSION = 2  # bump when build_transform's output changes (2: 16-bit greyscale scaled, not clipped)
+CONTENT_WINDOW = 16 << 10  # bytes read at the head, middle and tail of each source file for the content digest
+CHECKSUM_BLOCK_BYTES = 4 << 20  # the array is checksummed in blocks of this size
+FULL_VERIFY_BYTES = 2 << 30  # caches up to this size are read back whole before reuse; larger ones are sampled
+SAMPLED_BLOCKS = 128  # evenly spaced blocks verified (besides the first and last) above FULL_VERIFY_BYTES
 
 
 class CachedImages(torch.utils.data.Dataset):
@@ -50,6 +76,43 @@ def cache_path(config: TrainingConfig, source: ImageSource) -> Path:
     return config.resolved_data_cache_dir / f"{slug}-{config.image_size}px-{digest}.npy"
 
 
+def content_digest(source: ImageSource) -> str:
+    """What the images' bytes are, cheaply (module doc): '' for a generated dataset (its key says it all)."""
+    if source.files is None:
+        return ""
+    digest = hashlib.sha256()
+    for name in source.files():
+        digest.update(name.encode() + b"\0")
+        try:
+            with open(name, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                digest.update(f"{size}\0".encode())
+                for offset in sorted({0, max(0, size // 2 - CONTENT_WINDOW // 2), max(0, size - CONTENT_WINDOW)}):
+                    f.seek(offset)
+                    digest.update(f.read(CONTENT_WINDOW))
+        except OSError as e:
+            digest.update(f"unreadable {e.errno}\0".encode())
+    return digest.hexdigest()[:32]
+
+
+def _block_digests(array: np.ndarray, blocks: list[int] | None = None) -> dict[int, str]:
+    """SHA-256 (first 16 hex digits) of each CHECKSUM_BLOCK_BYTES block of the array's bytes (all, or `blocks`)."""
+    flat = array.reshape(-1)
+    count = -(-flat.size // CHECKSUM_BLOCK_BYTES)
+    return {i: hashlib.sha256(memoryview(flat[i * CHECKSUM_BLOCK_BYTES:(i + 1) * CHECKSUM_BLOCK_BYTES])).hexdigest()[:16]
+            for i in (range(count) if blocks is None else blocks)}
+
+
+def _blocks_to_verify(count: int, nbytes: int) -> list[int]:
+    if nbytes <= FULL_VERIFY_BYTES or count <= SAMPLED_BLOCKS + 2:
+        return list(range(count))
+    return sorted({0, count - 1, *(round(i * (count - 1) / (SAMPLED_BLOCKS + 1)) for i in range(1, SAMPLED_BLOCKS + 1))})
+
+
+class Changed(str):
+    """_open's reason when the images changed (not the file): said so in the log line."""
+
+
 class _Decode(torch.utils.data.Dataset):
     """(index, uint8 image or the error) so one corrupt file is recorded, not fatal."""
 
@@ -61,7 +124,7 @@ class _Decode(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, self.transform(self.source.load(i).convert("RGB"))
+            return i, self.transform(to_rgb(self.source.load(i)))
         except Exception as e:  # PIL raises many types for corrupt data
             return i, f"{type(e).__name__}: {e}"
 
@@ -74,7 +137,7 @@ def _identity(item):
     return item
 
 
-def _build(config: TrainingConfig, source: ImageSource, path: Path) -> dict:
+def _build(config: TrainingConfig, source: ImageSource, path: Path, content: str = "") -> dict:
     """Decode everything (in parallel) into `path` atomically: a crash or a signal leaves only a .tmp file (removed
     here, or by the next start), never a file that looks like a cache. The builder holds a lock on its .tmp file,
     so `remove_orphans` can tell a dead builder's leftovers from a live one's on a shared volume."""
@@ -83,7 +146,7 @@ def _build(config: TrainingConfig, source: ImageSource, path: Path) -> dict:
     with open(tmp, "wb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         try:
-            meta = _write(config, source, tmp)
+            meta = _write(config, source, tmp) | {"content": content}
             if meta["rows"]:
                 # The sidecar first, the array renamed last: the array's presence means the cache is complete.
                 _write_atomically(path.with_suffix(".json"), json.dumps(meta))
@@ -128,18 +191,25 @@ def _write(config: TrainingConfig, source: ImageSource, tmp: Path) -> dict:
             array[i] = image.numpy()
             rows.append(i)
     array.flush()
+    blocks = _block_digests(array)  # read back from the page cache: ~0.6 s per GB
     del array
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
-    return {"dataset": source.name, "rows": rows, "skipped": skipped}
+    checksum = {"algorithm": "sha256-16", "block_bytes": CHECKSUM_BLOCK_BYTES, "blocks": list(blocks.values())}
+    return {"dataset": source.name, "rows": rows, "skipped": skipped, "checksum": checksum}
 
 
-def _open(config: TrainingConfig, source: ImageSource, path: Path) -> tuple[np.ndarray, dict] | str:
-    """The mapped cache and its sidecar, or why the file on disk cannot be used (then it is rebuilt)."""
+def _open(config: TrainingConfig, source: ImageSource, path: Path,
+          content: str | None = None) -> tuple[np.ndarray, dict] | str:
+    """The mapped cache and its sidecar, or why the file on disk cannot be used (then it is rebuilt). With
+    `content` (the sources' digest now) the cache is also checked against the images and its own checksum."""
     try:
         meta = json.loads(path.with_suffix(".json").read_text())
-        rows, skipped = meta["rows"], meta["skipped"]
+        rows, skipped, checksum = meta["rows"], meta["skipped"], meta["checksum"]
         array = np.load(path, mmap_mode="r")
+        stored = list(checksum["blocks"])
+        if checksum["block_bytes"] != CHECKSUM_BLOCK_BYTES:
+            raise ValueError(f"checksum blocks of {checksum['block_bytes']} bytes, expected {CHECKSUM_BLOCK_BYTES}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{type(e).__name__}: {e}"
     shape = (source.length, 3, config.image_size, config.image_size)
@@ -147,6 +217,19 @@ def _open(config: TrainingConfig, source: ImageSource, path: Path) -> tuple[np.n
         return f"it holds {array.dtype} {array.shape}, expected uint8 {shape}"
     if not isinstance(rows, list) or not isinstance(skipped, list) or any(not 0 <= r < source.length for r in rows):
         return "its sidecar lists rows outside the dataset"
+    if content is not None:
+        if meta.get("content", "") != content:
+            return Changed("same file names and times, other bytes: content digest "
+                           f"{meta.get('content') or 'none'} -> {content or 'none'}")
+        count = -(-array.size // CHECKSUM_BLOCK_BYTES)
+        if len(stored) != count:
+            return f"its checksum lists {len(stored)} blocks, expected {count}"
+        verified = _blocks_to_verify(count, array.nbytes)
+        bad = [i for i, digest in _block_digests(array, verified).items() if digest != stored[i]]
+        if bad:
+            return (f"its content does not match its checksum: block {bad[0]} of {count}"
+                    + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                    + ("" if len(verified) == count else f" ({len(verified)} sampled)"))
     return array, meta
 
 
@@ -157,14 +240,18 @@ def cached_dataset(config: TrainingConfig, source: ImageSource) -> tuple[CachedI
     finished file. Raises DataError when no image is readable (and then leaves no cache behind)."""
     path = cache_path(config, source)
     remove_orphans(path.parent)
-    opened = _open(config, source, path) if path.exists() else "missing"
+    # The node's first process checks the cache (module doc); the others open what it has just checked or built.
+    content = content_digest(source) if int(os.environ.get("LOCAL_RANK", "0")) == 0 else None
+    opened = _open(config, source, path, content) if path.exists() else "missing"
     note = "reused"
     if isinstance(opened, str):
-        note = "built now" if opened == "missing" else f"rebuilt: the cache file was damaged ({opened})"
+        note = ("built now" if opened == "missing" else
+                f"rebuilt: the images changed since the cache was built ({opened})" if isinstance(opened, Changed) else
+                f"rebuilt: the cache file was damaged ({opened})")
         for stale in (path, path.with_suffix(".json")):
             stale.unlink(missing_ok=True)
         try:
-            meta = _build(config, source, path)
+            meta = _build(config, source, path, content_digest(source) if content is None else content)
         except OSError as e:
             needed = source.length * 3 * config.image_size ** 2
             raise disk_full(e, "the data cache", path, needed) or DataError(

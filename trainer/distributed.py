@@ -8,10 +8,13 @@ that has already given up.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Callable, TypeVar
 
 from trainer.errors import DdpmError
+from trainer.signals import SIGNALS
 
 T = TypeVar("T")
 
@@ -42,6 +45,8 @@ def decided_by_main(accelerator, decide: Callable[[], T]) -> T:
         box = [(result, (str(failure), failure.exit_code) if failure else None)]
         broadcast_object_list(box, from_process=0)
         result, shared = box[0]
+        if shared:
+            SIGNALS.exiting(shared[1])  # every rank leaves with this code, whichever one torchrun sees exit first
         if shared and not accelerator.is_main_process:
             raise ErrorOnMainProcess(*shared)
     if failure is not None:
@@ -65,3 +70,26 @@ def sum_over_processes(accelerator, values: list[float]) -> list[float]:
     import torch
 
     return accelerator.reduce(torch.tensor(values, dtype=torch.float32, device=accelerator.device), "sum").tolist()
+
+
+def leave_process_group(code: int) -> None:
+    """At the end of a process that joined a process group: leave it, and after an error exit at once with `code`.
+
+    Left to the interpreter's shutdown, the gloo group's threads were destroyed while still joinable ('terminate
+    called without an active exception': SIGABRT) once the other rank had gone, and the shutdown is slow enough
+    for torchrun, which stops the remaining ranks when one exits, to SIGTERM it meanwhile. Everything the run
+    writes is closed by then (trackers, lock, checkpoints); only the shutdown is skipped, and only after an error."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if code != 0:
+        SIGNALS.exiting(code)
+    try:
+        dist.destroy_process_group()
+    except Exception as e:  # a peer already gone can make the group's teardown complain; the exit code stands
+        print(f"leaving the process group: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    if code != 0:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -237,6 +237,18 @@ class RunEvents:
     # ---- the thread's side -------------------------------------------------------------------------------------
     def _run(self, environ: dict, request_timeout: tuple[float, float]) -> None:
         try:
+            self._serve(environ, request_timeout)
+        except Exception as e:  # never a traceback from this thread into the training log: one warning, then off
+            self._turn_off(f"{type(e).__name__}: {e}")
+            while not self._closed or not self._queue.empty():  # drain, so close() never waits for room
+                try:
+                    if self._queue.get(timeout=0.1) is _CLOSE:
+                        break
+                except queue.Empty:
+                    continue
+
+    def _serve(self, environ: dict, request_timeout: tuple[float, float]) -> None:
+        try:
             cluster = kube.connect(environ, in_cluster_only=True, request_timeout=request_timeout)
             targets = self._targets(cluster)
         except kube.KubeError as e:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -248,6 +249,10 @@ def _in_cluster(environ: Mapping[str, str]) -> Cluster:
                               environ=environ).load_and_set(cfg)
     except ConfigException as e:
         raise NotConfigured(f"in-cluster config from {sa}: {e}") from e
+    except (OSError, UnicodeError) as e:  # unreadable, or not text: a key or binary file mounted as the token
+        raise NotConfigured(f"in-cluster config from {sa}: the token file cannot be read as text "
+                            f"({type(e).__name__})") from e
+    _check_token(cfg, f"in-cluster config from {sa}: the token file")
     namespace_file = sa / "namespace"
     namespace = namespace_file.read_text().strip() if namespace_file.is_file() else environ.get("POD_NAMESPACE")
     return Cluster(client.ApiClient(cfg), namespace or "default", "in-cluster")
@@ -272,9 +277,24 @@ def _from_kubeconfig(environ: Mapping[str, str], context: str | None) -> Cluster
         contexts, active = list_kube_config_contexts(path)
     except (ConfigException, OSError, ValueError, KeyError) as e:
         raise NotConfigured(f"kubeconfig {path}: {e}") from e
+    _check_token(cfg, f"kubeconfig {path}: the user's token")
     chosen = next((c for c in contexts if c.get("name") == context), None) if context else active
     namespace = ((chosen or {}).get("context") or {}).get("namespace") or "default"
     return Cluster(client.ApiClient(cfg), namespace, f"kubeconfig {path}")
+
+
+# A bearer token as the client sends it: "bearer <token>" (RFC 6750's b64token, JWT service-account tokens: printable
+# ASCII, no spaces). Anything else fails inside the HTTP client (ValueError: invalid header) or is refused.
+_BEARER = re.compile(r"[Bb]earer [\x21-\x7e]+")
+
+
+def _check_token(cfg, what: str) -> None:
+    """NotConfigured when the configured token cannot be a bearer token (binary, several lines, spaces); the
+    message never holds the token."""
+    value = (cfg.api_key or {}).get("authorization")
+    if value is not None and not _BEARER.fullmatch(value):
+        raise NotConfigured(f"{what} is not a token: it must be one line of printable ASCII without spaces or a "
+                            "trailing newline (a binary or multi-line file, or the wrong Secret key?)")
 
 
 def connect(environ: Mapping[str, str] | None = None, *, in_cluster_only: bool, context: str | None = None,
@@ -304,6 +324,8 @@ def _translated_errors():
         raise _api_error(e) from e
     except (urllib3.exceptions.HTTPError, OSError) as e:  # refused, reset, TLS, timeouts (retries are off)
         raise Unreachable(f"{type(e).__name__}: {e}") from e
+    except UnicodeError as e:  # the in-cluster loader re-reads the token file every minute: now not text
+        raise NotConfigured(f"the token file cannot be read as text ({type(e).__name__})") from e
 
 
 def _call(cluster: Cluster, fn, *args, **kwargs) -> dict:

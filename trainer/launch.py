@@ -44,10 +44,9 @@ def _int(environ: dict[str, str], name: str, minimum: int, maximum: int | None =
     value = environ.get(name)
     if value is None or value == "":
         return None
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise LaunchError(f"{name}={value!r} is not a whole number") from None
+    if not re.fullmatch(r"[0-9]+|-[0-9]+", value.strip()):  # int() also reads '٣' and other Unicode digits
+        raise LaunchError(f"{name}={value!r} is not a whole number")
+    number = int(value.strip())
     if number < minimum or (maximum is not None and number > maximum):
         bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
         raise LaunchError(f"{name}={value!r} must be {bound}")
@@ -73,10 +72,15 @@ def torchrun_argv(environ: dict[str, str], grace_seconds: float, train_args: lis
     nodes = _nnodes(environ)
     low, high = nodes or (1, 1)
     nproc = environ.get("PET_NPROC_PER_NODE", "").strip()
-    if nproc and nproc not in ("gpu", "cpu", "auto") and not (nproc.isdigit() and int(nproc) >= 1):
+    # str.isdigit() accepts '²', which int() then rejects: only ASCII digits are a count.
+    if nproc and nproc not in ("gpu", "cpu", "auto") and not (re.fullmatch(r"[0-9]+", nproc) and int(nproc) >= 1):
         raise LaunchError(f"PET_NPROC_PER_NODE={nproc!r} must be a process count >= 1 (or gpu, cpu, auto)")
-    if not nproc:
-        nproc = "gpu" if (_has_cuda() if has_cuda is None else has_cuda) else "1"
+    if nproc in ("", "gpu"):
+        cuda = _has_cuda() if has_cuda is None else has_cuda
+        if nproc == "gpu" and not cuda:  # torchrun would stop with a traceback: ValueError("Cuda is not available.")
+            raise LaunchError("PET_NPROC_PER_NODE='gpu' but this node has no CUDA GPU (torch.cuda.is_available() is "
+                              "false); set a process count such as PET_NPROC_PER_NODE=1, or run on a GPU node")
+        nproc = nproc or ("gpu" if cuda else "1")
     rank_var = "PET_NODE_RANK" if environ.get("PET_NODE_RANK", "") != "" else "JOB_COMPLETION_INDEX"
     node_rank = _int(environ, rank_var, 0)
     if node_rank is not None and node_rank >= high:

@@ -17,4 +17,8 @@ def entrypoint() -> None:
     except Stopped as e:  # raised by the handler before the CLI's own handling was reached (imports)
         print(str(e), file=sys.stderr, flush=True)
         code = e.exit_code
+    if "trainer.distributed" in sys.modules:  # under torchrun: leave the process group before exiting
+        from trainer.distributed import leave_process_group
+
+        leave_process_group(code)
     sys.exit(code)

@@ -44,15 +44,38 @@ def unet_config(config: TrainingConfig) -> dict[str, Any]:
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file() and (path.parent / "unet" / "config.json").is_file():
             path = path.parent / "unet" / "config.json"  # a DDPMPipeline folder
-        raw = json.loads(path.read_text())
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not JSON ({e})") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} is not a JSON object of UNet2DModel arguments (it holds a {type(raw).__name__})")
         known = set(UNet2DModel.extract_init_dict(raw)[0])
         kwargs = {k: v for k, v in raw.items() if k in known}
         if "down_block_types" not in kwargs:
             raise ValueError(f"{path} has no down_block_types; is it a UNet2DModel config?")
+        for key in ("down_block_types", "up_block_types"):
+            blocks = kwargs.get(key, [])
+            if not isinstance(blocks, list) or not blocks or not all(isinstance(b, str) for b in blocks):
+                raise ValueError(f"{path}: {key} must be a list of block names, e.g. [\"DownBlock2D\", ...], got "
+                                 f"{str(blocks)[:100]}")
     else:
         kwargs = dict(PRESETS[config.model_preset])
     kwargs["sample_size"] = config.image_size
     return kwargs
+
+
+def unet_build_problem(config: TrainingConfig) -> str | None:
+    """Why diffusers cannot build this UNet (a model_config_name_or_path file with unknown block names, mismatched
+    lengths, wrong types), found by building it on the meta device (no memory, milliseconds); None if it can."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            UNet2DModel(**unet_config(config))
+    except Exception as e:  # diffusers raises ValueError, TypeError, KeyError... for arguments it cannot use
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+    return None
 
 
 def build_unet(config: TrainingConfig) -> UNet2DModel:

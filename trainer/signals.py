@@ -13,6 +13,10 @@ Either way a watchdog thread ends the process with the same code `grace_seconds`
 orderly stop has not happened by then (a hung collective, a slow volume): the newest complete checkpoint is still
 intact, since every save is atomic. A second signal while stopping changes nothing.
 
+Once the process is exiting with a code of its own (`exiting(code)`: an error, agreed by every rank or not), a
+signal no longer changes it: torchrun SIGTERMs the remaining ranks as soon as one has exited, and a rank still
+printing the same error would otherwise report 143 (retry) or be killed (-15) instead of 2.
+
 Standard library only: this module must be importable before torch.
 """
 
@@ -37,6 +41,7 @@ class Signals:
         self.grace_seconds = DEFAULT_GRACE_SECONDS
         self._defer = 0  # nesting depth of deferred()
         self._installed = False
+        self._exiting_with: int | None = None  # set by exiting(): the code this process is already leaving with
 
     def install(self) -> "Signals":
         if not self._installed and threading.current_thread() is threading.main_thread():
@@ -70,10 +75,19 @@ class Signals:
         return Stopped(f"{signal.Signals(signum).name} received: {what}; exiting with {code}"
                        + (" to be retried" if signum == signal.SIGTERM else ""), code)
 
+    def exiting(self, code: int) -> None:
+        """This process is on its way out with `code`: from now on a signal only starts the grace watchdog."""
+        self._exiting_with = code
+
     def _handle(self, signum, frame) -> None:
         if self.received is not None:
             return  # already stopping: a second signal must not interrupt the cleanup or the save
         self.received = signum
+        if self._exiting_with is not None:
+            print(f"{signal.Signals(signum).name} received while exiting with {self._exiting_with}: the code stays",
+                  file=sys.stderr, flush=True)
+            threading.Thread(target=self._watchdog, daemon=True, name="signal-grace").start()
+            return
         mode = "finishing this step, then saving a checkpoint" if self._defer else "stopping"
         print(f"{signal.Signals(signum).name} received: {mode} (grace {self.grace_seconds:.0f}s)",
               file=sys.stderr, flush=True)
@@ -85,9 +99,10 @@ class Signals:
         deadline = time.monotonic() + self.grace_seconds
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(left)  # the grace period itself, not a race workaround
-        print(f"grace of {self.grace_seconds:.0f}s after {self.name} exceeded; exiting {self.exit_code} "
+        code = self.exit_code if self._exiting_with is None else self._exiting_with
+        print(f"grace of {self.grace_seconds:.0f}s after {self.name} exceeded; exiting {code} "
               "without a new checkpoint (the newest complete one is intact)", file=sys.stderr, flush=True)
-        os._exit(self.exit_code)
+        os._exit(code)
 
 
 SIGNALS = Signals()  # one per process: signal handlers are process-wide

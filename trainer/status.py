@@ -61,10 +61,10 @@ class Progress:
     warning: str | None = None  # the newest evaluation whose samples were non-finite
 
 
-def status(release: str, namespace: str | None, *, environ: Mapping[str, str] | None = None, out=sys.stdout,
+def status(release: str, namespace: str | None, *, environ: Mapping[str, str] | None = None, out=None,
            context: str | None = None) -> int:
     def say(line: str = "") -> None:
-        print(line, file=out)
+        print(line, file=out or sys.stdout)  # the stdout of the call, not of the import
 
     try:
         cluster = kube.connect(environ, in_cluster_only=False, context=context)
