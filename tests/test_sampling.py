@@ -147,6 +147,24 @@ def test_ddpm_coefficients_are_finite_at_every_step_count(schedule):
             assert torch.isfinite(c).all(), (n, c)
 
 
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_step_count_gives_exactly_that_many_timesteps_all_in_range(kind, schedule):
+    """Our samplers, for num_inference_steps 1..1000: exactly that many timesteps, strictly decreasing, none below
+    0. diffusers' trailing spacing takes np.arange(T, 0, -T/n), which float rounding makes one element too long for
+    some n (at T=1000 with the default schedule: 61, 103, 121, ... 124 counts for DDIM): a last timestep of -1 that
+    indexes alphas_cumprod[-1], the pure-noise end, so those counts sample silently wrong. Arithmetic, no model:
+    the same on every CPU."""
+    sampler = eval_scheduler(kind, SCHEDULES[schedule])
+    wrong = []
+    for n in range(1, sampler.config.num_train_timesteps + 1):
+        sampler.set_timesteps(n)
+        t = sampler.timesteps
+        if len(t) != n or int(t.min()) < 0 or not bool((t[:-1] > t[1:]).all()):
+            wrong.append((n, len(t), int(t.min())))
+    assert not wrong, f"{len(wrong)} step counts give wrong timesteps, e.g. (n, len, min) {wrong[:5]}"
+
+
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ pipelines clamp to [0, 1] first, which turns inf into white and NaN into black. 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,13 +33,32 @@ FINAL_CHECK_IMAGES = 2  # drawn from the saved pipeline before a run is marked c
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class MarginDDIMScheduler(DDIMScheduler):
+class ExactStepsMixin:
+    """set_timesteps(n) gives exactly n timesteps. diffusers' trailing spacing takes np.arange(T, 0, -T/n), which
+    float rounding makes one element too long for some n (124 of 1..1000 at T=1000, e.g. 61): a last timestep of -1,
+    which indexes alphas_cumprod[-1] and samples those counts wrong. The first n elements are the intended ones."""
+
+    def set_timesteps(self, num_inference_steps: int, *args, **kwargs):
+        super().set_timesteps(num_inference_steps, *args, **kwargs)
+        if len(self.timesteps) > num_inference_steps:
+            self.timesteps = self.timesteps[:num_inference_steps]
+
+
+class MarginDDIMScheduler(ExactStepsMixin, DDIMScheduler):
     """DDIMScheduler with the variance VARIANCE_MARGIN below diffusers', so no step count, eta or CPU can make
-    DDIM's direction coefficient NaN. Same config and arithmetic otherwise: nothing saved changes (the pipeline
-    keeps the training DDPMScheduler)."""
+    DDIM's direction coefficient NaN, and exactly n timesteps. Same config and arithmetic otherwise: nothing saved
+    changes (the pipeline keeps the training DDPMScheduler)."""
 
     def _get_variance(self, timestep, prev_timestep):
         return super()._get_variance(timestep, prev_timestep) * (1 - VARIANCE_MARGIN)
+
+
+class ExactStepsDDPMScheduler(ExactStepsMixin, DDPMScheduler):
+    """DDPMScheduler with exactly n timesteps (ExactStepsMixin); same config and arithmetic otherwise."""
+
+
+class SamplingInterrupted(Exception):
+    """`should_stop` answered yes between two sampler steps (a SIGTERM during an evaluation)."""
 
 
 def image_generators(seed: int, indices: range) -> list[torch.Generator]:
@@ -63,16 +83,19 @@ def kind_of(scheduler) -> str:
 
 @torch.no_grad()
 def denoise(unet, scheduler, generators: list[torch.Generator], *, num_inference_steps: int, eta: float = 1.0,
-            precision: str = "no") -> torch.Tensor:
+            precision: str = "no", should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """DDIMPipeline/DDPMPipeline.__call__'s loop: raw float images (len(generators), C, H, W) in the model's range,
     not clamped. bf16/fp16 `precision` autocasts the UNet only; its output is read as fp32, so the scheduler's
-    arithmetic and the running image stay fp32."""
+    arithmetic and the running image stay fp32. `should_stop` is asked before each step (a host-side flag, no sync):
+    a yes raises SamplingInterrupted, so a stop request never waits for a long evaluation."""
     size = unet.config.sample_size
     shape = (len(generators), unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
     image = randn_tensor(shape, generator=generators, device=unet.device, dtype=unet.dtype)
     scheduler.set_timesteps(num_inference_steps)
     extra = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
     for t in scheduler.timesteps:
+        if should_stop is not None and should_stop():
+            raise SamplingInterrupted
         with torch.autocast(unet.device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "no"):
             output = unet(image, t).sample
         image = scheduler.step(output.float(), t, image, generator=generators, **extra).prev_sample
@@ -81,7 +104,7 @@ def denoise(unet, scheduler, generators: list[torch.Generator], *, num_inference
 
 def sample_images(
     unet, scheduler, indices: range, *, seed: int, num_inference_steps: int, eta: float = 1.0, batch_size: int = 64,
-    precision: str = "no",
+    precision: str = "no", should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """uint8 images (len(indices), H, W, 3) on the UNet's device, in chunks of at most batch_size. Raises
     NonFiniteSamples at the first chunk holding a NaN/inf image, before it is quantised (one check per chunk)."""
@@ -89,7 +112,7 @@ def sample_images(
     for start in range(indices.start, indices.stop, batch_size):
         part = range(start, min(start + batch_size, indices.stop))
         raw = denoise(unet, scheduler, image_generators(seed, part), num_inference_steps=num_inference_steps,
-                      eta=eta, precision=precision)
+                      eta=eta, precision=precision, should_stop=should_stop)
         bad = int((~torch.isfinite(raw)).flatten(1).any(1).sum())  # the chunk's one host sync
         if bad:
             raise NonFiniteSamples(describe(kind_of(scheduler), num_inference_steps, eta, precision), bad,
@@ -102,7 +125,7 @@ def sample_images(
 
 def eval_scheduler(kind: str, train_scheduler_config) -> DDIMScheduler | DDPMScheduler:
     """A fresh sampler (samplers keep their timesteps) sharing the training noise schedule."""
-    cls = MarginDDIMScheduler if kind == "ddim" else DDPMScheduler
+    cls = MarginDDIMScheduler if kind == "ddim" else ExactStepsDDPMScheduler
     return cls.from_config(train_scheduler_config)
 
 
@@ -110,12 +133,13 @@ def describe_eval(config) -> str:
     return describe(config.eval_scheduler, config.num_inference_steps, config.ddim_eta, config.eval_mixed_precision)
 
 
-def sample_for_eval(unet, config, train_scheduler_config, indices: range) -> torch.Tensor:
+def sample_for_eval(unet, config, train_scheduler_config, indices: range,
+                    should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """What the training loop's evaluation draws (grid and quality images): the configured sampler, steps, eta
     and eval precision. `ddpm eval` and the benchmark call this too, so they time and score the same thing."""
     return sample_images(unet, eval_scheduler(config.eval_scheduler, train_scheduler_config), indices,
                          seed=config.seed, num_inference_steps=config.num_inference_steps, eta=config.ddim_eta,
-                         precision=config.eval_mixed_precision)
+                         precision=config.eval_mixed_precision, should_stop=should_stop)
 
 
 def check_saved_pipeline(model_dir: Path, *, num_inference_steps: int, seed: int, device) -> str:
