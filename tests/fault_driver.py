@@ -11,7 +11,8 @@ them, so no test has to guess timings:
 --signal ...    the process sends itself SIGNAL (TERM or INT, default TERM), COUNT times (default 1), during PHASE:
                 import (while diffusers is being imported), scan (while the image folder is decoded), cache (half-way
                 through writing the data cache), final_save (while the final pipeline is written), step-N (just
-                after optimizer update N).
+                after optimizer update N), eval (at the third DDIM step of the first evaluation; it prints how many
+                sampler steps ran after the signal).
 Everything else is exactly `ddpm`: the same entry point, signal handling included.
 """
 
@@ -146,6 +147,24 @@ def inject_signal(phase: str, signame: str, count: int) -> None:
             return real_save(*args, **kwargs)
 
         loop.outputs.save_pipeline = save_pipeline
+    elif phase == "eval":  # the third sampler step of the first evaluation; counts the steps sampled after it
+        import atexit
+
+        import trainer.sampling as sampling
+
+        real_step, seen = sampling.MarginDDIMScheduler.step, {"steps": 0, "after": 0}
+
+        def step(self, *args, **kwargs):
+            seen["steps"] += 1
+            if seen["steps"] == 3:
+                send(signame, count)
+            elif seen["steps"] > 3:
+                seen["after"] += 1
+            return real_step(self, *args, **kwargs)
+
+        sampling.MarginDDIMScheduler.step = step
+        atexit.register(lambda: print(f"fault_driver: sampler steps after the signal: {seen['after']}",
+                                      file=sys.stderr, flush=True))
     elif phase.startswith("step-"):
         target, real_step = int(phase[5:]), loop.train_step
 

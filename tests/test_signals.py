@@ -79,3 +79,26 @@ def test_a_signal_in_training_checkpoints_then_exits_with_its_code(tmp_path, sig
     assert "checkpoint saved at step 2" in proc.stderr
     assert [c.name for c in checkpoint.complete_checkpoints(out)] == ["checkpoint-2"]
     assert checkpoint.damage(out / "checkpoints" / "checkpoint-2") == ""
+
+
+def test_sigterm_during_an_evaluation_checkpoints_within_a_sampler_step_and_the_retry_resumes(tmp_path):
+    """Issue 17 case 4: a 300-step evaluation used to ignore SIGTERM until the grace period killed the process, with
+    no checkpoint of the steps done (the retry started at 0). Now sampling stops at its next step, the steps done
+    are checkpointed, and the exit is 143; the retry resumes there and finishes."""
+    out = tmp_path / "out"
+    args = [*TINY, "--output_dir", out, "--max_train_steps", "12", "--save_image_epochs", "1",
+            "--eval_batch_size", "8", "--num_inference_steps", "300", "--eval_quality_images", "0",
+            "--checkpointing_steps", "100", "--preemption_grace_seconds", "600"]
+    proc = drive("eval", *args)
+    assert proc.returncode == EXIT_PREEMPTED, proc.stdout + proc.stderr
+    after = int(proc.stderr.split("sampler steps after the signal: ")[1].split()[0])
+    assert after <= 1, f"{after} sampler steps ran after SIGTERM"
+    assert "evaluation interrupted" in proc.stderr and "checkpoint saved at step 8" in proc.stderr, proc.stderr
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["checkpoint-8"]
+    assert not list((out / "samples").glob("*.png")), "an interrupted evaluation writes no grid"
+
+    retry = subprocess.run([sys.executable, "-m", "trainer", "train", *map(str, args)], capture_output=True,
+                           text=True, cwd=REPO, env=clean_env())
+    assert retry.returncode == 0, retry.stderr
+    assert "resumed from" in retry.stdout and "at step 8" in retry.stdout, retry.stdout
+    assert json.loads((out / "training_complete.json").read_text())["global_step"] == 12

@@ -20,7 +20,7 @@ from trainer.distributed import any_process, decided_by_main, sum_over_processes
 from trainer.errors import DdpmError, Diverged, NonFiniteSamples, Stopped
 from trainer.events import RunEvents
 from trainer.model import ema_weights
-from trainer.sampling import sample_for_eval, shard, to_grid
+from trainer.sampling import SamplingInterrupted, sample_for_eval, shard, to_grid
 from trainer.setup import Run, setup
 from trainer.signals import SIGNALS
 from trainer.tracking import StepStats
@@ -96,7 +96,11 @@ def fit(run: Run) -> None:
                 break
         done = finished(run)
         if (epoch + 1) % config.save_image_epochs == 0 or done:
-            run.last_grid = evaluate(run, epoch) or run.last_grid
+            try:
+                run.last_grid = evaluate(run, epoch) or run.last_grid
+            except EvaluationInterrupted:
+                save_checkpoint(run)
+                raise SIGNALS.stopped(f"evaluation interrupted; checkpoint saved at step {state.global_step}") from None
         if (epoch + 1) % config.save_model_epochs == 0 and not done:
             save_model(run)
     run.clock.stop()
@@ -179,6 +183,10 @@ def divergence_message(run: Run, worst: int, streak: int) -> str:
     return text + "Lower learning_rate (or max_grad_norm), or check the data."
 
 
+class EvaluationInterrupted(Exception):
+    """A stop request arrived during an evaluation, on some rank: every rank stops sampling and checkpoints."""
+
+
 def evaluate(run: Run, epoch: int) -> Path | None:
     """Every rank samples its share of the images (EMA weights); rank 0 scores them and saves the grid. NaN/inf
     images are reported (console, TensorBoard eval/nonfinite_images, a Warning Event), never saved or scored, and
@@ -188,14 +196,20 @@ def evaluate(run: Run, epoch: int) -> Path | None:
     model.eval()
     num_images = max(config.eval_batch_size, run.num_quality)
     indices = shard(num_images, run.rank, run.world)
-    images, failure = None, None
+    images, failure, interrupted = None, None, False
     with ema_weights(model, run.ema):
         try:
-            images = sample_for_eval(model, config, run.noise_scheduler.config, indices)
+            images = sample_for_eval(model, config, run.noise_scheduler.config, indices,
+                                     should_stop=lambda: SIGNALS.received is not None)
         except NonFiniteSamples as e:  # not raised: the other ranks would wait for this one in the gather
             failure = e
+        except SamplingInterrupted:  # likewise: every rank learns it in the one all-reduce below
+            interrupted = True
     model.train()
-    bad, checked = sum_over_processes(accelerator, [failure.bad, failure.checked] if failure else [0, len(indices)])
+    bad, checked, stops = sum_over_processes(
+        accelerator, [failure.bad, failure.checked, interrupted] if failure else [0, len(indices), interrupted])
+    if stops:
+        raise EvaluationInterrupted
     step = run.state.global_step
     accelerator.log({"eval/nonfinite_images": bad}, step=step)
     if bad:
