@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test venv tools checkov clean
+.PHONY: demo test venv tools checkov cluster-bins cluster-go-test clean
 
 # The venv is rebuilt when pyproject.toml changes. torch is installed first with pip exactly as pinned.
 $(BIN)/.installed: pyproject.toml
@@ -47,7 +47,18 @@ $(TOOLS)/checkov-venv/.installed-$(CHECKOV_VERSION):
 
 checkov: $(TOOLS)/checkov-venv/.installed-$(CHECKOV_VERSION)
 
-tools: venv $(TOOLS)/bin/helm checkov
+# The test cluster's control plane and operators, built from the Go modules under tests/cluster/ (Go and the module
+# proxy) into ~/.cache/ddpm-trainer/cluster/<key>/, keyed by their sources and the Go version: about 20 minutes on 2
+# cores the first time on a machine, instant after (tests/cluster/README.md). build.py prints the folder last.
+CLUSTER_BUILD := $(PYTHON) tests/cluster/build.py
+cluster-bins:
+	$(CLUSTER_BUILD)
+
+# The Go tests of the kubelet's log and port-forward endpoints (kubeplane kubelet-streams), in seconds once built.
+cluster-go-test:
+	cd tests/cluster && CGO_ENABLED=0 go test ./kubeletstreams/
+
+tools: venv $(TOOLS)/bin/helm checkov cluster-bins
 
 # Trains the `small` preset on the built-in dataset on CPU (about 8 minutes on 2 cores).
 demo: venv
@@ -58,8 +69,11 @@ demo: venv
 # each worker its share of OpenMP threads). PYTEST_ARGS adds options, e.g. PYTEST_ARGS=--durations=30.
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
-test: tools
-	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
+# KUBE_TEST_ASSETS: the folder of the cluster's binaries (cluster-bins built it; asking again is a cache hit). Not a
+# DDPM_* name: the trainer reads those as its config.
+test: tools cluster-go-test
+	assets="$$($(CLUSTER_BUILD))" && \
+	KUBE_TEST_ASSETS="$$assets" PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 # The tutorial's training loop against `ddpm train`, side by side: throughput (about 25-30 minutes on 2 CPU cores)
 # and time to quality on two datasets with an ablation of each default (about 2 hours); see docs/PERFORMANCE.md.

@@ -306,6 +306,7 @@ OPERATORS = [
         "cert_secret": {
             "namespace": "kubeflow", "name": "training-operator-webhook-cert",
             "keys": ["ca.crt", "ca.key", "tls.crt", "tls.key"],
+            "ca_key_format": "RSA, PKCS#1 PEM (BEGIN RSA PRIVATE KEY; `openssl genrsa -traditional`)",
             "ca_dns_names": ["training-operator-ca"],
             "dns_names": ["training-operator.kubeflow.svc"],
             "min_valid_days": 91,
@@ -313,7 +314,8 @@ OPERATORS = [
                    "leaf for DNS name training-operator-ca (so: a CA of its own with that DNS SAN and no "
                    "ExtKeyUsage), tls.crt verifies under ca.crt for training-operator.kubeflow.svc with ServerAuth, "
                    "and both stay valid 90 days ahead; otherwise it replaces both with certificates for the "
-                   "Service name only, which the API server calling https://127.0.0.1 rejects."},
+                   "Service name only, which the API server calling https://127.0.0.1 rejects. It parses ca.key "
+                   "as PKCS#1 RSA only, or it never reports ready."},
         "fixed_paths": {
             "/tmp/k8s-webhook-server/serving-certs/tls.crt": "must exist: the cert-controller waits for this fixed "
                                                              "path (the Secret mounted in a pod) before it reports "
@@ -326,14 +328,15 @@ OPERATORS = [
 
 
 def write_overlay(folder: Path, module_root: Path, spec: dict | str) -> Path:
-    """The kustomization to render: upstream's own overlay, or ours listing upstream folders by absolute path
-    (for an overlay that names a remote resource, which cannot be fetched here)."""
+    """The kustomization to render: upstream's own overlay, or ours listing upstream folders (for an overlay that
+    names a remote resource, which cannot be fetched here)."""
     if isinstance(spec, str):
         return module_root / spec
     folder.mkdir(parents=True, exist_ok=True)
     lines = ["apiVersion: kustomize.config.k8s.io/v1beta1", "kind: Kustomization",
              f"namespace: {spec['namespace']}", "resources:"]
-    lines += [f"- {module_root / resource}" for resource in spec["resources"]]
+    # Relative paths: kustomize takes a folder outside the overlay only as a relative one.
+    lines += [f"- {os.path.relpath(module_root / resource, folder)}" for resource in spec["resources"]]
     (folder / "kustomization.yaml").write_text("\n".join(lines) + "\n")
     return folder
 
@@ -434,6 +437,32 @@ def describe_operator(out: Path, spec: dict, entry: dict) -> dict:
 
 # ---- the cache folder ----------------------------------------------------------------------------------------
 
+# The harness's steps for any operator, written into manifest.json (tests/cluster/README.md explains them).
+OPERATOR_RECIPE = [
+    "values = entry.values + {kubeconfig, work_dir, webhook_port, health_port}; substitute ${...} with "
+    "string.Template in args, env, files, cert_dir, ready_url",
+    "apply entry.namespaces, then entry.crds with server-side apply (the largest CRDs exceed client-side apply's "
+    "256 kB annotation); wait until each CRD is Established (controller-runtime does not start a controller whose "
+    "kind is missing from discovery at start-up, and retries only slowly)",
+    "write tls.crt/tls.key for entry.webhook_cert (IP 127.0.0.1) into cert_dir; if entry.cert_secret, create that "
+    "Secret first with a CA of the operator's own as it describes; provide entry.fixed_paths",
+    "write each entry.files template to its key's path; start entry.binary with args and env (os.environ + env)",
+    "wait until ready_url answers 200",
+    "apply entry.webhooks after replacing every clientConfig.service naming one of entry.webhook_service by "
+    "clientConfig.url = https://127.0.0.1:<webhook_port><service.path> and caBundle = base64(PEM of the CA that "
+    "signed the webhook certificate); re-apply the CRDs whose spec.conversion.webhook.clientConfig names it, "
+    "rewritten the same way (entry.service_refs lists every reference)",
+    "to stop: delete the webhook configurations first (failurePolicy Fail), then SIGTERM the process",
+]
+
+PLACEHOLDERS = {
+    "kubeconfig": "an admin kubeconfig (the operators run with cluster-admin rights; their RBAC is under other/)",
+    "work_dir": "an empty folder of this operator's own (config file, certificates, TMPDIR)",
+    "webhook_port": "a free port for its webhook server on 127.0.0.1",
+    "health_port": "a free port for its health probes (ready_url) on 127.0.0.1",
+}
+
+
 def build(final: Path, key: str, env: dict, only_kubeplane: bool) -> None:
     tmp = final.parent / f".tmp-{key}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -445,6 +474,8 @@ def build(final: Path, key: str, env: dict, only_kubeplane: bool) -> None:
         "go": env["GOVERSION"],
         "platform": f"{env['GOOS']}/{env['GOARCH']}",
         "kubeplane": build_kubeplane(tmp),
+        "placeholders": PLACEHOLDERS,
+        "operator_recipe": OPERATOR_RECIPE,
         "operators": {},
     }
     if not only_kubeplane:
