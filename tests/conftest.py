@@ -40,3 +40,30 @@ def ddpm(*args, env=None, check=True, **kwargs) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"ddpm {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+# ---- the real test cluster (tests/cluster): once per test run --------------------------------------------------------
+# `make test` runs pytest-xdist with --dist loadgroup: every test file is its own group (as --dist loadfile would do, so
+# module fixtures are built once), except the files that use the cluster, which form one group, "cluster": they all
+# run on one worker, which starts the control plane once for all of them.
+CLUSTER_GROUP = "cluster"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """The test cluster: a real control plane built from Kubernetes' Go modules, process-run nodes and volumes
+    (tests/cluster/__init__.py). Needs KUBE_TEST_ASSETS (make test sets it)."""
+    from cluster import Cluster
+
+    started = Cluster(tmp_path_factory.mktemp("cluster")).start()
+    try:
+        yield started
+    finally:
+        started.stop()

@@ -247,11 +247,15 @@ class PodWorker(threading.Thread):
         self.kubelet.network.enter()
         try:
             self._run()
-        except Exception as e:  # a bug here must show in the kubelet's log, not vanish with the thread
+        except Exception as e:  # a bug here must show in the kubelet's log and the pod, and the pod still go away
             self.kubelet.log(f"pod {self.namespace}/{self.pod_name}: worker crashed: {type(e).__name__}: {e}")
             import traceback
 
             self.kubelet.log(traceback.format_exc())
+            self.close_processes()
+            self.phase, self.reason, self.message = "Failed", "KubeletError", f"{type(e).__name__}: {e}"
+            self.push_status()
+            self.wait_for_deletion()
         finally:
             self.finished = True
             if self.sandbox is not None:
@@ -432,7 +436,9 @@ class PodWorker(threading.Thread):
         logs = self.dir / "logs" / container.name
         logs.mkdir(parents=True, exist_ok=True)
         container.log = logs / f"{container.restart_count}.log"
-        spec = {"hostname": self.hostname, "hosts": str(self.kubelet.hosts_file(self.namespace)),
+        root = self.dir / "rootfs" / container.name
+        root.mkdir(parents=True, exist_ok=True)
+        spec = {"hostname": self.hostname, "hosts": str(self.kubelet.hosts_file(self.namespace)), "root": str(root),
                 "mounts": self.container_mounts(container.spec, image), "keep": self.kubelet.keep_paths,
                 "env": env, "argv": argv, "workdir": container.spec.get("workingDir") or image.workdir}
         spec_path = self.dir / f"{container.name}.spec.json"
@@ -1186,6 +1192,14 @@ class ProcessKubelet:
             self.api.create(path_of("api/v1/events", meta["namespace"]), body)
         except (ApiError, OSError) as e:
             self.log(f"event {reason} for {meta['name']} not posted: {e}")
+
+    def kill_container(self, namespace: str, pod: str, container: str, sig: int = signal.SIGKILL) -> None:
+        """What an OOM kill or a segfault does to a container: its processes die at once (exit 128 + sig)."""
+        worker = self.worker_of(namespace, pod)
+        if worker is None:
+            raise KeyError(f"no pod {namespace}/{pod} on this kubelet")
+        target = next(c for c in worker.inits + worker.containers if c.name == container)
+        worker.kill_tree(target, sig)
 
     def worker_of(self, namespace: str, name: str) -> PodWorker | None:
         with self.lock:

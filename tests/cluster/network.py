@@ -58,7 +58,7 @@ class Holder:
         self.pid = self.popen.pid
         self.path = f"/proc/{self.pid}/ns/net"
         # unshare has moved itself into the new namespace once its namespace link differs from ours
-        mine = os.readlink("/proc/self/ns/net")
+        mine = os.readlink("/proc/thread-self/ns/net")  # the calling thread may have entered another namespace
         while os.readlink(self.path) == mine:
             if self.popen.poll() is not None:
                 raise OSError(f"unshare --net failed (exit {self.popen.returncode})")
@@ -182,14 +182,18 @@ class PodSandbox:
     """A pod's network namespace: eth0 on the cluster bridge with the pod's address. Created from a thread inside the
     cluster namespace (the veth's outer end must be created there)."""
 
+    _lock = threading.Lock()  # one veth pair at a time: the kernel names the peer in our namespace first
+
     def __init__(self, address: str, name: str):
         self.address = address
         self.holder = Holder()
         self.path = self.holder.path
-        outer = "veth" + name[-11:]
-        ip("link", "add", outer, "type", "veth", "peer", "name", "eth0", "netns", str(self.holder.pid))
-        ip("link", "set", outer, "master", "cni0", "up")
-        for args in (("link", "set", "lo", "up"), ("addr", "add", f"{address}/{POD_NETWORK.prefixlen}", "dev", "eth0"),
+        outer, inner = "veth" + name[-11:], "ceth" + name[-11:]
+        with self._lock:
+            ip("link", "add", outer, "type", "veth", "peer", "name", inner, "netns", str(self.holder.pid))
+            ip("link", "set", outer, "master", "cni0", "up")
+        for args in (("link", "set", inner, "name", "eth0"), ("link", "set", "lo", "up"),
+                     ("addr", "add", f"{address}/{POD_NETWORK.prefixlen}", "dev", "eth0"),
                      ("link", "set", "eth0", "up"), ("route", "add", "default", "via", NODE_IP)):
             ip(*args, netns_pid=self.holder.pid)
 

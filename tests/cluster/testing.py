@@ -1,0 +1,171 @@
+"""What the chart's end-to-end tests do on the test cluster: a namespace per test, a release installed with helm, and
+waiting for what the controllers write (conditions, pods, Events), always with a deadline and a message that says
+what was seen instead."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cluster import Cluster
+from cluster.api import ApiError, path_of
+
+CHART = Path(__file__).resolve().parents[2] / "helm"
+POLL_S = 0.5  # how often a wait reads the API again
+
+
+def wait_for(what: str, check: Callable[[], object], timeout_s: float, describe: Callable[[], str] = lambda: ""):
+    """check() until it returns something truthy (returned), or fail after timeout_s saying what was seen."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{describe()}")
+        time.sleep(POLL_S)  # the controllers act asynchronously: nothing to wait on but the API's answer
+
+
+def delete_namespace(cluster: Cluster, name: str, timeout_s: float = 180) -> None:
+    """Delete a test's namespace and wait until it is gone: its pods have then released their GPUs."""
+    try:
+        cluster.api.delete(path_of("api/v1/namespaces", None, name))
+    except ApiError as e:
+        if e.status != 404:
+            raise
+    wait_for(f"namespace {name} to be deleted",
+             lambda: not cluster.api.exists(path_of("api/v1/namespaces", None, name)), timeout_s)
+
+
+def namespace(cluster: Cluster, prefix: str, pod_security: str | None = "restricted") -> str:
+    """A fresh namespace; with `pod_security`, the Pod Security admission enforces that level in it."""
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    labels = {"pod-security.kubernetes.io/enforce": pod_security,
+              "pod-security.kubernetes.io/enforce-version": "latest"} if pod_security else {}
+    cluster.api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                              "metadata": {"name": name, "labels": labels}})
+    wait_for(f"the default ServiceAccount of {name}",
+             lambda: cluster.api.exists(path_of("api/v1/serviceaccounts", name, "default")), 60)
+    return name
+
+
+@dataclass
+class Release:
+    cluster: Cluster
+    name: str
+    namespace: str
+    values: dict = field(default_factory=dict)
+
+    @property
+    def fullname(self) -> str:
+        """The chart's resource-name prefix (ddpm.fullname): the release name, or <release>-ddpm."""
+        return self.name if "ddpm" in self.name else f"{self.name}-ddpm"
+
+    @property
+    def workload(self) -> str:
+        return f"{self.fullname}-train"
+
+    @property
+    def claim(self) -> str:
+        return f"{self.fullname}-data"
+
+    def _values_file(self) -> Path:
+        path = self.cluster.root / f"values-{self.namespace}-{self.name}.yaml"
+        path.write_text(yaml.safe_dump(self.values))
+        return path
+
+    def install(self, *extra: str) -> str:
+        return self.cluster.helm("install", self.name, str(CHART), "-n", self.namespace, "-f",
+                                 str(self._values_file()), *extra).stdout
+
+    def upgrade(self, *extra: str) -> str:
+        return self.cluster.helm("upgrade", self.name, str(CHART), "-n", self.namespace, *extra).stdout
+
+    def uninstall(self) -> str:
+        return self.cluster.helm("uninstall", self.name, "-n", self.namespace, "--wait").stdout
+
+    # ---- reading the cluster ----------------------------------------------------------------------------------------
+    def get(self, kind_path: str, name: str) -> dict | None:
+        try:
+            return self.cluster.api.get(path_of(kind_path, self.namespace, name))
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def list(self, kind_path: str, **params) -> list[dict]:
+        return self.cluster.api.get(path_of(kind_path, self.namespace), **params).get("items", [])
+
+    def pods(self, component: str = "train") -> list[dict]:
+        selector = f"app.kubernetes.io/instance={self.name},app.kubernetes.io/component={component}"
+        return self.list("api/v1/pods", labelSelector=selector)
+
+    def events(self, involved: str | None = None) -> list[dict]:
+        items = self.list("api/v1/events")
+        return [e for e in items if involved is None or e["involvedObject"]["name"] == involved]
+
+    def reasons(self, involved: str | None = None) -> list[str]:
+        return [e["reason"] for e in sorted(self.events(involved), key=lambda e: e.get("lastTimestamp") or "")]
+
+    def describe(self) -> str:
+        """What a person would look at when a wait fails: pods, workloads and recent Events."""
+        out = self.cluster.kubectl("-n", self.namespace, "get", "pods,jobs,pvc", "-o", "wide", check=False).stdout
+        events = self.cluster.kubectl("-n", self.namespace, "get", "events", "--sort-by=.lastTimestamp",
+                                      check=False).stdout
+        states = []
+        for pod in self.list("api/v1/pods"):
+            for status in (pod.get("status") or {}).get("containerStatuses") or []:
+                state = status.get("state") or {}
+                terminated = state.get("terminated") or {}
+                states.append(f"{pod['metadata']['name']}/{status['name']}: phase {pod['status'].get('phase')}, "
+                              f"{next(iter(state), '?')} exit {terminated.get('exitCode')} "
+                              f"{terminated.get('reason', '')} restarts {status.get('restartCount')}")
+        logs = ["\n".join(states)]
+        for pod in self.pods():
+            for container in pod["spec"]["containers"]:
+                result = self.cluster.kubectl("-n", self.namespace, "logs", pod["metadata"]["name"], "-c",
+                                              container["name"], "--tail=30", check=False)
+                logs.append(f"--- {pod['metadata']['name']}/{container['name']}\n{result.stdout}{result.stderr}")
+        return f"{out}\n{events[-6000:]}\n" + "\n".join(logs)
+
+    def condition(self, kind_path: str, name: str, kind: str) -> dict | None:
+        obj = self.get(kind_path, name) or {}
+        return next((c for c in (obj.get("status") or {}).get("conditions") or []
+                     if c["type"] == kind and c["status"] == "True"), None)
+
+    def wait_condition(self, kind_path: str, name: str, kinds: tuple[str, ...], timeout_s: float) -> dict:
+        """The first of `kinds` (e.g. Complete or Failed) to become True."""
+        def check():
+            return next((c for k in kinds if (c := self.condition(kind_path, name, k))), None)
+
+        return wait_for(f"{name} to be {' or '.join(kinds)}", check, timeout_s, self.describe)
+
+    def volume_folder(self, claim: str) -> Path:
+        """The host folder behind a claim (what the pods see at the claim's mountPath)."""
+        pvc = self.get("api/v1/persistentvolumeclaims", claim)
+        pv = self.cluster.api.get(path_of("api/v1/persistentvolumes", None, pvc["spec"]["volumeName"]))
+        spec = pv["spec"]
+        if "local" in spec:
+            return Path(spec["local"]["path"])
+        return self.cluster.kubelet.nfs_root / spec["nfs"]["path"].lstrip("/")
+
+    def logs(self, pod: str, container: str, *extra: str) -> str:
+        return self.cluster.kubectl("-n", self.namespace, "logs", pod, "-c", container, *extra).stdout
+
+
+def evict(cluster: Cluster, namespace: str, pod: str) -> None:
+    """The Eviction API, as `kubectl drain` and the cluster autoscaler use it: the API server adds the
+    DisruptionTarget condition and deletes the pod with its grace period."""
+    cluster.api.create(path_of("api/v1/pods", namespace, pod, "eviction"),
+                       {"apiVersion": "policy/v1", "kind": "Eviction",
+                        "metadata": {"name": pod, "namespace": namespace}})
+
+
+def as_json(text: str) -> dict:
+    return json.loads(text)
