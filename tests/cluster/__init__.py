@@ -25,6 +25,7 @@ from cluster.api import Api, ApiError, path_of
 from cluster.controlplane import ControlPlane, Process, assets_dir
 from cluster.kubelet import NodeSpec, ProcessKubelet, cpu_node, gpu_node
 from cluster.network import NODE_IP, ClusterNetwork
+from cluster.operators import Operators
 from cluster.provisioner import Provisioner
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -88,10 +89,13 @@ class Cluster:
                                       apiserver=(NODE_IP, plane.port), streams_port=streams_port,
                                       keep_paths=[str(CHECKOUT), str(self.venv)], nfs_root=nfs_root).start()
         self.wait_until_schedulable()
+        self.operators = Operators(self)
         self.startup_seconds = time.monotonic() - started
         return self
 
     def stop(self) -> None:
+        if getattr(self, "operators", None) is not None:
+            self.operators.stop()
         if self.kubelet is not None:
             self.kubelet.stop()
         if self.provisioner is not None:

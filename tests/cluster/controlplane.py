@@ -47,6 +47,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def dies_with_parent(argv: list[str]) -> list[str]:
+    """argv run so that the kernel kills it when the thread that started it goes (PR_SET_PDEATHSIG through setpriv):
+    a test run that is killed, or a harness that crashes, leaves no control plane or pod running."""
+    return ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+
+
 def assets_dir(explicit: Path | None = None) -> Path:
     folder = explicit or (Path(os.environ[ASSETS_ENV]) if os.environ.get(ASSETS_ENV) else None)
     if folder is None or not (folder / "bin" / "kubeplane").is_file():
@@ -67,7 +73,7 @@ class Process:
         with open(self.log, "ab") as out:
             # Its own session: a Ctrl-C in the terminal that runs `make cluster` does not reach it, and stop() can
             # signal exactly this process.
-            self.popen = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.popen = subprocess.Popen(dies_with_parent(self.argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           env=env, start_new_session=True)
 
     def alive(self) -> bool:

@@ -444,7 +444,8 @@ class PodWorker(threading.Thread):
         spec_path = self.dir / f"{container.name}.spec.json"
         spec_path.write_text(json.dumps(spec))
         with open(container.log, "ab") as out:
-            argv = ["unshare", "--mount", "--uts", "--", sys.executable, str(PODEXEC), str(spec_path)]
+            argv = ["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--mount", "--uts", "--", sys.executable,
+                    str(PODEXEC), str(spec_path)]  # gone with the kubelet, like a node's containers with its power
             container.popen = subprocess.Popen(
                 self.sandbox.command(argv) if self.sandbox else argv,
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={}, start_new_session=True)

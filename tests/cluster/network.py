@@ -53,8 +53,9 @@ class Holder:
     """A process that keeps a new network namespace alive (the pause container's job)."""
 
     def __init__(self):
-        self.popen = subprocess.Popen(["unshare", "--net", "--", "sleep", "infinity"], stdin=subprocess.DEVNULL,
-                                      start_new_session=True)
+        # setpriv --pdeathsig: gone with the thread that made it, so a killed test run leaves no namespace behind
+        self.popen = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--net", "--", "sleep",
+                                       "infinity"], stdin=subprocess.DEVNULL, start_new_session=True)
         self.pid = self.popen.pid
         self.path = f"/proc/{self.pid}/ns/net"
         # unshare has moved itself into the new namespace once its namespace link differs from ours
