@@ -67,3 +67,32 @@ def cluster(tmp_path_factory):
         yield started
     finally:
         started.stop()
+
+
+@pytest.fixture
+def make_namespace(cluster):
+    """Namespaces for one test on the cluster, deleted (their pods gone, their GPUs free) when it ends."""
+    from cluster.testing import delete_namespace, namespace
+
+    made = []
+
+    def make(prefix: str, pod_security: str | None = "restricted") -> str:
+        made.append(namespace(cluster, prefix, pod_security))
+        return made[-1]
+
+    yield make
+    for name in made:
+        delete_namespace(cluster, name)
+
+
+@pytest.fixture
+def hub(cluster):
+    """The fake Hub (tests/fake_hub.py) listening in the cluster's network, where pods reach it at the node's
+    address."""
+    from cluster.network import NODE_IP
+    from cluster.testing import TOKEN
+    from fake_hub import FakeHub
+
+    server = cluster.network.call(lambda: FakeHub(tokens=(TOKEN,), host="0.0.0.0", advertise=NODE_IP).start())
+    yield server
+    server.stop()

@@ -80,8 +80,10 @@ class HubError(Exception):
 
 
 class FakeHub:
-    def __init__(self, tokens=("hf_fake_write_token",)):
+    def __init__(self, tokens=("hf_fake_write_token",), host: str = "127.0.0.1", advertise: str | None = None):
         self.tokens = set(tokens)  # accepted write tokens
+        # 0.0.0.0 in the test cluster's network namespace, advertised as the node's address its pods reach
+        self.host, self.advertise = host, advertise
         self.repos: dict[str, Repo] = {}
         self.lfs_storage: dict[str, bytes] = {}  # sha256 -> content, shared by all repos as on the Hub
         self.requests: list[Request] = []
@@ -95,7 +97,7 @@ class FakeHub:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{self.advertise or host}:{port}"
 
     def start(self) -> "FakeHub":
         hub = self
@@ -103,7 +105,7 @@ class FakeHub:
         class Handler(_Handler):
             fake = hub
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer((self.host, 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fake-hub",
                                         daemon=True)

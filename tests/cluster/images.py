@@ -61,6 +61,9 @@ def dockerfile_stage(dockerfile: Path, target: str | None = None) -> tuple[dict[
 
 def project_image(checkout: Path, venv: Path, target: str | None = None) -> Image:
     env, entrypoint, cmd, workdir = dockerfile_stage(checkout / "Dockerfile", target)
+    # The image holds this checkout's `trainer`; the venv's editable install may point at another checkout (a git
+    # worktree sharing one venv), so this checkout comes first on the path, as `COPY trainer` puts it in the image.
+    env["PYTHONPATH"] = str(checkout)
     return Image(env=env, entrypoint=tuple(entrypoint), cmd=tuple(cmd), workdir=workdir,
                  mounts=(("/opt/venv", str(venv)),))
 

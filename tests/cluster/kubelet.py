@@ -88,7 +88,6 @@ class NodeSpec:
     memory: str = "128Gi"
     labels: dict[str, str] = field(default_factory=dict)
     taints: list[dict] = field(default_factory=list)
-    start_delay_s: float = 0.0  # containers start this long after the pod is bound (a slow image pull, a new node)
 
 
 def gpu_node(name: str, gpus: int = 1, zone: str = "zone-a", **kwargs) -> NodeSpec:
@@ -267,12 +266,6 @@ class PodWorker(threading.Thread):
             self.sandbox = PodSandbox(self.ip, unique_suffix(self.uid))
         self.kubelet.pod_started(self)
         self.push_status()
-        if self.node.start_delay_s:
-            self.event("Pulling", f"Pulling image (this node starts containers after {self.node.start_delay_s:g}s)")
-            deadline = time.monotonic() + self.node.start_delay_s
-            while time.monotonic() < deadline and self.delete_requested is None:
-                self.wake.wait(min(1.0, deadline - time.monotonic()))
-                self.wake.clear()
         while not self.sandbox_ready:
             if self.delete_requested is not None:
                 return self.terminate()
@@ -412,6 +405,10 @@ class PodWorker(threading.Thread):
 
     # -- containers --
     def start_container(self, container: Container) -> bool:
+        if self.kubelet.held(self.pod_name, container.name):  # a test's slow image pull: not yet
+            if container.popen is None:
+                self.set_container_waiting(container, "ContainerCreating", "pulling the image")
+            return False
         image = self.kubelet.images.find(container.spec["image"])
         if image is None:
             self.set_container_waiting(container, "ErrImagePull" if container.restart_count == 0 else
@@ -911,6 +908,7 @@ class ProcessKubelet:
         self.logfile = open(root / "kubelet.log", "a", buffering=1)
         self.threads: list[threading.Thread] = []
         self.leases: set[str] = set()
+        self.holds: list[tuple[re.Pattern, str | None, threading.Event]] = []
         for spec in nodes:
             self.nodes[spec.name] = spec
         (root / "streams" / "pods").mkdir(parents=True, exist_ok=True)
@@ -1194,8 +1192,36 @@ class ProcessKubelet:
         except (ApiError, OSError) as e:
             self.log(f"event {reason} for {meta['name']} not posted: {e}")
 
+    # -- what tests do to nodes: slow image pulls --
+    def hold(self, pod_pattern: str, container: str | None = None):
+        """Containers (all, or `container`) of pods whose name matches `pod_pattern` do not start until the returned
+        function is called, as with an image pull that takes that long. Returns the release function."""
+        released = threading.Event()
+        self.holds.append((re.compile(pod_pattern), container, released))
+
+        def release() -> None:
+            released.set()
+            with self.lock:
+                workers = list(self.workers.values())
+            for worker in workers:
+                worker.wake.set()
+
+        return release
+
+    def delay(self, pod_pattern: str, seconds: float, container: str | None = None) -> None:
+        """hold(), released `seconds` after each matching pod is first seen (a node that pulls slowly)."""
+        release = self.hold(pod_pattern, container)
+        timer = threading.Timer(seconds, release)
+        timer.daemon = True
+        timer.start()
+
+    def held(self, pod: str, container: str) -> bool:
+        return any(pattern.search(pod) and which in (None, container) and not released.is_set()
+                   for pattern, which, released in self.holds)
+
     def kill_container(self, namespace: str, pod: str, container: str, sig: int = signal.SIGKILL) -> None:
-        """What an OOM kill or a segfault does to a container: its processes die at once (exit 128 + sig)."""
+        """What an OOM kill or a segfault does to a container: its processes die at once (exit 128 + sig). Other
+        signals (SIGSTOP, SIGCONT) reach every process of the container too."""
         worker = self.worker_of(namespace, pod)
         if worker is None:
             raise KeyError(f"no pod {namespace}/{pod} on this kubelet")

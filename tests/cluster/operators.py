@@ -104,8 +104,7 @@ class Operator:
         for path in entry.get("namespaces", []) + entry.get("crds", []):
             self.apply(self.assets / path)
         for path in entry.get("crds", []):
-            name = json.loads((self.assets / path).read_text())["metadata"]["name"]
-            cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+            self.wait_established(json.loads((self.assets / path).read_text())["metadata"]["name"])
 
         cert_dir = Path(substitute(entry["cert_dir"], values))
         cert_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +146,17 @@ class Operator:
         converting = {ref["file"] for ref in entry.get("service_refs", []) if ref["kind"] == "CustomResourceDefinition"}
         for path in sorted(converting):
             self.apply(self.assets / path, self.rewrite, port)
+
+    def wait_established(self, crd: str, timeout_s: float = 60.0) -> None:
+        """Until the API server serves the CRD's kind (condition Established)."""
+        from cluster.testing import wait_for
+
+        def established() -> bool:
+            obj = self.cluster.api.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}")
+            return any(c["type"] == "Established" and c["status"] == "True"
+                       for c in (obj.get("status") or {}).get("conditions") or [])
+
+        wait_for(f"CRD {crd} Established", established, timeout_s)
 
     def wait_ready(self, url: str, timeout_s: float = 60.0) -> None:
         def ask() -> bool:

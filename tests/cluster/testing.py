@@ -5,7 +5,11 @@ what was seen instead."""
 from __future__ import annotations
 
 import json
+import re
+import secrets
+import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster import Cluster
+from cluster import Cluster, find_tool
 from cluster.api import ApiError, path_of
 
 CHART = Path(__file__).resolve().parents[2] / "helm"
@@ -106,6 +110,20 @@ class Release:
         selector = f"app.kubernetes.io/instance={self.name},app.kubernetes.io/component={component}"
         return self.list("api/v1/pods", labelSelector=selector)
 
+    def list_pods_of_claim(self) -> list[dict]:
+        """Every pod in the namespace that mounts this release's claim."""
+        return [p for p in self.list("api/v1/pods") if any(
+            (v.get("persistentVolumeClaim") or {}).get("claimName") == self.claim for v in p["spec"].get("volumes") or [])]
+
+    def newest_checkpoint(self) -> int:
+        """The newest complete checkpoint's step on the volume (0: none yet)."""
+        pvc = self.get("api/v1/persistentvolumeclaims", self.claim) or {}
+        if not (pvc.get("spec") or {}).get("volumeName"):
+            return 0  # not bound yet: no pod has started
+        folder = self.volume_folder(self.claim) / self.fullname / "output" / "checkpoints"
+        steps = [int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*")] if folder.is_dir() else []
+        return max(steps, default=0)
+
     def events(self, involved: str | None = None) -> list[dict]:
         items = self.list("api/v1/events")
         return [e for e in items if involved is None or e["involvedObject"]["name"] == involved]
@@ -127,8 +145,8 @@ class Release:
                               f"{next(iter(state), '?')} exit {terminated.get('exitCode')} "
                               f"{terminated.get('reason', '')} restarts {status.get('restartCount')}")
         logs = ["\n".join(states)]
-        for pod in self.pods():
-            for container in pod["spec"]["containers"]:
+        for pod in self.list("api/v1/pods"):
+            for container in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
                 result = self.cluster.kubectl("-n", self.namespace, "logs", pod["metadata"]["name"], "-c",
                                               container["name"], "--tail=30", check=False)
                 logs.append(f"--- {pod['metadata']['name']}/{container['name']}\n{result.stdout}{result.stderr}")
@@ -169,3 +187,61 @@ def evict(cluster: Cluster, namespace: str, pod: str) -> None:
 
 def as_json(text: str) -> dict:
     return json.loads(text)
+
+
+# ---- the values the end-to-end tests install with ------------------------------------------------------------------
+TOKEN = "hf_" + secrets.token_hex(16)  # the Hub write token of the tests' Secret (and the fake Hub's)
+# 64 images, batch 4 per process x 2 processes: 8 steps per epoch. Seconds of CPU per step.
+TINY = {"model_preset": "small", "image_size": 16, "builtin_num_images": 64, "train_batch_size": 4,
+        "eval_batch_size": 4, "num_inference_steps": 2, "dataloader_num_workers": 0, "lr_warmup_steps": 2,
+        "eval_quality_images": 0, "logging_steps": 2, "checkpointing_steps": 4, "save_image_epochs": 2,
+        "max_train_steps": 16}
+SHARED = {"storageClass": "shared", "accessModes": ["ReadWriteMany"], "size": "1Gi"}  # the cluster's RWX class
+ENV = [{"name": "OMP_NUM_THREADS", "value": "1"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+
+
+def values(gpus: int = 2, storage: dict | None = None, config: dict | None = None, **overrides) -> dict:
+    """Two one-GPU nodes on the shared volume, the tiny config; `overrides` are more chart values."""
+    return {"gpus": gpus, "gpusPerNode": 1, "config": dict(TINY, **(config or {})),
+            "storage": storage if storage is not None else SHARED, "extraEnv": list(ENV), **overrides}
+
+
+def with_hub(base: dict, hub, repo: str, mode: str) -> dict:
+    """`base` with the push on (`mode` trainer or job) to the fake Hub, token from the Secret `hf-token`."""
+    base["config"]["hub_model_id"] = repo
+    base["push"] = {"enabled": True, "mode": mode, "tokenSecret": "hf-token", "pollSeconds": 2}
+    base["extraEnv"] = [e for e in base["extraEnv"] if e["name"] != "HF_HUB_OFFLINE"] + [
+        {"name": "HF_ENDPOINT", "value": hub.url}, {"name": "HF_HUB_DISABLE_XET", "value": "1"}]
+    return base
+
+
+def token_secret(cluster: Cluster, ns: str) -> None:
+    cluster.kubectl("-n", ns, "create", "secret", "generic", "hf-token", f"--from-literal=token={TOKEN}")
+
+
+def marker(release: "Release") -> dict:
+    """The completion marker the run wrote on the volume."""
+    output = release.volume_folder(release.claim) / release.fullname / "output"
+    return json.loads((output / "training_complete.json").read_text())
+
+
+def ready(pod: dict, container: str) -> bool:
+    statuses = (pod.get("status") or {}).get("initContainerStatuses", []) + \
+        (pod.get("status") or {}).get("containerStatuses", [])
+    return any(s["name"] == container and s.get("ready") for s in statuses)
+
+
+def port_forward_get(cluster: Cluster, ns: str, target: str, port: int) -> int:
+    """`kubectl port-forward <target> :<port>` (through the API server and the kubelet's port-forward endpoint), then
+    GET / through it: the HTTP status."""
+    forward = subprocess.Popen([find_tool("kubectl"), "-n", ns, "port-forward", target, f":{port}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster.env())
+    try:
+        line = forward.stdout.readline()
+        found = re.search(r"127\.0\.0\.1:(\d+)", line)
+        assert found, f"kubectl port-forward {target}: {line}{forward.stdout.read() if forward.poll() is not None else ''}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{int(found[1])}/", timeout=30) as response:
+            return response.status
+    finally:
+        forward.terminate()
+        forward.wait()
