@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import urllib3
 
 from cluster.api import Api, ApiError, Informer, path_of
 from cluster.images import Images
@@ -671,6 +672,8 @@ class PodWorker(threading.Thread):
         except ApiError as e:
             if e.status != 404:
                 self.kubelet.log(f"pod {self.namespace}/{self.pod_name}: status not written: {e}")
+        except (OSError, urllib3.exceptions.HTTPError) as e:  # the API server is gone (the cluster is stopping)
+            self.kubelet.log(f"pod {self.namespace}/{self.pod_name}: status not written: {e}")
 
     def event(self, reason: str, message: str, warning: bool = False, once: bool = False) -> None:
         self.kubelet.event(self.pod, reason, message, warning, once)
@@ -1189,7 +1192,7 @@ class ProcessKubelet:
                 "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1}
         try:
             self.api.create(path_of("api/v1/events", meta["namespace"]), body)
-        except (ApiError, OSError) as e:
+        except (ApiError, OSError, urllib3.exceptions.HTTPError) as e:
             self.log(f"event {reason} for {meta['name']} not posted: {e}")
 
     # -- what tests do to nodes: slow image pulls --
