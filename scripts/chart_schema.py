@@ -146,11 +146,10 @@ def chart_values(config_schema: dict) -> dict:
             "jobAnnotations": {**STRING_MAP, "description": "annotations on the training workload"},
             "jobset": obj(
                 {
-                    "pushInJobSet": boolean("run the push as the JobSet's replicated Job after training (dependsOn)"),
                     "exclusiveTopology": string("node label whose domains each hold one JobSet's training pods; "
                                                 "empty: none", pattern=r"^([A-Za-z0-9][-A-Za-z0-9_./]*)?$"),
                 },
-                required=["pushInJobSet", "exclusiveTopology"],
+                required=["exclusiveTopology"],
                 description="settings of the jobset backend",
             ),
             "elastic": obj(
@@ -260,6 +259,9 @@ def chart_values(config_schema: dict) -> dict:
             "tensorboard": obj(
                 {
                     "enabled": boolean("run TensorBoard"),
+                    "mode": {"type": "string", "enum": ["sidecar", "deployment"],
+                             "description": "sidecar: in the training pods (rank 0's behind the Service); deployment: "
+                                            "a Deployment of its own (ReadWriteMany storage only)"},
                     "port": integer("TensorBoard Service port", minimum=1, maximum=65535),
                     "image": obj(
                         {
@@ -271,11 +273,14 @@ def chart_values(config_schema: dict) -> dict:
                     "resources": container_resources("resources of the TensorBoard container"),
                     **component_scheduling("TensorBoard pod"),
                 },
-                required=["enabled", "port", "image"],
+                required=["enabled", "mode", "port", "image"],
             ),
             "push": obj(
                 {
                     "enabled": boolean("push the pipeline to the Hub when training completes"),
+                    "mode": {"type": "string", "enum": ["trainer", "job"],
+                             "description": "trainer: rank 0 pushes at the end of training; job: a Job of its own "
+                                            "(ReadWriteMany storage only)"},
                     "tokenSecret": string("existing Secret with the Hub token", pattern=r"^([a-z0-9]([-.a-z0-9]*[a-z0-9])?)?$"),
                     "tokenSecretKey": string("key of the token in that Secret", minLength=1),
                     "pollSeconds": integer("seconds between checks for the completion marker", minimum=1),
@@ -288,7 +293,7 @@ def chart_values(config_schema: dict) -> dict:
                     "resources": container_resources("resources of the push container"),
                     **component_scheduling("push pod"),
                 },
-                required=["enabled", "tokenSecret", "tokenSecretKey", "pollSeconds", "waitTimeoutSeconds",
+                required=["enabled", "mode", "tokenSecret", "tokenSecretKey", "pollSeconds", "waitTimeoutSeconds",
                           "deadlineSeconds"],
             ),
             "tests": obj(

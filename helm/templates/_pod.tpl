@@ -50,22 +50,23 @@ the run's shape ("MIN:MAX" nodes when elastic); TrainJob's torch plugin injects 
 (kubeflow/trainer release-2.3 pkg/constants/constants.go TorchRunReservedEnvNames).
 */}}
 {{- define "ddpm.rendezvousEnv" -}}
-{{- if has .Values.backend (list "job" "jobset") }}
+{{- $root := .root }}
+{{- if has $root.Values.backend (list "job" "jobset") }}
 - name: PET_NNODES
-  value: {{ include "ddpm.nnodes" . | quote }}
+  value: {{ include "ddpm.nnodes" $root | quote }}
 - name: PET_NPROC_PER_NODE
-  value: {{ include "ddpm.procsPerNode" . | quote }}
+  value: {{ include "ddpm.procsPerNode" $root | quote }}
 {{- end }}
 - name: PET_RDZV_BACKEND
   value: c10d
 - name: PET_RDZV_ENDPOINT
-  value: {{ include "ddpm.rendezvousEndpoint" . | quote }}
+  value: {{ include "ddpm.rendezvousEndpoint" $root | quote }}
 - name: PET_RDZV_ID
-  value: {{ include "ddpm.rendezvousId" . | quote }}
+  value: {{ include "ddpm.rendezvousId" $root | quote }}
 - name: PET_MAX_RESTARTS
-  value: {{ int64 .Values.maxRestarts | toString | quote }}
+  value: {{ int64 $root.Values.maxRestarts | toString | quote }}
 - name: PET_RDZV_CONF
-  value: {{ printf "join_timeout=%d" (int .Values.rendezvousTimeoutSeconds) | quote }}
+  value: {{ include "ddpm.rdzvConf" . | quote }}
 {{- end }}
 
 {{/*
@@ -216,12 +217,55 @@ runtime user's to it. Only for volumes whose CSI driver does not apply fsGroup (
       mountPath: /data
 {{- end }}
 
+{{/*
+TensorBoard as a native sidecar of the training pods (an init container with restartPolicy Always; Kubernetes >= 1.29):
+it starts with the pod, reads the volume where the trainer mounts it, and is stopped when the trainer's container
+ends, so it never holds a ReadWriteOnce volume on another node or keeps a GPU node (whose taint it need not
+tolerate) up after training. Every training pod runs one; the Service shows rank 0's.
+*/}}
+{{- define "ddpm.tensorboardContainer" -}}
+{{- $root := .root }}
+- name: tensorboard
+  {{- with $root.Values.tensorboard.image }}
+  image: {{ if .repository }}{{ printf "%s:%s" .repository (.tag | default $root.Chart.AppVersion) }}{{ else }}{{ include "ddpm.image" $root }}{{ end }}
+  {{- end }}
+  imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+  {{- if .sidecar }}
+  restartPolicy: Always
+  {{- end }}
+  command: ["tensorboard", "--logdir", "{{ include "ddpm.outputDir" $root }}/logs", "--host", "0.0.0.0", "--port", "6006"]
+  env:
+    - name: HOME
+      value: {{ include "ddpm.home" $root | quote }}
+  ports:
+    - name: tensorboard
+      containerPort: 6006
+      protocol: TCP
+  readinessProbe:
+    httpGet:
+      path: /
+      port: 6006
+    periodSeconds: 10
+  resources:
+    {{- toYaml $root.Values.tensorboard.resources | nindent 4 }}
+  securityContext:
+    {{- include "ddpm.containerSecurityContext" $root | nindent 4 }}
+  volumeMounts:
+    - name: data
+      mountPath: /data
+      readOnly: true
+    {{- include "ddpm.scratchMounts" $root | nindent 4 }}
+{{- end }}
+
 {{- define "ddpm.trainInitContainers" -}}
 {{- if .Values.storage.fixOwnership }}
 {{ include "ddpm.fixOwnershipContainer" . }}
 {{- end }}
 {{- with .Values.initContainers }}
 {{ toYaml . }}
+{{- end }}
+{{- if include "ddpm.tensorboardSidecar" . }}
+{{ include "ddpm.tensorboardContainer" (dict "root" . "sidecar" true) }}
 {{- end }}
 {{- end }}
 
@@ -239,8 +283,9 @@ annotations:
 {{- end }}
 
 {{/*
-The training pod spec of the `job` and `pytorchjob` backends and of the chart's TrainingRuntime. Call with
-(dict "root" $ "container" NAME "restartPolicy" POLICY-or-"" "env" YAML "ports" YAML "subdomain" NAME).
+The training pod spec of the `job`, `jobset` and `pytorchjob` backends and of the chart's TrainingRuntime. Call with
+(dict "root" $ "container" NAME "restartPolicy" POLICY-or-"" "env" YAML "ports" YAML "subdomain" NAME
+"readinessProbe" YAML-or-"").
 */}}
 {{- define "ddpm.trainPodSpec" -}}
 {{- $root := .root -}}
@@ -307,6 +352,10 @@ containers:
     ports:
       {{- . | nindent 6 }}
     {{- end }}
+    {{- with .readinessProbe }}
+    readinessProbe:
+      {{- . | nindent 6 }}
+    {{- end }}
     resources:
       {{- include "ddpm.trainResources" $root | nindent 6 }}
     securityContext:
@@ -319,62 +368,49 @@ volumes:
 
 {{/*
 The training container's env for the Job, JobSet and PyTorchJob (the TrainJob passes the same through
-spec.trainer.env).
+spec.trainer.env): ddpm.trainEnvFor with (dict "root" $ "isHost" "true"/"false"/"") where a backend must say which
+node hosts the rendezvous store, ddpm.trainEnv where `ddpm launch` can tell from JOB_COMPLETION_INDEX. With
+push.mode=trainer, rank 0 pushes at the end of training: HF_TOKEN from the Secret.
 */}}
-{{- define "ddpm.trainEnv" -}}
-{{- if ne .Values.backend "pytorchjob" }}
+{{- define "ddpm.trainEnvFor" -}}
+{{- $root := .root }}
+{{- if ne $root.Values.backend "pytorchjob" }}
 {{ include "ddpm.rendezvousEnv" . }}
 {{- end }}
-{{ include "ddpm.identityEnv" . }}
-{{ include "ddpm.apiAccessEnv" . }}
-{{ include "ddpm.commonEnv" . }}
+{{ include "ddpm.identityEnv" $root }}
+{{ include "ddpm.apiAccessEnv" $root }}
+{{ include "ddpm.commonEnv" $root }}
+{{- if include "ddpm.pushByTrainer" $root }}
+{{ include "ddpm.tokenEnv" $root }}
+{{- end }}
 {{- end }}
 
+{{- define "ddpm.trainEnv" -}}{{ include "ddpm.trainEnvFor" (dict "root" . "isHost" "") }}{{- end }}
+
 {{/*
-Scheduling of TensorBoard, the push and the test pod. Call with (dict "root" $ "own" .Values.<component>
-"onVolume" BOOL). Each of nodeSelector, tolerations, affinity, imagePullSecrets: the component's own value, or when
-null the training pods' tolerations (only allow, never force, a node) and the global imagePullSecrets. With a
-single-node volume a pod on it also gets the training pods' nodeSelector and tolerations and a pod affinity to the
-trainer: the volume can only be attached there while the trainer runs. The affinity is preferred, not required,
-so that a pod created after the trainer has finished (a TensorBoard restart, a push retry) still schedules.
+Scheduling of the pods that are not training pods (the TensorBoard Deployment, the push Job, the test pod): their
+own nodeSelector, tolerations and affinity, none by default (they need no GPU, so they stay off tainted GPU nodes and
+never keep one up), and the global imagePullSecrets unless they set their own. Call with (dict "root" $ "own"
+.Values.<component>).
 */}}
 {{- define "ddpm.componentScheduling" -}}
-{{- $root := .root }}
-{{- $v := $root.Values }}
+{{- $v := .root.Values }}
 {{- $own := .own }}
-{{- $colocate := and .onVolume (include "ddpm.singleNodeVolume" $root) }}
-{{- $nodeSelector := dict }}
-{{- if $colocate }}{{ $nodeSelector = merge $nodeSelector (deepCopy $v.nodeSelector) }}{{ end }}
-{{- if not (kindIs "invalid" $own.nodeSelector) }}{{ $nodeSelector = merge (deepCopy $own.nodeSelector) $nodeSelector }}{{ end }}
-{{- $tolerations := list }}
-{{- if kindIs "invalid" $own.tolerations }}{{ $tolerations = $v.tolerations }}
-{{- else }}{{ $tolerations = $own.tolerations }}
-{{- if $colocate }}{{ $tolerations = concat $own.tolerations $v.tolerations | uniq }}{{ end }}
-{{- end }}
-{{- $affinity := dict }}
-{{- if not (kindIs "invalid" $own.affinity) }}{{ $affinity = deepCopy $own.affinity }}{{ end }}
-{{- if $colocate }}
-{{- $podAffinity := get $affinity "podAffinity" | default dict }}
-{{- $preferred := get $podAffinity "preferredDuringSchedulingIgnoredDuringExecution" | default list }}
-{{- $term := dict "weight" 100 "podAffinityTerm" (dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (dict "app.kubernetes.io/name" (include "ddpm.name" $root) "app.kubernetes.io/instance" $root.Release.Name "app.kubernetes.io/component" "train"))) }}
-{{- $_ := set $podAffinity "preferredDuringSchedulingIgnoredDuringExecution" (append $preferred $term) }}
-{{- $_ := set $affinity "podAffinity" $podAffinity }}
-{{- end }}
 {{- $pullSecrets := $v.imagePullSecrets }}
 {{- if not (kindIs "invalid" $own.imagePullSecrets) }}{{ $pullSecrets = $own.imagePullSecrets }}{{ end }}
 {{- with $pullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with $nodeSelector }}
+{{- with $own.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with $tolerations }}
+{{- with $own.tolerations }}
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with $affinity }}
+{{- with $own.affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
@@ -433,11 +469,8 @@ successPolicy:
 {{- end }}
 
 {{/*
-The push pod: `ddpm wait-for-training` (init container) until this config's run is complete, then `ddpm push`. Call
-with (dict "root" $ "apiAccess" BOOL). With apiAccess the wait gets the API token and follows the training workload
-through the API (the separate push Job); without, it finds no token and checks the completion marker, which is what
-the push inside a JobSet needs: the JobSet controller starts it only after the training Job has completed, and the
-JobSet itself is not complete until the push is, so watching it would wait forever.
+The push pod (push.mode=job): `ddpm wait-for-training` (init container, with an API token) follows the training
+workload until this config's run is complete, then `ddpm push`. Call with (dict "root" $ "apiAccess" true).
 */}}
 {{- define "ddpm.pushPodSpec" -}}
 {{- $root := .root }}
@@ -448,7 +481,7 @@ enableServiceLinks: false
 serviceAccountName: {{ include "ddpm.pushServiceAccountName" $root }}
 # Only the wait gets an API token (ddpm.apiAccessVolume), never the upload.
 automountServiceAccountToken: false
-{{- with (include "ddpm.componentScheduling" (dict "root" $root "own" $v.push "onVolume" true) | trim) }}
+{{- with (include "ddpm.componentScheduling" (dict "root" $root "own" $v.push) | trim) }}
 {{ . }}
 {{- end }}
 securityContext:

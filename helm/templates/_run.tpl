@@ -49,24 +49,51 @@ trainer then keeps at every size by recomputing the accumulation; empty when nei
 {{- define "ddpm.home" -}}/home/ddpm{{- end }}
 
 {{/* The trainer's config file: .Values.config with output_dir and the decoded-data cache on this release's
-folder (the cache outlives a run, so a re-install with the same images skips decoding), and with elastic on the
-global batch (ddpm.globalBatchSize). */}}
+folder (the cache outlives a run, so a re-install with the same images skips decoding), with elastic on the global
+batch (ddpm.globalBatchSize), and with push.mode=trainer the push at the end of training (push_to_hub). */}}
 {{- define "ddpm.configYaml" -}}
 {{- $config := deepCopy .Values.config }}
 {{- $_ := set $config "output_dir" (include "ddpm.outputDir" .) }}
 {{- $_ := set $config "data_cache_dir" (include "ddpm.dataCacheDir" .) }}
+{{- if include "ddpm.pushByTrainer" . }}{{ $_ := set $config "push_to_hub" true }}{{ end }}
 {{- with include "ddpm.globalBatchSize" . }}{{ $_ := set $config "global_batch_size" (int64 .) }}{{ end }}
 {{- toYaml $config }}
 {{- end }}
 
 {{/*
-Failed pods the training workload survives: backoffLimit, or backoffLimitPerNode x nodes. With the c10d rendezvous
-one crashed pod costs one retry, but losing node 0 (the rendezvous store) fails every other pod too.
+Failed pods the training workload survives: backoffLimit, or backoffLimitPerNode x nodes (a crash of every node at
+once, a deterministic bug, costs one per node; preemptions and lost peers exit 143 and are never counted).
 */}}
 {{- define "ddpm.backoffLimit" -}}
 {{- if kindIs "invalid" .Values.backoffLimit }}{{ mul (int .Values.backoffLimitPerNode) (include "ddpm.nodes" . | int) }}
 {{- else }}{{ int .Values.backoffLimit }}{{ end }}
 {{- end }}
+
+{{/*
+Counted gang restarts of a JobSet (failurePolicy.maxRestarts): backoffLimit, or backoffLimitPerNode. Each restart
+recreates every node at once, so the per-pod budget x nodes would let a deterministic crash restart the whole gang
+6 x nodes times (192 at 256 GPUs).
+*/}}
+{{- define "ddpm.gangRestarts" -}}
+{{- if kindIs "invalid" .Values.backoffLimit }}{{ int .Values.backoffLimitPerNode }}{{ else }}{{ int .Values.backoffLimit }}{{ end }}
+{{- end }}
+
+{{/*
+torchrun's rendezvous settings (PET_RDZV_CONF): join_timeout, and read_timeout, the timeout of the c10d store's
+connections (torch/distributed/elastic/rendezvous/c10d_rendezvous_backend.py, 60 s by default), so that a node whose
+node 0 starts minutes later waits for it instead of failing. Call with (dict "root" $ "isHost" "true"/"false"/"").
+*/}}
+{{- define "ddpm.rdzvConf" -}}
+{{- $t := int .root.Values.rendezvousTimeoutSeconds }}
+{{- printf "join_timeout=%d,read_timeout=%d" $t $t }}{{ with .isHost }},is_host={{ . }}{{ end }}
+{{- end }}
+
+{{/* Whether the trainer's rank 0 pushes at the end of training (push.mode=trainer). */}}
+{{- define "ddpm.pushByTrainer" -}}{{ if and .Values.push.enabled (eq .Values.push.mode "trainer") }}true{{ end }}{{- end }}
+{{/* Whether a separate push Job runs (push.mode=job). */}}
+{{- define "ddpm.pushJob" -}}{{ if and .Values.push.enabled (eq .Values.push.mode "job") }}true{{ end }}{{- end }}
+{{/* Whether TensorBoard is a sidecar of the training pods. */}}
+{{- define "ddpm.tensorboardSidecar" -}}{{ if and .Values.tensorboard.enabled (eq .Values.tensorboard.mode "sidecar") }}true{{ end }}{{- end }}
 
 {{/* torchrun's rendezvous id: stable for the release, so a replaced pod joins the same rendezvous. */}}
 {{- define "ddpm.rendezvousId" -}}{{ include "ddpm.fullname" . }}{{- end }}
@@ -76,16 +103,31 @@ one crashed pod costs one retry, but losing node 0 (the rendezvous store) fails 
 {{- $train := include "ddpm.trainName" . }}
 {{- if eq .Values.backend "job" }}{{ printf "%s-0.%s:%d" $train (include "ddpm.workersName" .) (int .Values.masterPort) }}
 {{- else if eq .Values.backend "pytorchjob" }}{{ printf "%s-worker-0:%d" $train (int .Values.masterPort) }}
-{{- else }}{{/* jobset, trainjob: the JobSet's Job <jobset>-node-0, its pod 0, on the JobSet's Service <jobset> */}}
+{{- else if eq .Values.backend "jobset" }}{{/* the replicated Job `leader`'s pod, on the JobSet's Service <jobset> */}}
+{{- printf "%s-leader-0-0.%s:%d" $train $train (int .Values.masterPort) }}
+{{- else }}{{/* trainjob: the JobSet's Job <trainjob>-node-0, its pod 0, on the JobSet's Service <trainjob> */}}
 {{- printf "%s-node-0-0.%s:%d" $train $train (int .Values.masterPort) }}{{ end }}
 {{- end }}
 
 {{/*
-Whether the volume can only be attached to one node: then TensorBoard and the push Job are scheduled next to the
-trainer, with its nodeSelector and tolerations.
+The labels of rank 0's pod (node 0, which hosts the rendezvous and, with tensorboard.mode=sidecar, the TensorBoard the
+Service shows), as each controller labels its pods.
 */}}
-{{- define "ddpm.singleNodeVolume" -}}
-{{- if has "ReadWriteMany" .Values.storage.accessModes }}{{ else }}true{{ end }}
+{{- define "ddpm.rank0Selector" -}}
+{{ include "ddpm.selectorLabels" . }}
+app.kubernetes.io/component: train
+{{- if eq .Values.backend "job" }}
+batch.kubernetes.io/job-completion-index: "0"
+{{- else if eq .Values.backend "jobset" }}
+jobset.sigs.k8s.io/replicatedjob-name: leader
+{{- else if eq .Values.backend "pytorchjob" }}
+training.kubeflow.org/replica-type: worker
+training.kubeflow.org/replica-index: "0"
+{{- else }}
+jobset.sigs.k8s.io/replicatedjob-name: node
+jobset.sigs.k8s.io/job-index: "0"
+batch.kubernetes.io/job-completion-index: "0"
+{{- end }}
 {{- end }}
 
 {{/*

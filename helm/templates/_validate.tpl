@@ -24,8 +24,15 @@ install renders.
 {{- if and $rwx (not $v.storage.existingClaim) (not $v.storage.storageClass) }}
 {{- $problems = append $problems (printf "storage.accessModes asks for ReadWriteMany from the cluster's default StorageClass, which on GKE (standard-rwo), EKS (gp2/gp3) and AKS (managed-csi) cannot provide it, so the claim would stay Pending: set storage.storageClass to a ReadWriteMany class (%s), or use storage.existingClaim" $rwxClasses) }}
 {{- end }}
-{{- if and (has "ReadWriteOncePod" $v.storage.accessModes) (not $rwx) (or $v.tensorboard.enabled $v.push.enabled) }}
-{{- $problems = append $problems "storage.accessModes ReadWriteOncePod lets only the trainer mount the volume: use ReadWriteOnce, or set tensorboard.enabled=false and push.enabled=false" }}
+{{- /* Another pod that mounts a single-node volume could take it to its node first (WaitForFirstConsumer binds it
+where the first pod lands) and leave the trainer Pending: only the training pods mount it then. */}}
+{{- if not $rwx }}
+{{- if and $v.tensorboard.enabled (eq $v.tensorboard.mode "deployment") }}
+{{- $problems = append $problems (printf "tensorboard.mode=deployment mounts the volume from a pod of its own, which needs ReadWriteMany storage (storage.accessModes %v): on a single-node volume it could take the volume to its node first and the trainer would never start. Use tensorboard.mode=sidecar (default), or ReadWriteMany storage (%s)" $v.storage.accessModes $rwxClasses) }}
+{{- end }}
+{{- if and $v.push.enabled (eq $v.push.mode "job") }}
+{{- $problems = append $problems (printf "push.mode=job mounts the volume from a pod of its own, which needs ReadWriteMany storage (storage.accessModes %v): on a single-node volume it could take the volume to its node first and the trainer would never start. Use push.mode=trainer (default: rank 0 pushes), or ReadWriteMany storage (%s)" $v.storage.accessModes $rwxClasses) }}
+{{- end }}
 {{- end }}
 
 {{- /* ---- the push ---- */}}
@@ -106,8 +113,9 @@ install renders.
 {{- end }}
 {{- if eq $v.backend "jobset" }}
 {{- /* The JobSet webhook (pkg/webhooks/jobset_webhook.go ValidateCreate) requires its pods' names,
-<jobset>-node-0-<index>-<5 random characters>, to be DNS-1035 labels: 63 characters, starting with a letter. */}}
-{{- $longestPod := printf "%s-node-0-%d-abcde" (include "ddpm.trainName" .) (sub (include "ddpm.nodes" . | int) 1) }}
+<jobset>-<replicated job>-0-<index>-<5 random characters>, to be DNS-1035 labels: 63 characters, starting with a
+letter. */}}
+{{- $longestPod := printf "%s-workers-0-%d-abcde" (include "ddpm.trainName" .) (sub (include "ddpm.nodes" . | int) 1) }}
 {{- if or (gt (len $longestPod) 63) (not (regexMatch "^[a-z]" $longestPod)) }}
 {{- $problems = append $problems (printf "backend=jobset names its pods like %s, which the JobSet webhook refuses (a DNS-1035 label: at most 63 characters, starting with a letter): use a shorter fullnameOverride starting with a letter" $longestPod) }}
 {{- end }}
@@ -128,6 +136,9 @@ install renders.
 {{- if not (kindIs "invalid" $v.ttlSecondsAfterFinished) }}{{ $unsupported = append $unsupported "ttlSecondsAfterFinished" }}{{ end }}
 {{- if not (kindIs "invalid" $v.backoffLimit) }}{{ $unsupported = append $unsupported "backoffLimit" }}{{ end }}
 {{- if $v.kubeflow.trainingRuntime.podGroupPolicy }}{{ $unsupported = append $unsupported "kubeflow.trainingRuntime.podGroupPolicy" }}{{ end }}
+{{- if include "ddpm.tensorboardSidecar" . }}
+{{- $problems = append $problems (printf "tensorboard.mode=sidecar cannot add TensorBoard to the pods of the stock runtime %s/%s (TrainJob runtimePatches cannot add a container): set kubeflow.trainingRuntime.create=true, or tensorboard.enabled=false, or tensorboard.mode=deployment with ReadWriteMany storage" $v.kubeflow.runtimeKind $v.kubeflow.runtimeName) }}
+{{- end }}
 {{- if $unsupported }}
 {{- $problems = append $problems (printf "%s cannot reach the pods of the stock runtime %s/%s (TrainJob runtimePatches allow only volumes, mounts, securityContext, scheduling and the grace period): set kubeflow.trainingRuntime.create=true" (join ", " $unsupported) $v.kubeflow.runtimeKind $v.kubeflow.runtimeName) }}
 {{- end }}
@@ -136,7 +147,7 @@ install renders.
 {{- /* ---- queueing ---- */}}
 {{- range $key := list "kueue.x-k8s.io/queue-name" "kueue.x-k8s.io/priority-class" }}
 {{- if hasKey $v.jobLabels $key }}
-{{- $problems = append $problems (printf "jobLabels must not set %s: set %s, which also creates a Job or JobSet suspended as Kueue expects" $key (ternary "queueName" "workloadPriorityClassName" (eq $key "kueue.x-k8s.io/queue-name"))) }}
+{{- $problems = append $problems (printf "jobLabels must not set %s: set %s" $key (ternary "queueName" "workloadPriorityClassName" (eq $key "kueue.x-k8s.io/queue-name"))) }}
 {{- end }}
 {{- end }}
 {{- if and $v.workloadPriorityClassName (not $v.queueName) }}
@@ -205,7 +216,7 @@ install renders.
 {{- if and $v.checkAPIVersions (ne $v.backend "job") }}
 {{- $needed := get (dict "jobset" (list "jobset.x-k8s.io/v1alpha2/JobSet") "pytorchjob" (list "kubeflow.org/v1/PyTorchJob") "trainjob" (list "trainer.kubeflow.org/v1alpha1/TrainJob")) $v.backend }}
 {{- if and (eq $v.backend "trainjob") $v.kubeflow.trainingRuntime.create }}{{ $needed = append $needed "trainer.kubeflow.org/v1alpha1/TrainingRuntime" }}{{ end }}
-{{- $operator := get (dict "jobset" "JobSet >= 0.10 (onJobFailureMessagePatterns)" "pytorchjob" "the Kubeflow Training Operator >= 1.7 (PET_* env, elasticPolicy)" "trainjob" "Kubeflow Trainer >= 2.3 (runtimePatches)") $v.backend }}
+{{- $operator := get (dict "jobset" "JobSet >= 0.10 (onJobFailureMessagePatterns)" "pytorchjob" "the Kubeflow Training Operator >= 1.8 (exit codes 1-127 fail the job)" "trainjob" "Kubeflow Trainer >= 2.3 (runtimePatches)") $v.backend }}
 {{- range $needed }}
 {{- if not ($.Capabilities.APIVersions.Has .) }}
 {{- $problems = append $problems (printf "backend=%s needs the API %s, which this cluster does not serve: install %s, or render offline with `helm template --api-versions %s ...`" $v.backend . $operator .) }}
