@@ -109,6 +109,18 @@ def test_a_completed_pytorchjob_ranks_master_then_workers(kube_server, tmp_path)
     assert "  kubectl -n default logs -f --tail=-1 ddpm-train-master-0 -c pytorch" in lines
 
 
+def test_a_worker_only_pytorchjob_ranks_worker_i_as_node_rank_i(kube_server, tmp_path):
+    """The chart's PyTorchJob has Workers only (an elasticPolicy; a Master would add an init container that
+    "restricted" rejects): worker-0 hosts the rendezvous and is node rank 0, not 1."""
+    run = put_training_run(kube_server, "PyTorchJob", nodes=3, master=False)
+    code, lines = ddpm_status(kube_server, tmp_path)
+    assert code == STATUS_OK
+    assert [line.split()[:2] for line in lines[4:7]] == [
+        ["0", "ddpm-train-worker-0"], ["1", "ddpm-train-worker-1"], ["2", "ddpm-train-worker-2"]]
+    assert run.pods[0]["metadata"]["name"] == "ddpm-train-worker-0"
+    assert "  kubectl -n default logs -f --tail=-1 ddpm-train-worker-0 -c pytorch" in lines
+
+
 def test_a_trainjob_is_found_when_the_pytorchjob_crd_is_missing_and_jobs_may_not_be_listed(kube_server, tmp_path):
     kube_server.uninstalled.add(("kubeflow.org", "pytorchjobs"))
     kube_server.deny(("batch", "jobs", "list"))
