@@ -37,6 +37,16 @@ from trainer.errors import (
 # Seconds torchrun waits, after forwarding SIGTERM, beyond the trainer's own grace before it SIGKILLs workers.
 SHUTDOWN_MARGIN_S = 15
 PERMANENT_EXIT_CODES = (EXIT_CONFIG, EXIT_DIVERGED)  # a restart cannot help: stop restarting
+# A pod whose node 0 (the rendezvous store's host) starts later than its own pod must wait for it as long as for the
+# other nodes: torch connects to the store with `read_timeout` as the TCPStore timeout, retrying (DNS failures too)
+# until it passes, and only then starts counting `join_timeout` (torch/distributed/elastic/rendezvous/
+# c10d_rendezvous_backend.py `_create_tcp_store`; dynamic_rendezvous.py `next_rendezvous`). Unset, read_timeout is
+# 60 s, so a node 0 two minutes late failed the pod (exit 1, counted) whatever join_timeout said: ddpm launch sets
+# it to join_timeout when PET_RDZV_CONF (the chart's, or the training operator's from elasticPolicy.rdzvConf) does
+# not. read_timeout also bounds the store waits for keys just after a rendezvous (rank assignment, agent/server/
+# api.py `_assign_worker_ranks`): a peer lost in that instant is noticed after join_timeout instead of 60 s.
+READ_TIMEOUT_DEFAULT_S = 60  # torch's, c10d_rendezvous_backend.py
+JOIN_TIMEOUT_DEFAULT_S = 600  # torch's, dynamic_rendezvous.py RendezvousTimeout
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 
 
@@ -105,6 +115,9 @@ def torchrun_argv(environ: dict[str, str], grace_seconds: float, train_args: lis
         if not _HOST_PORT.match(endpoint) or not 0 < int(endpoint.rsplit(":", 1)[1]) < 65536:
             raise LaunchError(f"PET_RDZV_ENDPOINT={endpoint!r} must be HOST:PORT (node 0's stable name and a port)")
         conf = _rdzv_conf(environ.get("PET_RDZV_CONF", ""))
+        if "read_timeout" not in conf:
+            conf["read_timeout"] = str(max(int(conf.get("join_timeout", JOIN_TIMEOUT_DEFAULT_S)),
+                                           READ_TIMEOUT_DEFAULT_S))
         if node_rank is not None and "is_host" not in conf:
             conf["is_host"] = "true" if node_rank == 0 else "false"  # node 0 hosts the store, whatever DNS says
         argv += ["--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
