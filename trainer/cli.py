@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code  # rank 0 prints it
     except DdpmError as e:
         SIGNALS.exiting(e.exit_code)  # a signal while printing (torchrun stopping this rank) keeps this code
-        print(redact(f"error: {e}"), file=sys.stderr, flush=True)
+        print(redact(f"{e.prefix}{e}"), file=sys.stderr, flush=True)
         return e.exit_code
     except Stopped as e:
         print(redact(str(e)), file=sys.stderr, flush=True)

@@ -19,6 +19,7 @@ class DdpmError(Exception):
     """An error with a message for the user and the exit code that tells a scheduler what to do."""
 
     exit_code = EXIT_FAILED
+    prefix = "error: "  # how the CLI introduces the message
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -68,6 +69,16 @@ class TransientError(DdpmError):
 
 class PushFailed(TransientError):
     """The Hub kept failing (or the push deadline passed); `ddpm push` is safe to run again."""
+
+
+class PeerLost(DdpmError):
+    """A collective or the store failed after this process had completed an optimizer update: another process of
+    the gang is gone (preempted, its node lost). Not this process's fault, so exit 143 like a preemption: `ddpm
+    launch` restarts its workers without using up a restart, and every rank resumes from the newest checkpoint.
+    The same failure before any update stays exit 1 (counted): a network that never works must not retry forever."""
+
+    exit_code = EXIT_PREEMPTED
+    prefix = ""
 
 
 class Diverged(DdpmError):

@@ -16,8 +16,8 @@ from trainer import checkpoint, outputs, quality, run_record, sampling
 from trainer.checkpoint import TrainState
 from trainer.data import to_model_range
 from trainer.diffusion import training_loss
-from trainer.distributed import any_process, decided_by_main, sum_over_processes
-from trainer.errors import DdpmError, Diverged, NonFiniteSamples, Stopped
+from trainer.distributed import any_process, communication_failure, decided_by_main, sum_over_processes
+from trainer.errors import DdpmError, Diverged, NonFiniteSamples, PeerLost, Stopped
 from trainer.events import RunEvents
 from trainer.model import ema_weights
 from trainer.sampling import SamplingInterrupted, sample_for_eval, shard, to_grid
@@ -52,6 +52,8 @@ def train(config, stream=None, config_file: Path | None = None) -> TrainState:
         events.nonfinite_samples(run.state.global_step if run else 0, str(e), final=True)
         raise
     except BaseException as e:
+        if (lost := peer_lost(run, e)) is not None:  # not a failure of this run: no Failed event
+            raise lost from e
         full = outputs.disk_full(e, "the run's outputs", config.output_dir, 0) if isinstance(e, Exception) and \
             not isinstance(e, DdpmError) else None  # any other write (the record, the marker): exit 2, says so
         events.failed(str(full or e).strip().splitlines()[0] if str(full or e).strip() else type(e).__name__)
@@ -60,6 +62,20 @@ def train(config, stream=None, config_file: Path | None = None) -> TrainState:
         raise
     finally:
         events.close(timeout_s=5.0)
+
+
+def peer_lost(run: Run | None, error: BaseException) -> PeerLost | None:
+    """PeerLost when `error` is a failed collective (or store call) after this process completed an optimizer
+    update: another rank is gone. Before any update (the process group, the first all-reduce) it stays the error
+    it is, exit 1."""
+    failure = communication_failure(error) if run is not None else None
+    updates = run.state.global_step - (run.resumed_step or 0) if run is not None else 0
+    if failure is None or updates < 1:
+        return None
+    reason = (str(failure).strip().splitlines() or [""])[0][:300]
+    return PeerLost(f"lost a peer process after {updates} optimizer updates in this process "
+                    f"({type(failure).__name__}: {reason}); exiting 143 to rejoin: the workers restart and every "
+                    "rank resumes from the newest checkpoint")
 
 
 def fit(run: Run) -> None:
