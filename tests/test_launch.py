@@ -1,9 +1,11 @@
 """`ddpm launch`, the image's entrypoint (issue 9 section 8): arguments pass through unchanged, the pod's environment
 is validated (exit 2 naming the variable), and the workers' exit codes come through torchrun."""
 
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -207,6 +209,62 @@ def test_two_nodes_survive_losing_node_0_and_resume_from_the_newest_checkpoint(t
     logs = (tmp_path / "pod0-1.log").read_text() + (tmp_path / "pod1-1.log").read_text()
     assert "resumed from" in logs and "global batch 8 = 4 per process x 1 accumulation x 2 processes" in logs
     assert (out / "training_complete.json").is_file()
+
+
+@pytest.mark.slow
+def test_peer_preemptions_never_use_up_the_restarts(tmp_path, c10d_pod):
+    """PET_MAX_RESTARTS=1, and node 1 (not the store host) is lost three times in a row, each time replaced by a new
+    pod: SIGTERM to its whole tree (a drain or a Spot notice: the ranks agree to stop, checkpoint, and exit 143),
+    then twice SIGKILL (its node vanished: node 0's worker loses its peer mid-collective and exits 143). Node 0's
+    agent restarts its workers each time without using its restart, never exits, and the run completes. Before, its
+    worker crashed (exit 1) at a lost peer, and its agent spent its one restart on the first loss and exited at the
+    second: 143 or 1, and a 1 counts against backoffLimit or fails a PyTorchJob."""
+    from helpers import kill_tree
+
+    out = tmp_path / "out"
+    port = free_port()
+    args = [*TINY, "--output_dir", out, "--max_train_steps", 16, "--checkpointing_steps", 4, "--logging_steps", 1,
+            "--preemption_check_steps", 1, "--save_image_epochs", 100, "--eval_quality_images", 0]
+
+    def pod(index):
+        return c10d_pod(index, port, args, PET_MAX_RESTARTS="1")
+
+    host_log = tmp_path / "pod0-0.log"
+    host, node1 = pod(0), pod(1)
+    _wait_for_a_step(host_log, 0, host, node1)  # rank 0 is node 0's worker (the first node by pid)
+    recoveries = []
+    for loss in (signal.SIGTERM, signal.SIGKILL, signal.SIGKILL):
+        offset, lost_at = host_log.stat().st_size, time.monotonic()
+        if loss == signal.SIGKILL:
+            kill_tree(node1.pid)
+            node1.wait()
+        else:
+            for proc in [psutil.Process(node1.pid), *psutil.Process(node1.pid).children(recursive=True)]:
+                proc.send_signal(loss)
+            assert node1.wait(timeout=180) == EXIT_PREEMPTED, node1.args
+        assert host.poll() is None, host_log.read_text()
+        node1 = pod(1)  # the controller's replacement, once the lost pod has terminated
+        step = _wait_for_a_step(host_log, offset, host, node1, after="resumed from")
+        recoveries.append(round(time.monotonic() - lost_at, 1))
+        assert step < 16, "the run must not end before the last loss"
+    assert host.wait(timeout=300) == 0 and node1.wait(timeout=60) == 0, host_log.read_text()
+    assert (out / "training_complete.json").is_file()
+    log = host_log.read_text()
+    assert log.count("without using a restart") == 3, log
+    print(f"seconds from each loss of node 1 to the gang's next optimizer update: {recoveries}")
+
+
+def _wait_for_a_step(log, offset, *running, after=""):
+    """The number of the first status line ('step N/') that `log` got after `offset` bytes (and after a line holding
+    `after`), while every process in `running` keeps running."""
+    while True:
+        text = log.read_text()[offset:]
+        found = re.search(r"^step (\d+)/", text[text.find(after):] if after in text else "", re.MULTILINE)
+        if found:
+            return int(found[1])
+        for proc in running:
+            assert proc.poll() is None, f"exit {proc.returncode}: " + log.read_text()
+        _pause(running[0])
 
 
 @pytest.mark.slow
