@@ -94,6 +94,16 @@ def test_non_finite_samples_show_as_a_warning_and_as_the_error_when_they_stopped
     assert "error       NonFiniteSamples: 2 of 2 images sampled with ddpm 10 steps" in lines
 
 
+def test_a_stalled_run_shows_the_stall_as_the_error(kube_server, tmp_path):
+    run = put_training_run(kube_server, "Job", nodes=1)
+    stall = "no progress for 3600 s during an evaluation (last progress: a sampler step of an evaluation, ...)"
+    post(kube_server, tmp_path, run, started=[(4, 1, 0, 6, None)], stalled=[(3, stall)])
+    code, lines = ddpm_status(kube_server, tmp_path)
+    assert code == STATUS_OK and f"error       Stalled: {stall}" in lines
+    [event] = [e for e in kube_server.events() if e["reason"] == "Stalled" and e["involvedObject"]["kind"] == "Job"]
+    assert event["type"] == "Warning" and event["message"] == f"training stalled at step 3: {stall}"
+
+
 def test_a_completed_pytorchjob_ranks_master_then_workers(kube_server, tmp_path):
     run = put_training_run(kube_server, "PyTorchJob", nodes=3, conditions=[condition("Succeeded")],
                            phases={0: "Succeeded", 1: "Succeeded", 2: "Succeeded"})

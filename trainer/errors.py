@@ -11,6 +11,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # an unexpected or transient error (network): a retry may help
 EXIT_CONFIG = 2  # bad configuration or input: retrying cannot help
 EXIT_DIVERGED = 3  # non-finite losses, weights or samples: retrying cannot help
+EXIT_STALLED = 124  # no progress for stall_timeout_seconds (trainer/stall.py): a retry may help but counts (< 128)
 EXIT_PREEMPTED = 143  # stopped on SIGTERM (128 + 15; checkpoint saved if training had started): retry to resume
 EXIT_INTERRUPTED = 130  # stopped on SIGINT (Ctrl-C), checkpoint saved if training had started: 128 + SIGINT
 

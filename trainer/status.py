@@ -57,7 +57,7 @@ class Progress:
     scores_step: int | None = None
     preemptions: int = 0
     completed: str | None = None  # output dir
-    error: str | None = None  # the newest Failed/Diverged
+    error: str | None = None  # the newest Failed/Diverged/Stalled
     warning: str | None = None  # the newest evaluation whose samples were non-finite
 
 
@@ -185,7 +185,8 @@ def read_progress(events: list[dict]) -> Progress:
             progress.preemptions += event.get("count") or 1
         if reason == ev.COMPLETED:
             progress.completed = notes.get(ev.OUTPUT_DIR)
-        if reason in (ev.FAILED, ev.DIVERGED) or (reason == ev.NON_FINITE_SAMPLES and notes.get(ev.FINAL) == "true"):
+        if reason in (ev.FAILED, ev.DIVERGED, ev.STALLED) or (
+                reason == ev.NON_FINITE_SAMPLES and notes.get(ev.FINAL) == "true"):
             progress.error = f"{reason}: {notes.get(ev.ERROR, event.get('message', ''))}"
         elif reason == ev.NON_FINITE_SAMPLES:
             progress.warning = f"{reason} at step {notes.get(ev.STEP, '?')}: {notes.get(ev.ERROR, '')}"
