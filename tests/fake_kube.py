@@ -487,25 +487,33 @@ class TrainingRun:
 
 def put_training_run(fake: FakeKube, kind: str, *, release: str = "ddpm", namespace: str = "default",
                      nodes: int = 2, name: str | None = None, conditions: list[dict] | None = None,
-                     restarts: dict[int, int] | None = None, phases: dict[int, str] | None = None) -> TrainingRun:
+                     restarts: dict[int, int] | None = None, phases: dict[int, str] | None = None,
+                     master: bool = True) -> TrainingRun:
     """A training workload of `kind` named as the chart names it, the objects its controllers create in between,
-    and one pod per node rank with the labels those controllers add. Pod 0 is rank 0."""
+    and one pod per node rank with the labels those controllers add. Pod 0 is rank 0. A PyTorchJob has a Master
+    replica and Workers, or with `master=False` Workers only (what the chart renders: worker-0 hosts the
+    rendezvous)."""
     name = name or (release if "ddpm" in release else f"{release}-ddpm") + "-train"
     labels, restarts, phases = chart_labels(release), restarts or {}, phases or {}
     status = {  # what each controller reports while the pods run
         "Job": {"active": nodes},
-        "PyTorchJob": {"replicaStatuses": {"Master": {"active": 1}} | ({"Worker": {"active": nodes - 1}}
+        "PyTorchJob": {"replicaStatuses": {"Worker": {"active": nodes}}} if not master else
+                      {"replicaStatuses": {"Master": {"active": 1}} | ({"Worker": {"active": nodes - 1}}
                                                                        if nodes > 1 else {})},
         "TrainJob": {"jobsStatus": [{"name": "node", "active": nodes, "ready": nodes, "succeeded": 0, "failed": 0,
                                      "suspended": 0}]},
         "JobSet": {"replicatedJobsStatus": [{"name": "node", "active": 1, "ready": 1, "succeeded": 0, "failed": 0,
                                              "suspended": 0}]},
     }[kind]
-    top = fake.put(workload(kind, name, namespace, labels=labels, conditions=conditions, status=status))
+    top = workload(kind, name, namespace, labels=labels, conditions=conditions, status=status)
+    if kind == "PyTorchJob":  # the replica specs as the operator's API has them (pod templates left out)
+        replicas = {"Master": 1, "Worker": nodes - 1} if master else {"Worker": nodes}
+        top["spec"] = {"pytorchReplicaSpecs": {role: {"replicas": n} for role, n in replicas.items() if n}}
+    top = fake.put(top)
     pods = []
     if kind == "PyTorchJob":
         for rank in range(nodes):
-            role, index = ("master", 0) if rank == 0 else ("worker", rank - 1)
+            role, index = ("master", 0) if master and rank == 0 else ("worker", rank - 1 if master else rank)
             pod_labels = labels | {"training.kubeflow.org/job-name": name, "training.kubeflow.org/replica-type": role,
                                    "training.kubeflow.org/replica-index": str(index),
                                    "training.kubeflow.org/operator-name": "pytorchjob-controller"}

@@ -2,7 +2,7 @@
 them, so no test has to guess timings:
 
     python tests/fault_driver.py [--nan SPEC] [--nan-samples WHERE] [--adverse-rounding]
-                                 [--signal PHASE[:SIGNAL[:COUNT]]] ddpm-args...
+                                 [--signal PHASE[:SIGNAL[:COUNT]]] [--die UPDATE] [--hang WHERE] ddpm-args...
 
 --nan SPEC      the loss is NaN in the optimizer updates (0-based) in SPEC ("3,4", or "5-" for 5 onward)
 --nan-samples WHERE[:RANK]   sampled images are NaN in the loop's evaluations (eval), in the end-of-run check of
@@ -13,6 +13,11 @@ them, so no test has to guess timings:
                 through writing the data cache), final_save (while the final pipeline is written), step-N (just
                 after optimizer update N), eval (at the third DDIM step of the first evaluation; it prints how many
                 sampler steps ran after the signal).
+--die UPDATE    the process SIGKILLs itself as it starts optimizer update UPDATE (1 is the first of this process's run):
+                a peer process lost mid-training, as when its node vanishes.
+--hang WHERE    the process blocks for good (a hung collective or volume) as it starts optimizer update N (update-N),
+                at the second sampler step of the first evaluation (eval), or inside the first checkpoint save
+                (checkpoint); slow-eval:SECONDS makes every sampler step of the evaluations SECONDS longer instead.
 Everything else is exactly `ddpm`: the same entry point, signal handling included.
 """
 
@@ -91,6 +96,63 @@ def inject_adverse_rounding(ulps: int = 4) -> None:
         return torch.where(variance > 0, up, variance)  # an exact 0 stays 0 on every machine
 
     DDIMScheduler._get_variance = nudged
+
+
+def inject_death(update: int) -> None:
+    import trainer.loop as loop
+
+    real_step = loop.train_step
+
+    def train_step(run, *args):
+        if run.state.global_step + 1 == update:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_step(run, *args)
+
+    loop.train_step = train_step
+
+
+def inject_hang(where: str) -> None:
+    import threading
+    import time
+
+    import trainer.loop as loop
+    import trainer.sampling as sampling
+
+    def hang():
+        print(f"fault_driver: hanging ({where})", file=sys.stderr, flush=True)
+        threading.Event().wait()
+
+    if where.startswith("update-"):
+        real_step, target = loop.train_step, int(where[len("update-"):])
+
+        def train_step(run, *args):
+            if run.state.global_step + 1 == target:
+                hang()
+            return real_step(run, *args)
+
+        loop.train_step = train_step
+    elif where == "checkpoint":
+        real_save = loop.checkpoint.save_checkpoint
+
+        def save_checkpoint(*args, **kwargs):
+            hang()
+            return real_save(*args, **kwargs)
+
+        loop.checkpoint.save_checkpoint = save_checkpoint
+    elif where == "eval" or where.startswith("slow-eval:"):
+        real_step, seen = sampling.MarginDDIMScheduler.step, {"steps": 0}
+
+        def step(self, *args, **kwargs):
+            seen["steps"] += 1
+            if where == "eval" and seen["steps"] == 2:
+                hang()
+            elif where != "eval":
+                time.sleep(float(where.partition(":")[2]))  # the fault itself: a slow sampler step
+            return real_step(self, *args, **kwargs)
+
+        sampling.MarginDDIMScheduler.step = step
+    else:
+        raise SystemExit(f"unknown --hang {where}")
 
 
 def inject_signal(phase: str, signame: str, count: int) -> None:
@@ -184,7 +246,7 @@ if __name__ == "__main__":
 
     SIGNALS.install()  # as trainer.main does, before anything heavy
     args = sys.argv[1:]
-    while args and args[0] in ("--nan", "--signal", "--nan-samples", "--adverse-rounding"):
+    while args and args[0] in ("--nan", "--signal", "--nan-samples", "--adverse-rounding", "--die", "--hang"):
         if args[0] == "--adverse-rounding":
             inject_adverse_rounding()
             args = args[1:]
@@ -194,6 +256,10 @@ if __name__ == "__main__":
             inject_nan_samples(value)
         elif flag == "--nan":
             inject_nan(value)
+        elif flag == "--die":
+            inject_death(int(value))
+        elif flag == "--hang":
+            inject_hang(value)
         else:
             phase, signame, count = [*value.split(":"), "", ""][:3]
             signame, count = signame or "TERM", count or "1"

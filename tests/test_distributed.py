@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import REPO, TINY, clean_env
 from helpers import assert_same_run, free_port, run_train, run_until, scalar_series, weights
+from trainer.errors import EXIT_FAILED, EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow  # every test here runs ddpm or torchrun as subprocesses
 
@@ -216,3 +217,47 @@ def test_a_global_batch_two_ranks_cannot_split_exits_2_on_every_rank(tmp_path):
                                             PYTHONPATH=f"{tmp_path / 'hook'}:{REPO}"))
     assert launched.returncode == 2, launched.stderr
     assert rank_exit_codes(launched.stdout + launched.stderr) in ({}, {0: 2, 1: 2})
+
+
+@pytest.mark.parametrize("dies_at, expected", [(4, EXIT_PREEMPTED), (1, EXIT_FAILED)])
+def test_a_peer_lost_after_an_update_is_exit_143_before_any_update_exit_1(tmp_path, dies_at, expected):
+    """Rank 1 dies (SIGKILL, as when its node vanishes) as it starts optimizer update `dies_at`; rank 0's next
+    collective fails (gloo: a RuntimeError 'Read error ... Connection reset by peer'). Once rank 0 has completed an
+    update, that is a peer lost, not rank 0's fault: one line and exit 143, so `ddpm launch` restarts its workers
+    without using a restart and every rank resumes from the newest checkpoint. Before any update it stays a
+    failure (exit 1, counted): a network that never works must not restart forever uncounted. Two plain processes
+    (env://), so each one's own exit code is what is tested."""
+    args = [*TINY, "--output_dir", tmp_path / "out", "--max_train_steps", 20, "--logging_steps", 1,
+            "--save_image_epochs", 100, "--eval_quality_images", 0]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(), "WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2}
+    rank1 = subprocess.Popen([sys.executable, "tests/fault_driver.py", "--die", str(dies_at), "train",
+                              *map(str, args)], cwd=REPO, env=clean_env(**env, RANK=1, LOCAL_RANK=1),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rank0 = subprocess.run([sys.executable, "-m", "trainer", "train", *map(str, args)], cwd=REPO,
+                           env=clean_env(**env, RANK=0, LOCAL_RANK=0), capture_output=True, text=True, timeout=300)
+    assert rank1.wait(timeout=60) == -signal.SIGKILL
+    assert rank0.returncode == expected, rank0.stderr
+    if expected == EXIT_PREEMPTED:
+        [line] = [line for line in rank0.stderr.splitlines() if "lost a peer process" in line]
+        assert f"after {dies_at - 1} optimizer updates in this process" in line and "exiting 143 to rejoin" in line
+        assert "Traceback" not in rank0.stderr, rank0.stderr
+
+
+def test_communication_failures_are_recognised_through_their_chain():
+    import torch.distributed as dist
+
+    from trainer.distributed import communication_failure
+
+    gloo = RuntimeError("[/x/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.0.0.2]:5")
+    for error in (dist.DistBackendError("NCCL error: remote process exited"), dist.DistNetworkError("refused"),
+                  dist.DistStoreError("wait timeout"), gloo):
+        assert communication_failure(error) is error
+    try:
+        try:
+            raise gloo
+        except RuntimeError as e:
+            raise OSError("while saving checkpoint-4") from e
+    except OSError as wrapped:
+        assert communication_failure(wrapped) is gloo
+    assert communication_failure(RuntimeError("CUDA out of memory")) is None
+    assert communication_failure(ValueError("bad")) is None

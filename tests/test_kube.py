@@ -1,5 +1,6 @@
 """trainer/kube.py: configuration (in-cluster and kubeconfig), errors, owner resolution, workload states, and the
-declaration of every API call (API_CALLS, role_calls) against what the fake API server saw."""
+declaration of every API call (API_CALLS; trainer_calls and wait_calls per pod identity) against what the fake API
+server saw."""
 
 from __future__ import annotations
 
@@ -157,9 +158,10 @@ def flatten(calls: kube.Calls) -> set[tuple[str, str, str]]:
     return {(group, resource, verb) for (group, resource), verbs in calls.items() for verb in verbs}
 
 
-def in_cluster_calls(fake: FakeKube, tmp_path, kind: str) -> set[tuple[str, str, str]]:
-    """Everything the chart's pods do for a backend whose workload is `kind`, in its own namespace: rank 0's
-    Events (two checkpoints: create, then patch) and the push Job's wait (get, then watch until it succeeds)."""
+def in_cluster_calls(fake: FakeKube, tmp_path, kind: str) -> tuple[set, set]:
+    """Everything the chart's pods do for a backend whose workload is `kind`, in its own namespace, per pod identity:
+    rank 0's Events (two checkpoints: create, then patch), and the push Job's wait (get, then watch until it
+    succeeds)."""
     namespace = kind.lower()
     run = put_training_run(fake, kind, namespace=namespace)
     env = pod_env(fake, fake.write_service_account(tmp_path / kind, namespace=namespace), run)
@@ -168,8 +170,9 @@ def in_cluster_calls(fake: FakeKube, tmp_path, kind: str) -> set[tuple[str, str,
     events.checkpoint(2, 4, "/data/c-2")
     events.checkpoint(4, 4, "/data/c-4")
     assert events.close(timeout_s=10)
+    training = {r.call for r in fake.requests if r.namespace == namespace}
 
-    watches = fake.watches
+    before, watches = len(fake.requests), fake.watches
 
     def succeed():
         assert fake.wait_for_watches(watches + 1)
@@ -181,15 +184,18 @@ def in_cluster_calls(fake: FakeKube, tmp_path, kind: str) -> set[tuple[str, str,
     assert wait_for_training(run.ref, None, lambda: (True, "matches"), poll_seconds=0.01, timeout_seconds=10,
                              environ=env, say=lambda line: None) == WAIT_OK
     finisher.join()
-    return {r.call for r in fake.requests if r.namespace == namespace}
+    return training, {r.call for r in fake.requests[before:] if r.namespace == namespace}
 
 
 def test_api_calls_declare_exactly_what_the_code_calls(kube_server, tmp_path):
+    """Per pod identity, no more and no less: the training pods never read or watch the workload (only the push's
+    wait-for-training does), so their Role need not grant it."""
     seen_in_cluster = set()
     for kind in kube.WORKLOAD_KINDS:
-        seen = in_cluster_calls(kube_server, tmp_path, kind)
-        assert seen == flatten(kube.role_calls(kind)), kind  # the Role for that backend: no more, no less
-        seen_in_cluster |= seen
+        training, waiting = in_cluster_calls(kube_server, tmp_path, kind)
+        assert training == flatten(kube.trainer_calls(kind)), kind
+        assert waiting == flatten(kube.wait_calls(kind)), kind
+        seen_in_cluster |= training | waiting
 
     config = kube_server.write_kubeconfig(tmp_path / "kubeconfig", namespace="job")
     before = len(kube_server.requests)
@@ -200,23 +206,29 @@ def test_api_calls_declare_exactly_what_the_code_calls(kube_server, tmp_path):
     assert seen_in_cluster | seen_status == kube_server.calls() == flatten(kube.API_CALLS)
 
 
-def test_the_role_for_each_backend():
-    """The rules the chart's Role must hold, spelled out (helm/templates: one per backend)."""
-    assert kube.role_calls("Job") == {("", "events"): {"create", "patch"}, ("", "pods"): {"get"},
-                                      ("batch", "jobs"): {"get", "watch"}}
-    assert kube.role_calls("PyTorchJob") == {("", "events"): {"create", "patch"}, ("", "pods"): {"get"},
-                                             ("kubeflow.org", "pytorchjobs"): {"get", "watch"}}
-    assert kube.role_calls("TrainJob") == {("", "events"): {"create", "patch"}, ("", "pods"): {"get"},
-                                           ("batch", "jobs"): {"get"}, ("jobset.x-k8s.io", "jobsets"): {"get"},
-                                           ("trainer.kubeflow.org", "trainjobs"): {"get", "watch"}}
+def test_the_roles_for_each_backend():
+    """The rules the chart's Roles must hold, spelled out: the training pods' (helm/templates/rbac.yaml) and the
+    push Job's (its wait-for-training container)."""
+    assert kube.trainer_calls("Job") == {("", "events"): {"create", "patch"}, ("", "pods"): {"get"}}
+    assert kube.trainer_calls("PyTorchJob") == {("", "events"): {"create", "patch"}, ("", "pods"): {"get"}}
+    assert kube.trainer_calls("JobSet") == {("", "events"): {"create", "patch"}, ("", "pods"): {"get"},
+                                            ("batch", "jobs"): {"get"}}
+    assert kube.trainer_calls("TrainJob") == {("", "events"): {"create", "patch"}, ("", "pods"): {"get"},
+                                              ("batch", "jobs"): {"get"}, ("jobset.x-k8s.io", "jobsets"): {"get"}}
+    assert kube.wait_calls("Job") == {("batch", "jobs"): {"get", "watch"}}
+    assert kube.wait_calls("PyTorchJob") == {("kubeflow.org", "pytorchjobs"): {"get", "watch"}}
+    assert kube.wait_calls("JobSet") == {("jobset.x-k8s.io", "jobsets"): {"get", "watch"}}
+    assert kube.wait_calls("TrainJob") == {("trainer.kubeflow.org", "trainjobs"): {"get", "watch"}}
 
 
-def test_role_rules_are_the_role_calls_as_rbac_rules():
-    assert kube.role_rules("Job") == [
+def test_role_rules_are_the_calls_as_rbac_rules():
+    assert kube.role_rules(kube.trainer_calls("JobSet")) == [
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
-        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "watch"]},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]},
     ]
+    assert kube.role_rules(kube.wait_calls("Job")) == [
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "watch"]}]
 
 
 @pytest.mark.parametrize("token", [b"\xff\xfe\x00\x01SECRET", b"SECRET\nSECRET", b"SECRET\x00", b"SECRET SECRET",

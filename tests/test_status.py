@@ -94,6 +94,16 @@ def test_non_finite_samples_show_as_a_warning_and_as_the_error_when_they_stopped
     assert "error       NonFiniteSamples: 2 of 2 images sampled with ddpm 10 steps" in lines
 
 
+def test_a_stalled_run_shows_the_stall_as_the_error(kube_server, tmp_path):
+    run = put_training_run(kube_server, "Job", nodes=1)
+    stall = "no progress for 3600 s during an evaluation (last progress: a sampler step of an evaluation, ...)"
+    post(kube_server, tmp_path, run, started=[(4, 1, 0, 6, None)], stalled=[(3, stall)])
+    code, lines = ddpm_status(kube_server, tmp_path)
+    assert code == STATUS_OK and f"error       Stalled: {stall}" in lines
+    [event] = [e for e in kube_server.events() if e["reason"] == "Stalled" and e["involvedObject"]["kind"] == "Job"]
+    assert event["type"] == "Warning" and event["message"] == f"training stalled at step 3: {stall}"
+
+
 def test_a_completed_pytorchjob_ranks_master_then_workers(kube_server, tmp_path):
     run = put_training_run(kube_server, "PyTorchJob", nodes=3, conditions=[condition("Succeeded")],
                            phases={0: "Succeeded", 1: "Succeeded", 2: "Succeeded"})
@@ -107,6 +117,18 @@ def test_a_completed_pytorchjob_ranks_master_then_workers(kube_server, tmp_path)
     assert lines[7].startswith("progress    step 6/6 (100%), loss 0.3 (as of ")  # no ETA once completed
     assert "completed   model in /data/runs/ddpm" in lines
     assert "  kubectl -n default logs -f --tail=-1 ddpm-train-master-0 -c pytorch" in lines
+
+
+def test_a_worker_only_pytorchjob_ranks_worker_i_as_node_rank_i(kube_server, tmp_path):
+    """The chart's PyTorchJob has Workers only (an elasticPolicy; a Master would add an init container that
+    "restricted" rejects): worker-0 hosts the rendezvous and is node rank 0, not 1."""
+    run = put_training_run(kube_server, "PyTorchJob", nodes=3, master=False)
+    code, lines = ddpm_status(kube_server, tmp_path)
+    assert code == STATUS_OK
+    assert [line.split()[:2] for line in lines[4:7]] == [
+        ["0", "ddpm-train-worker-0"], ["1", "ddpm-train-worker-1"], ["2", "ddpm-train-worker-2"]]
+    assert run.pods[0]["metadata"]["name"] == "ddpm-train-worker-0"
+    assert "  kubectl -n default logs -f --tail=-1 ddpm-train-worker-0 -c pytorch" in lines
 
 
 def test_a_trainjob_is_found_when_the_pytorchjob_crd_is_missing_and_jobs_may_not_be_listed(kube_server, tmp_path):

@@ -21,7 +21,8 @@ from trainer.errors import EXIT_OK, ConfigError, DdpmError, Stopped
 
 EPILOG = """Config sources, lowest to highest: defaults < --config FILE (or $DDPM_CONFIG_FILE) < DDPM_<FIELD> env < --<field> VALUE.
 Exit codes: 0 done, 1 unexpected or network error (retry), 2 bad configuration/input, 3 diverged (non-finite
-losses, weights or samples), 143 preempted by SIGTERM (checkpoint saved; retry resumes), 130 interrupted by Ctrl-C (checkpoint saved)."""
+losses, weights or samples), 124 stalled (no progress for stall_timeout_seconds; retry), 143 preempted by SIGTERM
+(checkpoint saved) or a peer process lost (retry resumes), 130 interrupted by Ctrl-C (checkpoint saved)."""
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code  # rank 0 prints it
     except DdpmError as e:
         SIGNALS.exiting(e.exit_code)  # a signal while printing (torchrun stopping this rank) keeps this code
-        print(redact(f"error: {e}"), file=sys.stderr, flush=True)
+        print(redact(f"{e.prefix}{e}"), file=sys.stderr, flush=True)
         return e.exit_code
     except Stopped as e:
         print(redact(str(e)), file=sys.stderr, flush=True)

@@ -202,6 +202,10 @@ class TrainingConfig(BaseSettings):
         "all-reduce each); keep this x step time well under preemption_grace_seconds", gt=0)
     max_nonfinite_steps: int = setting(20, "stop after N consecutive NaN/inf losses", gt=0)
     process_group_timeout_seconds: int = setting(1800, "torch.distributed collective timeout", gt=0)
+    stall_timeout_seconds: float | None = setting(
+        3600.0, "end a process whose training makes no progress (an optimizer update, a sampler step of an "
+        "evaluation, a save finished) for this long: exit 124, a Warning Event Stalled; counted from the start of the "
+        "step loop, not during start-up; null or 0: off", ge=0)
 
     @field_validator("output_dir", mode="before")
     @classmethod

@@ -72,6 +72,21 @@ def sum_over_processes(accelerator, values: list[float]) -> list[float]:
     return accelerator.reduce(torch.tensor(values, dtype=torch.float32, device=accelerator.device), "sum").tolist()
 
 
+def communication_failure(error: BaseException) -> BaseException | None:
+    """The torch.distributed communication failure in `error` or the errors it was raised from, if any: NCCL raises
+    DistBackendError, the store and its network DistStoreError/DistNetworkError (all DistError), gloo a plain
+    RuntimeError from its transport ('[.../gloo/transport/tcp/pair.cc:545] Read error ...: Connection reset by peer',
+    'Connection closed by peer', 'Timed out waiting ... for recv operation to complete')."""
+    dist = sys.modules.get("torch.distributed")
+    seen = 0
+    while error is not None and seen < 10:  # the chain is short; the bound guards against a cycle
+        if (dist is not None and isinstance(error, dist.DistError)) or (
+                isinstance(error, RuntimeError) and "/gloo/transport/" in str(error)):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
 def leave_process_group(code: int) -> None:
     """At the end of a process that joined a process group: leave it, and after an error exit at once with `code`.
 

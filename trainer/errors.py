@@ -11,6 +11,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # an unexpected or transient error (network): a retry may help
 EXIT_CONFIG = 2  # bad configuration or input: retrying cannot help
 EXIT_DIVERGED = 3  # non-finite losses, weights or samples: retrying cannot help
+EXIT_STALLED = 124  # no progress for stall_timeout_seconds (trainer/stall.py): a retry may help but counts (< 128)
 EXIT_PREEMPTED = 143  # stopped on SIGTERM (128 + 15; checkpoint saved if training had started): retry to resume
 EXIT_INTERRUPTED = 130  # stopped on SIGINT (Ctrl-C), checkpoint saved if training had started: 128 + SIGINT
 
@@ -19,6 +20,7 @@ class DdpmError(Exception):
     """An error with a message for the user and the exit code that tells a scheduler what to do."""
 
     exit_code = EXIT_FAILED
+    prefix = "error: "  # how the CLI introduces the message
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -68,6 +70,16 @@ class TransientError(DdpmError):
 
 class PushFailed(TransientError):
     """The Hub kept failing (or the push deadline passed); `ddpm push` is safe to run again."""
+
+
+class PeerLost(DdpmError):
+    """A collective or the store failed after this process had completed an optimizer update: another process of
+    the gang is gone (preempted, its node lost). Not this process's fault, so exit 143 like a preemption: `ddpm
+    launch` restarts its workers without using up a restart, and every rank resumes from the newest checkpoint.
+    The same failure before any update stays exit 1 (counted): a network that never works must not retry forever."""
+
+    exit_code = EXIT_PREEMPTED
+    prefix = ""
 
 
 class Diverged(DdpmError):

@@ -1,7 +1,7 @@
 """Best-effort Kubernetes Events for the run's milestones, so `kubectl describe` and `kubectl get events` show them.
 
 Rank 0 creates one `RunEvents`; each milestone (started, checkpoint, evaluated, non-finite samples, preempted,
-diverged, failed, completed) becomes one core/v1 Event on this pod and one on the workload that owns it
+diverged, stalled, failed, completed) becomes one core/v1 Event on this pod and one on the workload that owns it
 (trainer.kube.resolve_workload), with a human message and machine-readable annotations (`ddpm-trainer/<key>`) that `ddpm status` reads instead of
 parsing prose.
 
@@ -49,7 +49,9 @@ DIVERGED = "Diverged"
 FAILED = "Failed"
 COMPLETED = "Completed"
 NON_FINITE_SAMPLES = "NonFiniteSamples"  # an evaluation's images, or the saved pipeline's, held NaN/inf
-REASONS = (RUN_STARTED, CHECKPOINT_SAVED, EVALUATION_DONE, NON_FINITE_SAMPLES, PREEMPTED, DIVERGED, FAILED, COMPLETED)
+STALLED = "Stalled"  # no progress for stall_timeout_seconds: the process ended (exit 124)
+REASONS = (RUN_STARTED, CHECKPOINT_SAVED, EVALUATION_DONE, NON_FINITE_SAMPLES, PREEMPTED, DIVERGED, FAILED, STALLED,
+           COMPLETED)
 
 # Annotation keys (without ANNOTATION_PREFIX); every value is a string, numbers in Python's repr.
 STEP, TOTAL_STEPS = "step", "total-steps"
@@ -189,6 +191,10 @@ class RunEvents:
 
     def diverged(self, step: int, message: str) -> None:
         self._final(Milestone(DIVERGED, "Warning", f"training diverged at step {step}: {_first_line(message)}",
+                              _annotations(step=step, error=_first_line(message))))
+
+    def stalled(self, step: int, message: str) -> None:
+        self._final(Milestone(STALLED, "Warning", f"training stalled at step {step}: {_first_line(message)}",
                               _annotations(step=step, error=_first_line(message))))
 
     def failed(self, error_first_line: str) -> None:

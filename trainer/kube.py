@@ -110,28 +110,36 @@ def _merge(*parts: Calls) -> Calls:
     return merged
 
 
-def role_calls(workload_kind: str) -> Calls:
-    """What the chart's Role must grant for a backend whose workload is `workload_kind`: rank 0 posts Events (and
-    reads its pod and the owners in between to find the workload), and `ddpm wait-for-training` reads and watches
-    the workload. Nothing else runs in the cluster with the service account."""
+def trainer_calls(workload_kind: str) -> Calls:
+    """What the training pods call, for a backend whose workload is `workload_kind`: rank 0 creates Events (and
+    patches one to count a repeat), reads its own pod, and reads the owners between the pod and the workload
+    (resolve_workload). It never reads or watches the workload itself: TRAINING_WORKLOAD names it (the chart sets
+    it on every training pod), and resolve_workload stops at the ownerReference that matches it."""
+    return _merge({(EVENT.group, EVENT.plural): frozenset({"create", "patch"}),
+                   (POD.group, POD.plural): frozenset({"get"})},
+                  *({(k.group, k.plural): frozenset({"get"})} for k in OWNERS_BELOW[workload_kind]))
+
+
+def wait_calls(workload_kind: str) -> Calls:
+    """What `ddpm wait-for-training` (the push Job's init container, trainer/wait.py) calls: it reads the workload and
+    watches it (the collection filtered by metadata.name)."""
     kind = WORKLOAD_KINDS[workload_kind]
-    events = _merge({(EVENT.group, EVENT.plural): frozenset({"create", "patch"}),
-                     (POD.group, POD.plural): frozenset({"get"})},
-                    *({(k.group, k.plural): frozenset({"get"})} for k in OWNERS_BELOW[workload_kind]))
-    return _merge(events, {(kind.group, kind.plural): frozenset({"get", "watch"})})
+    return {(kind.group, kind.plural): frozenset({"get", "watch"})}
 
 
-def role_rules(workload_kind: str) -> list[dict]:
-    """role_calls() as the `rules` of an rbac.authorization.k8s.io/v1 Role: one rule per resource, sorted."""
+def role_rules(calls: Calls) -> list[dict]:
+    """`calls` (trainer_calls, wait_calls) as the `rules` of an rbac.authorization.k8s.io/v1 Role: one rule per
+    resource, sorted. Each pod identity gets a Role of exactly its own calls."""
     return [{"apiGroups": [group], "resources": [resource], "verbs": sorted(verbs)}
-            for (group, resource), verbs in sorted(role_calls(workload_kind).items())]
+            for (group, resource), verbs in sorted(calls.items())]
 
 
 # `ddpm status` runs with the user's own kubeconfig rights: it lists the chart's workload kinds, pods and Events.
 STATUS_CALLS: Calls = _merge({(EVENT.group, EVENT.plural): frozenset({"list"}),
                               (POD.group, POD.plural): frozenset({"list"})},
                              *({(k.group, k.plural): frozenset({"list"})} for k in CHART_WORKLOAD_KINDS))
-API_CALLS: Calls = _merge(*(role_calls(kind) for kind in WORKLOAD_KINDS), STATUS_CALLS)
+API_CALLS: Calls = _merge(*(trainer_calls(kind) for kind in WORKLOAD_KINDS),
+                          *(wait_calls(kind) for kind in WORKLOAD_KINDS), STATUS_CALLS)
 
 
 # ---- identity ------------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ What torchrun does not do, this adds:
   ExitCode policy can tell "retry" from "give up".
 - torchrun restarts a failed worker group up to --max-restarts times (with c10d every node restarts and all ranks
   resume from the newest checkpoint), but a worker that exited 2 or 3 would fail again the same way: those stop
-  the restarts at once (PermanentFailureAgent).
+  the restarts at once; and workers that exited 143 (a peer preempted or lost) restart without using one
+  (PermanentFailureAgent).
 - SIGTERM gives the workers the preemption grace to save before torchrun kills them.
 """
 
@@ -37,6 +38,16 @@ from trainer.errors import (
 # Seconds torchrun waits, after forwarding SIGTERM, beyond the trainer's own grace before it SIGKILLs workers.
 SHUTDOWN_MARGIN_S = 15
 PERMANENT_EXIT_CODES = (EXIT_CONFIG, EXIT_DIVERGED)  # a restart cannot help: stop restarting
+# A pod whose node 0 (the rendezvous store's host) starts later than its own pod must wait for it as long as for the
+# other nodes: torch connects to the store with `read_timeout` as the TCPStore timeout, retrying (DNS failures too)
+# until it passes, and only then starts counting `join_timeout` (torch/distributed/elastic/rendezvous/
+# c10d_rendezvous_backend.py `_create_tcp_store`; dynamic_rendezvous.py `next_rendezvous`). Unset, read_timeout is
+# 60 s, so a node 0 two minutes late failed the pod (exit 1, counted) whatever join_timeout said: ddpm launch sets
+# it to join_timeout when PET_RDZV_CONF (the chart's, or the training operator's from elasticPolicy.rdzvConf) does
+# not. read_timeout also bounds the store waits for keys just after a rendezvous (rank assignment, agent/server/
+# api.py `_assign_worker_ranks`): a peer lost in that instant is noticed after join_timeout instead of 60 s.
+READ_TIMEOUT_DEFAULT_S = 60  # torch's, c10d_rendezvous_backend.py
+JOIN_TIMEOUT_DEFAULT_S = 600  # torch's, dynamic_rendezvous.py RendezvousTimeout
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 
 
@@ -105,6 +116,9 @@ def torchrun_argv(environ: dict[str, str], grace_seconds: float, train_args: lis
         if not _HOST_PORT.match(endpoint) or not 0 < int(endpoint.rsplit(":", 1)[1]) < 65536:
             raise LaunchError(f"PET_RDZV_ENDPOINT={endpoint!r} must be HOST:PORT (node 0's stable name and a port)")
         conf = _rdzv_conf(environ.get("PET_RDZV_CONF", ""))
+        if "read_timeout" not in conf:
+            conf["read_timeout"] = str(max(int(conf.get("join_timeout", JOIN_TIMEOUT_DEFAULT_S)),
+                                           READ_TIMEOUT_DEFAULT_S))
         if node_rank is not None and "is_host" not in conf:
             conf["is_host"] = "true" if node_rank == 0 else "false"  # node 0 hosts the store, whatever DNS says
         argv += ["--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
@@ -148,9 +162,13 @@ def exit_code_of(worker_codes: list[int]) -> int:
 
 
 def permanent_failure_agent():
-    """torch's LocalElasticAgent, except that a worker exiting 2 or 3 uses up the restarts: restarting would only
-    fail again (torch/distributed/elastic/agent/server/api.py `_invoke_run` restarts on any failure). It also
-    records whether workers ever started, to tell a lost rendezvous from one never joined."""
+    """torch's LocalElasticAgent, except for what its restarts count (torch/distributed/elastic/agent/server/api.py
+    `_invoke_run` restarts the workers on any failure and counts every one against --max-restarts):
+    - a worker exiting 2 or 3 uses up the restarts: restarting would only fail again;
+    - workers that all exited 143 use none: they stopped because a peer was preempted (the ranks agree on a SIGTERM
+      and checkpoint together) or lost a peer after training (trainer.errors.PeerLost), so after max-restarts
+      preemptions of other pods every survivor exited, 143 or 1, and a PyTorchJob failed on the 1.
+    It also records whether workers ever started, to tell a lost rendezvous from one never joined."""
     from torch.distributed.elastic.agent.server.api import WorkerState
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
@@ -163,9 +181,15 @@ def permanent_failure_agent():
 
         def _monitor_workers(self, worker_group):
             result = super()._monitor_workers(worker_group)
-            if result.state == WorkerState.FAILED and any(
-                    failure.exitcode in PERMANENT_EXIT_CODES for failure in result.failures.values()):
+            codes = [failure.exitcode for failure in result.failures.values()]
+            if result.state == WorkerState.FAILED and any(code in PERMANENT_EXIT_CODES for code in codes):
                 self._remaining_restarts = 0
+            elif result.state == WorkerState.FAILED and codes and all(code == EXIT_PREEMPTED for code in codes):
+                # _invoke_run takes one restart before each restart and has no hook to skip that: give it back.
+                self._remaining_restarts += 1
+                print(f"ddpm launch: the workers exited {EXIT_PREEMPTED} (a peer was preempted or lost): restarting "
+                      f"them without using a restart ({self._remaining_restarts - 1} left)", file=sys.stderr,
+                      flush=True)
             return result
 
     return PermanentFailureAgent
@@ -184,6 +208,13 @@ def launch(train_args: list[str], grace_seconds: float, environ: dict[str, str] 
     print("ddpm launch: torchrun " + " ".join(argv), file=sys.stderr, flush=True)
     # launch_agent() builds the agent from this module attribute (torch/distributed/launcher/api.py).
     agent = launcher_api.LocalElasticAgent = permanent_failure_agent()
+    # Shared with the workers (torch's default), the rendezvous store's address for them is published by the rank-0
+    # agent only in the first round it is rank 0 (rendezvous/dynamic_rendezvous.py next_rendezvous caches
+    # _bootstrap_store_info), so a node that joins a later round (a replaced pod, a returning elastic node) waits
+    # for it until read_timeout while rank 0 waits for that node's rank info (agent/server/api.py
+    # _assign_worker_ranks): the workers never start. Unshared, every round publishes it (rendezvous/api.py
+    # RendezvousStoreInfo.build) and the workers' rank 0 hosts their store, as before torch 2.4.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as e:

@@ -2,7 +2,9 @@
 
 Every rank runs this same code. Signals are deferred while it runs: a SIGTERM/SIGINT is noticed at the next check
 (every step with one process, every `preemption_check_steps` and every log with several), one checkpoint is
-written, and `Stopped` ends the process with 143 (retry) or 130.
+written, and `Stopped` ends the process with 143 (retry) or 130. A failed collective after this process's first
+update is a lost peer (PeerLost, 143). Updates, sampler steps and finished saves are the stall deadline's progress
+(trainer.stall: no progress for stall_timeout_seconds ends the process, 124).
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from trainer import checkpoint, outputs, quality, run_record, sampling
 from trainer.checkpoint import TrainState
 from trainer.data import to_model_range
 from trainer.diffusion import training_loss
-from trainer.distributed import any_process, decided_by_main, sum_over_processes
-from trainer.errors import DdpmError, Diverged, NonFiniteSamples, Stopped
+from trainer.distributed import any_process, communication_failure, decided_by_main, sum_over_processes
+from trainer.errors import DdpmError, Diverged, NonFiniteSamples, PeerLost, Stopped
 from trainer.events import RunEvents
 from trainer.model import ema_weights
 from trainer.sampling import SamplingInterrupted, sample_for_eval, shard, to_grid
 from trainer.setup import Run, setup
 from trainer.signals import SIGNALS
+from trainer.stall import StallWatchdog
 from trainer.tracking import StepStats
 
 
@@ -32,11 +35,14 @@ def train(config, stream=None, config_file: Path | None = None) -> TrainState:
     run = None
     try:
         run = setup(config, stream, config_file, events)
+        run.stall = StallWatchdog(config.stall_timeout_seconds, rank=run.rank,
+                                  on_stall=lambda message: report_stall(run, message))
         try:
             with SIGNALS.deferred():
                 fit(run)
                 finish(run)
         finally:
+            run.stall.stop()
             run.tracker.close()
             if run.lock is not None:
                 run.lock.release()
@@ -52,6 +58,8 @@ def train(config, stream=None, config_file: Path | None = None) -> TrainState:
         events.nonfinite_samples(run.state.global_step if run else 0, str(e), final=True)
         raise
     except BaseException as e:
+        if (lost := peer_lost(run, e)) is not None:  # not a failure of this run: no Failed event
+            raise lost from e
         full = outputs.disk_full(e, "the run's outputs", config.output_dir, 0) if isinstance(e, Exception) and \
             not isinstance(e, DdpmError) else None  # any other write (the record, the marker): exit 2, says so
         events.failed(str(full or e).strip().splitlines()[0] if str(full or e).strip() else type(e).__name__)
@@ -62,12 +70,33 @@ def train(config, stream=None, config_file: Path | None = None) -> TrainState:
         events.close(timeout_s=5.0)
 
 
+def report_stall(run: Run, message: str) -> None:
+    """From the stall watchdog's thread, just before the process ends: rank 0 posts the Warning Event."""
+    run.events.stalled(run.state.global_step, message)
+    run.events.close(timeout_s=5.0)
+
+
+def peer_lost(run: Run | None, error: BaseException) -> PeerLost | None:
+    """PeerLost when `error` is a failed collective (or store call) after this process completed an optimizer
+    update: another rank is gone. Before any update (the process group, the first all-reduce) it stays the error
+    it is, exit 1."""
+    failure = communication_failure(error) if run is not None else None
+    updates = run.state.global_step - (run.resumed_step or 0) if run is not None else 0
+    if failure is None or updates < 1:
+        return None
+    reason = (str(failure).strip().splitlines() or [""])[0][:300]
+    return PeerLost(f"lost a peer process after {updates} optimizer updates in this process "
+                    f"({type(failure).__name__}: {reason}); exiting 143 to rejoin: the workers restart and every "
+                    "rank resumes from the newest checkpoint")
+
+
 def fit(run: Run) -> None:
     """The step loop: one optimizer update per accumulation group; logs, checkpoints and grids on their cadence."""
     config, state = run.config, run.state
     stats = StepStats(run.accelerator.device)
     run.unet.train()
     run.clock.start()
+    run.stall.start("training")  # the stall deadline counts from here: start-up is never a stall
     for epoch in range(state.global_step // run.steps_per_epoch, run.num_epochs):
         if finished(run):
             break
@@ -76,6 +105,7 @@ def fit(run: Run) -> None:
             if not train_step(run, stats, images, update, position):
                 continue  # gradients accumulate: no optimizer update yet
             state.global_step += 1
+            run.stall.progress(f"optimizer update {state.global_step}")
             run.tracker.step()
             step = state.global_step
             if run.world == 1:  # the only rank: its clock is the agreed one (several: shared at each log)
@@ -97,7 +127,9 @@ def fit(run: Run) -> None:
         done = finished(run)
         if (epoch + 1) % config.save_image_epochs == 0 or done:
             try:
-                run.last_grid = evaluate(run, epoch) or run.last_grid
+                with run.stall.phase("an evaluation"):
+                    run.last_grid = evaluate(run, epoch) or run.last_grid
+                run.stall.progress(f"the evaluation at step {state.global_step}")
             except EvaluationInterrupted:
                 save_checkpoint(run)
                 raise SIGNALS.stopped(f"evaluation interrupted; checkpoint saved at step {state.global_step}") from None
@@ -183,6 +215,13 @@ def divergence_message(run: Run, worst: int, streak: int) -> str:
     return text + "Lower learning_rate (or max_grad_norm), or check the data."
 
 
+def sampler_step(run: Run) -> bool:
+    """Before each sampler step of an evaluation: progress for the stall deadline, and whether to stop (a signal:
+    host-side flags only, no sync)."""
+    run.stall.progress("a sampler step of an evaluation")
+    return SIGNALS.received is not None
+
+
 class EvaluationInterrupted(Exception):
     """A stop request arrived during an evaluation, on some rank: every rank stops sampling and checkpoints."""
 
@@ -200,7 +239,7 @@ def evaluate(run: Run, epoch: int) -> Path | None:
     with ema_weights(model, run.ema):
         try:
             images = sample_for_eval(model, config, run.noise_scheduler.config, indices,
-                                     should_stop=lambda: SIGNALS.received is not None)
+                                     should_stop=lambda: sampler_step(run))
         except NonFiniteSamples as e:  # not raised: the other ranks would wait for this one in the gather
             failure = e
         except SamplingInterrupted:  # likewise: every rank learns it in the one all-reduce below
@@ -236,12 +275,14 @@ def evaluate(run: Run, epoch: int) -> Path | None:
 
 def save_model(run: Run) -> None:
     """The pipeline with the EMA weights (rank 0); raises Diverged rather than save non-finite weights."""
-    if run.accelerator.is_main_process:
-        model = run.accelerator.unwrap_model(run.unet)
-        with ema_weights(model, run.ema):
-            outputs.save_pipeline(run.config, model, run.noise_scheduler)
-        run.tracker.message(f"saved pipeline to {run.config.output_dir}")
-    run.accelerator.wait_for_everyone()
+    with run.stall.phase("the pipeline's save"):
+        if run.accelerator.is_main_process:
+            model = run.accelerator.unwrap_model(run.unet)
+            with ema_weights(model, run.ema):
+                outputs.save_pipeline(run.config, model, run.noise_scheduler)
+            run.tracker.message(f"saved pipeline to {run.config.output_dir}")
+        run.accelerator.wait_for_everyone()
+    run.stall.progress(f"the pipeline saved at step {run.state.global_step}")
 
 
 def check_saved_pipeline(run: Run) -> None:
@@ -249,16 +290,20 @@ def check_saved_pipeline(run: Run) -> None:
     DDPMPipeline.from_pretrained(output_dir) gives), at num_inference_steps; NaN/inf ones raise NonFiniteSamples
     on every rank before the completion marker is written (exit 3)."""
     config = run.config
-    drawn = decided_by_main(run.accelerator, lambda: sampling.check_saved_pipeline(
-        Path(config.output_dir), num_inference_steps=config.num_inference_steps, seed=config.seed,
-        device=run.accelerator.device))
+    tick = run.stall.ticker("a sampler step of the saved pipeline's check")
+    with run.stall.phase("the saved pipeline's check"):
+        drawn = decided_by_main(run.accelerator, lambda: sampling.check_saved_pipeline(
+            Path(config.output_dir), num_inference_steps=config.num_inference_steps, seed=config.seed,
+            device=run.accelerator.device, should_stop=tick))
     run.tracker.message(f"the saved pipeline samples finite images ({drawn}, its own scheduler)")
 
 
 def save_checkpoint(run: Run) -> None:
     run.state.training_seconds = run.clock.seconds()  # rank 0's is the one written
-    path = checkpoint.save_checkpoint(run.accelerator, run.state, run.config.output_dir,
-                                      run.config.checkpoints_total_limit, run.checkpoint_bytes)
+    with run.stall.phase(f"the save of checkpoint-{run.state.global_step}"):
+        path = checkpoint.save_checkpoint(run.accelerator, run.state, run.config.output_dir,
+                                          run.config.checkpoints_total_limit, run.checkpoint_bytes)
+    run.stall.progress(f"checkpoint-{run.state.global_step} saved")
     run.last_checkpoint_step = run.state.global_step
     run.tracker.message(f"saved checkpoint {path} (step {run.state.global_step})")
     run.events.checkpoint(run.state.global_step, run.total_steps, str(path), loss=run.tracker.last_loss,
@@ -279,6 +324,7 @@ def finish(run: Run) -> None:
     if any_process(accelerator, SIGNALS.received is not None):
         raise SIGNALS.stopped(f"checkpoint and pipeline saved at step {state.global_step}; the retry marks the run "
                               "complete")
+    run.stall.stop()  # the rest is rank 0's few writes and the push, which has its own deadline
     if accelerator.is_main_process:
         outputs.write_model_card(config, run.last_grid, state.global_step)
         run_record.write_marker(config, run.record, state.global_step, state.epoch)

@@ -142,16 +142,19 @@ def sample_for_eval(unet, config, train_scheduler_config, indices: range,
                          precision=config.eval_mixed_precision, should_stop=should_stop)
 
 
-def check_saved_pipeline(model_dir: Path, *, num_inference_steps: int, seed: int, device) -> str:
+def check_saved_pipeline(model_dir: Path, *, num_inference_steps: int, seed: int, device,
+                         should_stop: Callable[[], bool] | None = None) -> str:
     """Draw FINAL_CHECK_IMAGES images from the DDPMPipeline in model_dir as `DDPMPipeline.from_pretrained` gives
-    it (its own saved scheduler, fp32) at num_inference_steps. Raises NonFiniteSamples; returns what was drawn."""
+    it (its own saved scheduler, fp32) at num_inference_steps. Raises NonFiniteSamples; returns what was drawn.
+    `should_stop` is asked before each step, as in denoise."""
     from diffusers import DDPMPipeline
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
     pipeline = DDPMPipeline.from_pretrained(model_dir).to(device)
     steps = min(num_inference_steps, pipeline.scheduler.config.num_train_timesteps)
-    sample_images(pipeline.unet, pipeline.scheduler, range(FINAL_CHECK_IMAGES), seed=seed, num_inference_steps=steps)
+    sample_images(pipeline.unet, pipeline.scheduler, range(FINAL_CHECK_IMAGES), seed=seed, num_inference_steps=steps,
+                  should_stop=should_stop)
     return f"{FINAL_CHECK_IMAGES} images, {describe(kind_of(pipeline.scheduler), steps, 0.0, 'no')}"
 
 

@@ -37,6 +37,7 @@ from trainer.lock import RunLock, holder_info
 from trainer.model import build_ema, build_noise_scheduler, build_unet, model_identity
 from trainer.perf import peak_flops, training_flops_per_image
 from trainer.signals import SIGNALS
+from trainer.stall import StallWatchdog
 from trainer.tracking import Tracker
 
 
@@ -70,6 +71,7 @@ class Run:
     checkpoint_bytes: int = 0
     events: RunEvents = field(default_factory=RunEvents.off)  # Kubernetes Events (rank 0; no-op elsewhere)
     clock: TrainClock = field(default_factory=lambda: TrainClock(None))  # max_train_seconds (trainer/budget.py)
+    stall: StallWatchdog = field(default_factory=StallWatchdog.off)  # stall_timeout_seconds (trainer/stall.py)
 
     @property
     def rank(self) -> int:

@@ -55,6 +55,11 @@ class Signals:
         return EXIT_CODES.get(self.received) if self.received is not None else None
 
     @property
+    def stopping(self) -> bool:
+        """A signal arrived, or the process is leaving with a code of its own: its end is already under way."""
+        return self.received is not None or self._exiting_with is not None
+
+    @property
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received is not None else ""
 

@@ -4,10 +4,10 @@ It reads, with the user's own rights (trainer.kube.STATUS_CALLS): the release's 
 chart's labels (app.kubernetes.io/instance=<release>, app.kubernetes.io/component=train, helm/templates/_helpers.tpl
 and _run.tpl) among the kinds the chart creates; the training pods by the same labels, each placed at its node rank
 by the label its controller adds (Job and JobSet: batch.kubernetes.io/job-completion-index, Kubernetes >= 1.28;
-PyTorchJob: training.kubeflow.org/replica-type and replica-index, the Master being rank 0); and the Events rank 0
-posted on the workload (trainer.events), whose `ddpm-trainer/*` annotations give the step, loss, ETA, checkpoint and
-scores -- never their prose. Events live for the API server's --event-ttl (1 h by default) after their last write,
-so an old, quiet run shows no progress.
+PyTorchJob: training.kubeflow.org/replica-type and replica-index, the Master being rank 0 when the job has one, else
+worker-0); and the Events rank 0 posted on the workload (trainer.events), whose `ddpm-trainer/*` annotations give the
+step, loss, ETA, checkpoint and scores -- never their prose. Events live for the API server's --event-ttl (1 h by
+default) after their last write, so an old, quiet run shows no progress.
 
 Exit status: 0 pending/running/suspended/succeeded, 2 when the workload failed, 1 when it cannot be found or read.
 """
@@ -57,7 +57,7 @@ class Progress:
     scores_step: int | None = None
     preemptions: int = 0
     completed: str | None = None  # output dir
-    error: str | None = None  # the newest Failed/Diverged
+    error: str | None = None  # the newest Failed/Diverged/Stalled
     warning: str | None = None  # the newest evaluation whose samples were non-finite
 
 
@@ -90,7 +90,8 @@ def _report(cluster: kube.Cluster, release: str, namespace: str, say) -> int:
     state = kube.workload_status(kind.kind, obj)
     name = obj["metadata"]["name"]
     selector = release_selector(release)
-    pods = pod_rows(kind.kind, kube.list_objects(cluster, kube.POD, namespace, label_selector=selector))
+    pods = pod_rows(kind.kind, kube.list_objects(cluster, kube.POD, namespace, label_selector=selector),
+                    master=has_master(obj))
     progress = read_progress(kube.list_objects(cluster, kube.EVENT, namespace,
                                                field_selector=f"involvedObject.uid={obj['metadata']['uid']}"))
     for line in render(release, namespace, kind, name, state, pods, progress):
@@ -119,16 +120,28 @@ def find_workload(cluster: kube.Cluster, release: str, namespace: str) -> tuple[
     return max(found, key=lambda f: f[1]["metadata"].get("creationTimestamp") or "", default=None)
 
 
-def node_rank(kind: str, labels: Mapping[str, str]) -> str:
+def has_master(workload: dict) -> bool:
+    """Whether a PyTorchJob has a Master replica (spec.pytorchReplicaSpecs, keyed by replica type: kubeflow/
+    training-operator pkg/apis/kubeflow.org/v1 pytorch_types.go). The chart's has Workers only."""
+    specs = (workload.get("spec") or {}).get("pytorchReplicaSpecs") or {}
+    return any(role.lower() == "master" for role in specs)
+
+
+def node_rank(kind: str, labels: Mapping[str, str], master: bool = False) -> str:
+    """A pod's node rank from its controller's labels. PyTorchJob: with a Master replica it is rank 0 and worker i
+    is i + 1; without one (the chart's elastic Workers-only job) worker i is rank i: worker-0 hosts the rendezvous,
+    and its name sorts first (docs/KUBERNETES.md, Failures per backend)."""
     if kind == "PyTorchJob":
         role, index = labels.get(REPLICA_TYPE_LABEL, "").lower(), labels.get(REPLICA_INDEX_LABEL)
         if role == "master":
             return "0"
-        return str(int(index) + 1) if role == "worker" and index and index.isdigit() else "?"
+        if role == "worker" and index and index.isdigit():
+            return str(int(index) + 1 if master else int(index))
+        return "?"
     return labels.get(INDEX_LABEL, "?")
 
 
-def pod_rows(kind: str, pods: list[dict]) -> list[PodRow]:
+def pod_rows(kind: str, pods: list[dict], master: bool = False) -> list[PodRow]:
     rows = []
     for pod in pods:
         meta, spec, st = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
@@ -137,7 +150,7 @@ def pod_rows(kind: str, pods: list[dict]) -> list[PodRow]:
                    if (s.get("state") or {}).get("waiting", {}).get("reason")]
         phase = "Terminating" if meta.get("deletionTimestamp") else st.get("phase") or "Unknown"
         container = ((spec.get("containers") or [{}])[0]).get("name") or ""
-        rows.append(PodRow(node_rank(kind, meta.get("labels") or {}), meta["name"],
+        rows.append(PodRow(node_rank(kind, meta.get("labels") or {}, master), meta["name"],
                            f"{phase} ({waiting[0]})" if waiting else phase,
                            sum(s.get("restartCount") or 0 for s in statuses), spec.get("nodeName") or "-",
                            container, meta.get("creationTimestamp") or ""))
@@ -172,7 +185,8 @@ def read_progress(events: list[dict]) -> Progress:
             progress.preemptions += event.get("count") or 1
         if reason == ev.COMPLETED:
             progress.completed = notes.get(ev.OUTPUT_DIR)
-        if reason in (ev.FAILED, ev.DIVERGED) or (reason == ev.NON_FINITE_SAMPLES and notes.get(ev.FINAL) == "true"):
+        if reason in (ev.FAILED, ev.DIVERGED, ev.STALLED) or (
+                reason == ev.NON_FINITE_SAMPLES and notes.get(ev.FINAL) == "true"):
             progress.error = f"{reason}: {notes.get(ev.ERROR, event.get('message', ''))}"
         elif reason == ev.NON_FINITE_SAMPLES:
             progress.warning = f"{reason} at step {notes.get(ev.STEP, '?')}: {notes.get(ev.ERROR, '')}"
