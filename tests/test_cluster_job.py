@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
 
 import pytest
 
 from cluster.testing import (
-    SHARED, Release, evict, marker, port_forward_get, ready, token_secret, values, wait_for, with_hub,
+    SHARED, Release, ddpm_status, evict, marker, port_forward_get, ready, token_secret, values, wait_for, with_hub,
 )
 from conftest import CLUSTER_GROUP
 
@@ -237,13 +236,11 @@ def test_status_and_the_chart_roles_against_the_real_authorizer(cluster, make_na
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "status"},
          "subjects": [{"kind": "User", "name": "alice", "apiGroup": "rbac.authorization.k8s.io"}]}]}))
     alice = cluster.plane.user_kubeconfig("alice", namespace=ns)
-    result = subprocess.run([*ddpm_cli(), "status", "--release", "ddpm"], capture_output=True, text=True,
-                            env=cluster.env(KUBECONFIG=str(alice)))
+    result = ddpm_status(cluster, ns, alice)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Job/ddpm-train" in result.stdout and "completed" in result.stdout, result.stdout
     bob = cluster.plane.user_kubeconfig("bob", namespace=ns)
-    refused = subprocess.run([*ddpm_cli(), "status", "--release", "ddpm"], capture_output=True, text=True,
-                             env=cluster.env(KUBECONFIG=str(bob)))
+    refused = ddpm_status(cluster, ns, bob)
     assert refused.returncode == 1 and "forbidden" in refused.stdout.lower(), refused.stdout
 
     allowed = cluster.kubectl("auth", "can-i", "--list", "-n", ns, f"--as=system:serviceaccount:{ns}:ddpm").stdout
@@ -257,8 +254,3 @@ def test_status_and_the_chart_roles_against_the_real_authorizer(cluster, make_na
     expected = {key: set(verbs) for key, verbs in kube.trainer_calls("Job").items()}
     assert granted == expected, f"the API server grants {granted}, the trainer calls {expected}"
 
-
-def ddpm_cli() -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "trainer"]

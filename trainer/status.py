@@ -24,6 +24,8 @@ from trainer import kube
 
 STATUS_OK, STATUS_UNKNOWN, STATUS_FAILED = 0, 1, 2
 INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+# The JobSet controller's label naming a pod's replicated Job (jobset api/jobset/v1alpha2 jobset_types.go).
+REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
 REPLICA_TYPE_LABEL, REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-type", "training.kubeflow.org/replica-index"
 
 
@@ -130,7 +132,8 @@ def has_master(workload: dict) -> bool:
 def node_rank(kind: str, labels: Mapping[str, str], master: bool = False) -> str:
     """A pod's node rank from its controller's labels. PyTorchJob: with a Master replica it is rank 0 and worker i
     is i + 1; without one (the chart's elastic Workers-only job) worker i is rank i: worker-0 hosts the rendezvous,
-    and its name sorts first (docs/KUBERNETES.md, Failures per backend)."""
+    and its name sorts first (docs/KUBERNETES.md, Failures per backend). Indexed Job pods (a Job, a TrainJob's
+    JobSet) are their completion index, except the chart's JobSet's `workers`, which follow its one-pod `leader`."""
     if kind == "PyTorchJob":
         role, index = labels.get(REPLICA_TYPE_LABEL, "").lower(), labels.get(REPLICA_INDEX_LABEL)
         if role == "master":
@@ -138,7 +141,10 @@ def node_rank(kind: str, labels: Mapping[str, str], master: bool = False) -> str
         if role == "worker" and index and index.isdigit():
             return str(int(index) + 1 if master else int(index))
         return "?"
-    return labels.get(INDEX_LABEL, "?")
+    index = labels.get(INDEX_LABEL, "?")
+    if labels.get(REPLICATED_JOB_LABEL) == "workers" and index.isdigit():
+        return str(int(index) + 1)  # the chart's JobSet: node 0 is the `leader` Job's pod, worker i is node i + 1
+    return index
 
 
 def pod_rows(kind: str, pods: list[dict], master: bool = False) -> list[PodRow]:

@@ -8,6 +8,7 @@ import json
 import re
 import secrets
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -245,3 +246,17 @@ def port_forward_get(cluster: Cluster, ns: str, target: str, port: int) -> int:
     finally:
         forward.terminate()
         forward.wait()
+
+
+def ddpm_status(cluster: Cluster, ns: str, kubeconfig: Path | None = None,
+                release: str = "ddpm") -> subprocess.CompletedProcess:
+    """`ddpm status` run from the host as a user would, with the admin's kubeconfig unless another is given."""
+    return subprocess.run([sys.executable, "-m", "trainer", "status", "--release", release, "-n", ns],
+                          capture_output=True, text=True,
+                          env=cluster.env(KUBECONFIG=str(kubeconfig or cluster.kubeconfig)))
+
+
+def status_ranks(result: subprocess.CompletedProcess) -> dict[str, str]:
+    """The pod table of `ddpm status`'s output: pod name -> the node rank it shows."""
+    return {line.split()[1]: line.split()[0] for line in result.stdout.splitlines()
+            if line.strip()[:1].isdigit() or line.strip().startswith("? ")}
