@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test venv tools checkov cluster-bins cluster-go-test clean
+.PHONY: demo test venv tools checkov cluster-bins cluster-go-test cluster cluster-down clean
 
 # The venv is rebuilt when pyproject.toml changes. torch is installed first with pip exactly as pinned.
 $(BIN)/.installed: pyproject.toml
@@ -60,20 +60,33 @@ cluster-go-test:
 
 tools: venv $(TOOLS)/bin/helm checkov cluster-bins
 
+# The test cluster, by hand (README: "Try the chart on your machine"): builds what is missing, starts the control plane
+# and the process kubelet in the background (state and log in .cluster/) and prints `export KUBECONFIG=...` last.
+# Needs root (network namespaces), as `make test` does. `make cluster-down` stops everything it started.
+CLUSTER_ROOT := $(abspath .cluster)
+cluster: venv $(TOOLS)/bin/helm
+	@assets="$$($(CLUSTER_BUILD))" && cd tests && KUBE_TEST_ASSETS="$$assets" \
+	  PATH="$(abspath $(TOOLS)/bin):$$PATH" $(abspath $(BIN))/python -m cluster up --root $(CLUSTER_ROOT)
+
+cluster-down:
+	@cd tests && $(abspath $(BIN))/python -m cluster down --root $(CLUSTER_ROOT)
+
 # Trains the `small` preset on the built-in dataset on CPU (about 8 minutes on 2 cores).
 demo: venv
 	$(BIN)/ddpm train --config examples/demo.yaml
 
-# Two pytest workers, each taking whole test files (module fixtures are built once): the chart tests wait on helm
-# and the training tests on process start-up and I/O, so two overlap well even on 2 cores (tests/conftest.py gives
-# each worker its share of OpenMP threads). PYTEST_ARGS adds options, e.g. PYTEST_ARGS=--durations=30.
+# Two pytest workers, each taking whole test files (module fixtures are built once; --dist loadgroup with the groups
+# tests/conftest.py assigns: a file each, and every real-cluster test file in one group, so the control plane starts
+# once per run): the chart tests wait on helm and the training tests on process start-up and I/O, so two overlap well
+# even on 2 cores (tests/conftest.py gives each worker its share of OpenMP threads). PYTEST_ARGS adds options, e.g.
+# PYTEST_ARGS=--durations=30.
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 # KUBE_TEST_ASSETS: the folder of the cluster's binaries (cluster-bins built it; asking again is a cache hit). Not a
 # DDPM_* name: the trainer reads those as its config.
 test: tools cluster-go-test
 	assets="$$($(CLUSTER_BUILD))" && \
-	KUBE_TEST_ASSETS="$$assets" PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
+	KUBE_TEST_ASSETS="$$assets" PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) tests
 
 # The tutorial's training loop against `ddpm train`, side by side: throughput (about 25-30 minutes on 2 CPU cores)
 # and time to quality on two datasets with an ablation of each default (about 2 hours); see docs/PERFORMANCE.md.
