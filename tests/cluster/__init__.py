@@ -33,8 +33,9 @@ PROJECT_IMAGE = "ghcr.io/example/ddpm-trainer"  # the chart's image.repository d
 
 
 def default_nodes() -> list[NodeSpec]:
-    """Two one-GPU nodes of a GPU pool and one CPU node of the default pool, like a small GKE cluster."""
-    return [gpu_node("gpu-node-0"), gpu_node("gpu-node-1"), cpu_node("cpu-node-0")]
+    """Four one-GPU nodes of a GPU pool and one CPU node of the default pool, like a small GKE cluster: a test's
+    two-node run fits next to one that waits (tests/test_cluster_job.py's late peer)."""
+    return [*(gpu_node(f"gpu-node-{i}") for i in range(4)), cpu_node("cpu-node-0")]
 
 
 def find_tool(name: str) -> str:
