@@ -38,14 +38,15 @@ def wait_for(what: str, check: Callable[[], object], timeout_s: float, describe:
 
 
 def delete_namespace(cluster: Cluster, name: str, timeout_s: float = 180) -> None:
-    """Delete a test's namespace and wait until it is gone: its pods have then released their GPUs."""
+    """Delete a test's namespace and wait until its pods are gone (their GPUs and volumes released); the namespace
+    controller removes the rest, and the namespace, while the next test runs."""
     try:
         cluster.api.delete(path_of("api/v1/namespaces", None, name))
     except ApiError as e:
         if e.status != 404:
             raise
-    wait_for(f"namespace {name} to be deleted",
-             lambda: not cluster.api.exists(path_of("api/v1/namespaces", None, name)), timeout_s)
+    wait_for(f"the pods of namespace {name} to be deleted",
+             lambda: not cluster.api.get(path_of("api/v1/pods", name))["items"], timeout_s)
 
 
 def namespace(cluster: Cluster, prefix: str, pod_security: str | None = "restricted") -> str:
