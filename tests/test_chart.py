@@ -153,10 +153,19 @@ BUSY = {  # the values people change: resources, scheduling, env, identity, an e
 }
 
 
+# TensorBoard and the push as pods of their own, which mount the volume themselves: ReadWriteMany storage only.
+OWN_PODS = {"tensorboard": {"mode": "deployment"}, "push": {"mode": "job"}}
+PUSH_JOB = merge(PUSH_ON, OWN_PODS)
+
+
 def case_values(backend: str, gpus: int, push: bool, busy: bool, stock: bool = False) -> dict:
+    """On a single-node volume the defaults (TensorBoard a sidecar, rank 0 pushes); on shared storage (several
+    nodes, BUSY's existing ReadWriteMany claim) a push is the push Job and TensorBoard a Deployment. The stock
+    TrainJob runtime cannot take the sidecar: there TensorBoard is always a Deployment, on shared storage."""
+    shared = gpus > 8 or busy or stock
     return merge(
-        {"backend": backend, "gpus": gpus}, RWX if gpus > 8 and not busy else {},
-        PUSH_ON if push else {}, BUSY if busy else {},
+        {"backend": backend, "gpus": gpus}, RWX if shared and not busy else {},
+        PUSH_ON if push else {}, OWN_PODS if shared and (push or stock) else {}, BUSY if busy else {},
         {"kubeflow": {"trainingRuntime": {"create": False}}} if stock else {},
     )
 
@@ -173,7 +182,7 @@ MATRIX.update({
 # Elastic (4 nodes, down to 2: accumulation 3 keeps a global batch every count divides) and queued, per backend.
 ELASTIC = merge({"gpus": 32, "elastic": {"enabled": True, "minNodes": 2}, "config": {"gradient_accumulation_steps": 3}}, RWX)
 for _backend in ("job", "jobset", "pytorchjob"):
-    MATRIX[f"{_backend}-elastic-queued"] = merge(ELASTIC, PUSH_ON, {"backend": _backend, "queueName": "gpu-queue"})
+    MATRIX[f"{_backend}-elastic-queued"] = merge(ELASTIC, PUSH_JOB, {"backend": _backend, "queueName": "gpu-queue"})
 # The stock ClusterTrainingRuntime takes only what runtimePatches allow (no priority, runtime class, spread, ...).
 STOCK_ALLOWED = {k: v for k, v in BUSY.items() if k not in (
     "priorityClassName", "runtimeClassName", "topologySpreadConstraints", "initContainers", "envFrom",
@@ -381,7 +390,7 @@ def test_pytorchjob_runs_workers_with_the_operators_c10d_rendezvous(case):
     min_nodes = values["elastic"]["minNodes"] if values.get("elastic", {}).get("enabled") else nodes
     assert elastic["rdzvBackend"] == "c10d" and (elastic["minReplicas"], elastic["maxReplicas"]) == (min_nodes, nodes)
     assert elastic["rdzvHost"] == f"{RELEASE}-train-worker-0" and elastic["rdzvId"] == RELEASE
-    assert {"key": "join_timeout", "value": "1800"} in elastic["rdzvConf"]
+    assert elastic["rdzvConf"] == [{"key": "join_timeout", "value": "1800"}, {"key": "read_timeout", "value": "1800"}]
     assert spec["runPolicy"]["cleanPodPolicy"] == "Running"
     container = worker["template"]["spec"]["containers"][0]
     assert container["name"] == "pytorch"  # the operator injects env into, and reads exit codes of, this container
@@ -479,7 +488,8 @@ def test_indexed_job_shape_and_c10d_rendezvous(gpus, nodes, procs):
     assert env["PET_RDZV_ENDPOINT"] == f"{job['metadata']['name']}-0.{service['metadata']['name']}:29500"
     assert env["PET_RDZV_ID"] == RELEASE, "stable per release: a replaced pod joins the same rendezvous"
     assert env["PET_MAX_RESTARTS"] == "3"
-    assert env["PET_RDZV_CONF"] == "join_timeout=1800"
+    # the c10d store's read_timeout too (60 s in torch), or a pod whose pod 0 starts late exits 1
+    assert env["PET_RDZV_CONF"] == "join_timeout=1800,read_timeout=1800"
     assert not {"PET_MASTER_ADDR", "PET_MASTER_PORT", "PET_NODE_RANK"} & set(env), "static rendezvous leftovers"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == procs
     assert next(p for p in container["ports"] if p["name"] == "rendezvous")["containerPort"] == 29500
@@ -488,12 +498,17 @@ def test_indexed_job_shape_and_c10d_rendezvous(gpus, nodes, procs):
 def test_rendezvous_timeout_outlasts_node_autoscaling_and_is_a_value():
     assert yaml.safe_load((CHART / "values.yaml").read_text())["rendezvousTimeoutSeconds"] >= 1800
     values = {"rendezvousTimeoutSeconds": 3600, "maxRestarts": 5}
+    conf = "join_timeout=3600,read_timeout=3600"
     assert env_of(one(render(values), "Job", "train")["spec"]["template"]["spec"]["containers"][0])[
-        "PET_RDZV_CONF"] == "join_timeout=3600"
+        "PET_RDZV_CONF"] == conf
     elastic = one(render(merge(values, {"backend": "pytorchjob"})), "PyTorchJob")["spec"]["elasticPolicy"]
-    assert elastic["rdzvConf"] == [{"key": "join_timeout", "value": "3600"}] and elastic["maxRestarts"] == 5
+    assert elastic["rdzvConf"] == [{"key": "join_timeout", "value": "3600"}, {"key": "read_timeout", "value": "3600"}]
+    assert elastic["maxRestarts"] == 5
     trainer = one(render(merge(values, {"backend": "trainjob"})), "TrainJob")["spec"]["trainer"]
-    assert env_of(trainer)["PET_RDZV_CONF"] == "join_timeout=3600" and env_of(trainer)["PET_MAX_RESTARTS"] == "5"
+    assert env_of(trainer)["PET_RDZV_CONF"] == conf and env_of(trainer)["PET_MAX_RESTARTS"] == "5"
+    jobset = one(render(merge(values, {"backend": "jobset"})), "JobSet")["spec"]["replicatedJobs"]
+    assert [env_of(r["template"]["spec"]["template"]["spec"]["containers"][0])["PET_RDZV_CONF"] for r in jobset] == [
+        f"{conf},is_host=true"]
 
 
 @pytest.mark.parametrize("backend,kind", sorted(BACKENDS.items()))
@@ -588,7 +603,8 @@ def test_retry_budget_scales_with_the_nodes(backend, nodes):
               "pytorchjob": lambda: one(docs, "PyTorchJob")["spec"]["runPolicy"]["backoffLimit"],
               "trainjob": lambda: one(docs, "TrainingRuntime")["spec"]["template"]["spec"]["replicatedJobs"][0][
                   "template"]["spec"]["backoffLimit"]}
-    assert limits[backend]() == 6 * nodes
+    # a JobSet restart recreates every node at once: its budget is per gang, not x nodes (192 at 256 GPUs)
+    assert limits[backend]() == (6 if backend == "jobset" else 6 * nodes)
     assert one(render({"backoffLimit": 9}), "Job", "train")["spec"]["backoffLimit"] == 9
 
 
@@ -680,7 +696,10 @@ def test_default_storage_binds_on_a_stock_cluster():
     ({"gpus": 16}, "gpus=16 needs 2 nodes sharing the volume"),
     ({"gpus": 16, "storage": {"existingClaim": "mine"}}, "storage.existingClaim of a ReadWriteMany claim"),
     ({"storage": {"accessModes": ["ReadWriteMany"]}}, "which on GKE (standard-rwo), EKS (gp2/gp3) and AKS (managed-csi) cannot provide it"),
-    ({"storage": {"accessModes": ["ReadWriteOncePod"]}}, "ReadWriteOncePod lets only the trainer mount the volume"),
+    ({"tensorboard": {"mode": "deployment"}}, "tensorboard.mode=deployment mounts the volume from a pod of its own, "
+                                              "which needs ReadWriteMany storage"),
+    (merge(PUSH_JOB, {"storage": {"accessModes": ["ReadWriteOncePod"]}}),
+     "push.mode=job mounts the volume from a pod of its own, which needs ReadWriteMany storage"),
 ])
 def test_storage_that_would_not_bind_fails_at_install(values, message):
     error = render_error(values)
@@ -696,52 +715,81 @@ def test_shared_storage_for_several_nodes():
     render({"storage": {"accessModes": ["ReadWriteOncePod"]}, "tensorboard": {"enabled": False}})
 
 
-def colocation(pod: dict) -> list[dict]:
-    return pod.get("affinity", {}).get("podAffinity", {}).get("preferredDuringSchedulingIgnoredDuringExecution", [])
+def claimants(docs: list[dict]) -> list[str]:
+    """Every pod template (container-level detail aside) that mounts the release's claim."""
+    return [where for d in docs for where, t in pod_templates(d)
+            if any("persistentVolumeClaim" in v for v in t["spec"].get("volumes", []))]
 
 
-def test_single_node_volume_puts_tensorboard_and_push_next_to_the_trainer():
-    values = merge(PUSH_ON, {"tolerations": [TOLERATION], "nodeSelector": {"pool": "gpu"}})
-    docs = render(values)
-    train = one(docs, "Job", "train")["spec"]["template"]
-    deployment = one(docs, "Deployment")
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
-    for pod in (deployment["spec"]["template"]["spec"], one(docs, "Job", "push")["spec"]["template"]["spec"]):
-        [term] = colocation(pod)
-        selector = term["podAffinityTerm"]["labelSelector"]["matchLabels"]
-        assert selector.items() <= train["metadata"]["labels"].items() and selector["app.kubernetes.io/component"] == "train"
-        assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname" and term["weight"] == 100
-        assert pod["nodeSelector"] == {"pool": "gpu"} and pod["tolerations"] == [TOLERATION]
-    # their own values add to what co-location needs
-    own = merge(values, {"tensorboard": {"tolerations": [{"key": "x", "operator": "Exists"}], "nodeSelector": {"a": "b"}}})
-    pod = one(render(own), "Deployment")["spec"]["template"]["spec"]
-    assert pod["nodeSelector"] == {"pool": "gpu", "a": "b"}
-    assert pod["tolerations"] == [{"key": "x", "operator": "Exists"}, TOLERATION]
-    assert colocation(pod)
-
-
-def test_on_a_stock_gke_cluster_everything_tolerates_the_gpu_taint():
-    """GKE taints GPU nodes nvidia.com/gpu:NoSchedule and tolerates it only for pods requesting GPUs: with the
-    default ReadWriteOnce volume, TensorBoard and the push must tolerate it to share the trainer's node."""
+def test_on_a_single_node_volume_only_the_training_pods_mount_it():
+    """WaitForFirstConsumer binds a ReadWriteOnce volume where its first pod lands: any other pod mounting it could
+    take it to a node the trainer cannot use (the 0.3 deadlock). TensorBoard is a native sidecar of the training pod
+    and rank 0 pushes; the Service shows rank 0's sidecar."""
     docs = render(PUSH_ON)
+    assert claimants(docs) == [f"Job/{RELEASE}-train"]
+    assert not by_kind(docs, "Deployment") and [j["metadata"]["name"] for j in by_kind(docs, "Job")] == [f"{RELEASE}-train"]
+    pod = one(docs, "Job", "train")["spec"]["template"]["spec"]
+    [sidecar] = pod["initContainers"]
+    assert sidecar["name"] == "tensorboard" and sidecar["restartPolicy"] == "Always", "a native sidecar"
+    assert {m["mountPath"]: m.get("readOnly", False) for m in sidecar["volumeMounts"]}["/data"] is True
+    assert sidecar["command"][:3] == ["tensorboard", "--logdir", f"/data/{RELEASE}/output/logs"]
+    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/", "port": 6006}, "a hung TensorBoard is restarted"
+    service = one(docs, "Service", "tensorboard")["spec"]
+    assert service["selector"] == {"app.kubernetes.io/name": "ddpm", "app.kubernetes.io/instance": RELEASE,
+                                   "app.kubernetes.io/component": "train",
+                                   "batch.kubernetes.io/job-completion-index": "0"}, "rank 0's pod"
+    assert yaml.safe_load(one(docs, "ConfigMap")["data"]["config.yaml"])["push_to_hub"] is True
+
+
+@pytest.mark.parametrize("backend,rank0", [
+    ("jobset", {"jobset.sigs.k8s.io/replicatedjob-name": "leader"}),
+    ("pytorchjob", {"training.kubeflow.org/replica-type": "worker", "training.kubeflow.org/replica-index": "0"}),
+    ("trainjob", {"jobset.sigs.k8s.io/replicatedjob-name": "node", "jobset.sigs.k8s.io/job-index": "0",
+                  "batch.kubernetes.io/job-completion-index": "0"}),
+])
+def test_tensorboard_service_selects_rank_0_of_every_backend(backend, rank0):
+    """The labels each controller puts on node 0's pod (the TensorBoard sidecar the Service shows)."""
+    docs = render(merge({"backend": backend, "gpus": 16}, RWX))
+    selector = one(docs, "Service", "tensorboard")["spec"]["selector"]
+    assert selector == {"app.kubernetes.io/name": "ddpm", "app.kubernetes.io/instance": RELEASE,
+                        "app.kubernetes.io/component": "train", **rank0}
+    for _, template in training_pods(docs):
+        assert [c["name"] for c in template["spec"]["initContainers"]] == ["tensorboard"]
+
+
+def test_only_the_training_pods_tolerate_the_gpu_taint():
+    """GKE taints GPU nodes nvidia.com/gpu:NoSchedule. The training pods tolerate it; TensorBoard's Deployment, the
+    push Job and the test pod need no GPU and do not, so they never hold (or keep up) a GPU node."""
+    docs = render(merge(RWX, PUSH_JOB, {"gpus": 16}))
     for where, template in full_pod_templates(docs):
-        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in template["spec"]["tolerations"], where
+        tolerations = template["spec"].get("tolerations", [])
+        if template["metadata"]["labels"]["app.kubernetes.io/component"] == "train":
+            assert TOLERATION in tolerations, where
+        else:
+            assert not tolerations, where
 
 
-def test_shared_volume_lets_tensorboard_and_push_go_anywhere():
-    values = merge(PUSH_ON, RWX, {"gpus": 16, "tolerations": [TOLERATION], "nodeSelector": {"pool": "gpu"}})
+def test_shared_volume_lets_tensorboard_and_push_run_as_pods_of_their_own():
+    values = merge(PUSH_JOB, RWX, {"gpus": 16, "tolerations": [TOLERATION], "nodeSelector": {"pool": "gpu"}})
     docs = render(values)
-    for pod in (one(docs, "Deployment")["spec"]["template"]["spec"], one(docs, "Job", "push")["spec"]["template"]["spec"]):
-        assert not colocation(pod) and "nodeSelector" not in pod, "a CPU node will do"
-        assert pod["tolerations"] == [TOLERATION], "inherited: they may use the GPU pool, never forced onto it"
-    own = merge(values, {"push": {"nodeSelector": {"pool": "cpu"}, "tolerations": [],
+    assert sorted(claimants(docs)) == [f"Deployment/{RELEASE}-tensorboard", f"Job/{RELEASE}-push", f"Job/{RELEASE}-train"]
+    assert all(not t["spec"].get("initContainers") for _, t in training_pods(docs)), "no sidecar"
+    deployment = one(docs, "Deployment")["spec"]["template"]
+    assert deployment["metadata"]["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "true"}
+    assert one(docs, "Service", "tensorboard")["spec"]["selector"]["app.kubernetes.io/component"] == "tensorboard"
+    assert "push_to_hub" not in yaml.safe_load(one(docs, "ConfigMap")["data"]["config.yaml"]), "the Job pushes"
+    for pod in (deployment["spec"], one(docs, "Job", "push")["spec"]["template"]["spec"]):
+        assert not {"affinity", "nodeSelector", "tolerations"} & set(pod), "a CPU node will do"
+    own = merge(values, {"push": {"nodeSelector": {"pool": "cpu"}, "tolerations": [TOLERATION],
                                   "affinity": {"nodeAffinity": BUSY["affinity"]["nodeAffinity"]}}})
     pod = one(render(own), "Job", "push")["spec"]["template"]["spec"]
-    assert pod["nodeSelector"] == {"pool": "cpu"} and "tolerations" not in pod and "nodeAffinity" in pod["affinity"]
+    assert pod["nodeSelector"] == {"pool": "cpu"} and pod["tolerations"] == [TOLERATION]
+    assert "nodeAffinity" in pod["affinity"]
 
 
 def test_ownership_fix_is_opt_in_and_the_only_non_restricted_container():
-    assert not any(t["spec"].get("initContainers") for _, t in training_pods(render()))
+    assert not [c for _, t in training_pods(render()) for c in t["spec"].get("initContainers", [])
+                if c["name"] == "fix-ownership"]
     for backend in BACKENDS:
         docs = render({"backend": backend, "storage": {"fixOwnership": True}})
         for where, template in training_pods(docs):
@@ -808,7 +856,10 @@ def test_default_training_resources_cover_shm_and_limit_memory(gpus, cpu, memory
 def test_guaranteed_qos_when_asked_for():
     resources = {"requests": {"cpu": "8", "memory": "48Gi"}, "limits": {"cpu": "8", "memory": "48Gi"}}
     pod = one(render({"resources": resources}), "Job", "train")["spec"]["template"]["spec"]
-    assert qos_class(pod) == "Guaranteed"
+    assert qos_class(pod) == "Burstable", "the TensorBoard sidecar's resources count towards the pod's class"
+    sidecar = {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
+    pod = one(render({"resources": resources, "tensorboard": {"resources": sidecar}}), "Job", "train")
+    assert qos_class(pod["spec"]["template"]["spec"]) == "Guaranteed"
 
 
 @pytest.mark.parametrize("values,message", [
@@ -825,24 +876,29 @@ def test_memory_that_cannot_hold_shm_fails_at_install(values, message):
 
 @pytest.mark.parametrize("case", sorted(c for c in MATRIX if "busy" in c or ("stock" in c and "gpus16" in c)))
 def test_tolerations_and_pull_secrets_reach_every_pod(case):
+    """The training pods take the GPU toleration; TensorBoard, the push and the test pod none (they stay off GPU
+    nodes); every pod the global pull secrets."""
     docs = render(MATRIX[case])
     pods = [(w, t) for d in docs for w, t in pod_templates(d)]
-    assert len(pods) >= 3
+    assert len(pods) >= 2
     for where, template in pods:
-        assert template["spec"].get("tolerations") == [TOLERATION], where
+        train = template["metadata"]["labels"]["app.kubernetes.io/component"] == "train"
+        assert template["spec"].get("tolerations") == ([TOLERATION] if train else None), where
         assert template["spec"].get("imagePullSecrets") == [{"name": "regcred"}], where
 
 
 def test_components_can_override_pull_secrets_and_tensorboard_image():
-    docs = render(merge(PUSH_ON, {"imagePullSecrets": [{"name": "regcred"}],
-                                  "tensorboard": {"imagePullSecrets": [], "image": {"repository": "r/tb", "tag": "1"}},
-                                  "tests": {"imagePullSecrets": [{"name": "hub"}]}}))
+    docs = render(merge(PUSH_JOB, RWX, {"imagePullSecrets": [{"name": "regcred"}],
+                                        "tensorboard": {"imagePullSecrets": [], "image": {"repository": "r/tb", "tag": "1"}},
+                                        "tests": {"imagePullSecrets": [{"name": "hub"}]}}))
     tensorboard = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert "imagePullSecrets" not in tensorboard and tensorboard["containers"][0]["image"] == "r/tb:1"
     assert one(docs, "Pod")["spec"]["imagePullSecrets"] == [{"name": "hub"}]
     assert one(docs, "Job", "push")["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
-    default = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert default == one(render(), "Job", "train")["spec"]["template"]["spec"]["containers"][0]["image"]
+    pod = one(render(), "Job", "train")["spec"]["template"]["spec"]
+    assert pod["initContainers"][0]["image"] == pod["containers"][0]["image"], "the sidecar: the training image"
+    sidecar = one(render({"tensorboard": {"image": {"repository": "r/tb"}}}), "Job", "train")
+    assert sidecar["spec"]["template"]["spec"]["initContainers"][0]["image"] == "r/tb:0.1.0"
 
 
 @pytest.mark.parametrize("backend,kind", sorted(BACKENDS.items()))
@@ -877,7 +933,7 @@ def test_pod_knobs_reach_the_training_pods(backend):
     assert spec["runtimeClassName"] == "nvidia" and spec["priorityClassName"] == "training"
     assert spec["topologySpreadConstraints"] == BUSY["topologySpreadConstraints"]
     assert spec["serviceAccountName"] == RELEASE and spec["automountServiceAccountToken"] is False
-    assert [c["name"] for c in spec["initContainers"]] == ["warm-cache"]
+    assert [c["name"] for c in spec["initContainers"]] == ["warm-cache", "tensorboard"], "the sidecar after the user's"
     container = spec["containers"][0]
     assert container["envFrom"] == BUSY["envFrom"]
     assert {"name": "datasets", "mountPath": "/datasets", "readOnly": True} in container["volumeMounts"]
@@ -899,7 +955,7 @@ def test_an_existing_service_account_is_used_as_is():
     ("job", "Job", "batch", "jobs"), ("jobset", "JobSet", "jobset.x-k8s.io", "jobsets"),
     ("pytorchjob", "PyTorchJob", "kubeflow.org", "pytorchjobs"), ("trainjob", "TrainJob", "trainer.kubeflow.org", "trainjobs")])
 def test_push_job_waits_for_this_run_with_deadlines(backend, kind, group, resource):
-    docs = render(merge(PUSH_ON, {"backend": backend, "jobset": {"pushInJobSet": False}}))
+    docs = render(merge(PUSH_JOB, RWX, {"backend": backend}))
     push = one(docs, "Job", "push")
     assert not push["metadata"].get("annotations", {}).get("helm.sh/hook"), "a hook would block helm install"
     assert push["spec"]["activeDeadlineSeconds"] == 1209600 + 3600 + 600
@@ -925,8 +981,8 @@ def test_push_job_waits_for_this_run_with_deadlines(backend, kind, group, resour
 
 
 def test_push_deadlines_are_values():
-    docs = render(merge(PUSH_ON, {"push": {"pollSeconds": 5, "waitTimeoutSeconds": 7200, "deadlineSeconds": 900,
-                                           "activeDeadlineSeconds": 9000, "serviceAccountName": "pusher"}}))
+    docs = render(merge(PUSH_JOB, RWX, {"push": {"pollSeconds": 5, "waitTimeoutSeconds": 7200, "deadlineSeconds": 900,
+                                                 "activeDeadlineSeconds": 9000, "serviceAccountName": "pusher"}}))
     push = one(docs, "Job", "push")
     assert push["spec"]["activeDeadlineSeconds"] == 9000
     pod = push["spec"]["template"]["spec"]
@@ -936,7 +992,18 @@ def test_push_deadlines_are_values():
                                                           if r["metadata"]["labels"]["app.kubernetes.io/component"] == "push"], \
         "the user's account, no RBAC"
     assert "push.activeDeadlineSeconds=100 must be larger" in render_error(
-        merge(PUSH_ON, {"push": {"activeDeadlineSeconds": 100}}))
+        merge(PUSH_JOB, RWX, {"push": {"activeDeadlineSeconds": 100}}))
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_by_default_rank_0_pushes_at_the_end_of_training(backend):
+    """push.mode=trainer: the trainer's config asks for the push (push_to_hub), the training container gets the
+    token from the Secret, and nothing else is created for it: no push Job, ServiceAccount or Role."""
+    docs = render(merge(PUSH_ON, {"backend": backend}))
+    config = yaml.safe_load(one(docs, "ConfigMap")["data"]["config.yaml"])
+    assert config["push_to_hub"] is True and config["hub_model_id"] == "me/ddpm-butterflies"
+    assert not [d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "push"]
+    assert "push_to_hub" not in yaml.safe_load(one(render({"backend": backend}), "ConfigMap")["data"]["config.yaml"])
 
 
 # ---- versions ------------------------------------------------------------------------------------------------------
@@ -945,14 +1012,15 @@ def test_push_deadlines_are_values():
     ({"backend": "jobset"}, ["jobset.x-k8s.io/v1alpha2/JobSet"]),
     ({"backend": "pytorchjob"}, ["kubeflow.org/v1/PyTorchJob"]),
     ({"backend": "trainjob"}, ["trainer.kubeflow.org/v1alpha1/TrainJob", "trainer.kubeflow.org/v1alpha1/TrainingRuntime"]),
-    ({"backend": "trainjob", "kubeflow": {"trainingRuntime": {"create": False}}}, ["trainer.kubeflow.org/v1alpha1/TrainJob"]),
+    ({"backend": "trainjob", "kubeflow": {"trainingRuntime": {"create": False}}, "tensorboard": {"enabled": False}},
+     ["trainer.kubeflow.org/v1alpha1/TrainJob"]),
 ])
 def test_kubeflow_backends_need_their_api(values, missing):
     error = render_error(values, apis=False)
     for api in missing:
         assert f"needs the API {api}, which this cluster does not serve" in error
         assert f"helm template --api-versions {api}" in error
-    assert {"jobset": "JobSet >= 0.10", "pytorchjob": "Training Operator >= 1.7", "trainjob": "Trainer >= 2.3"}[
+    assert {"jobset": "JobSet >= 0.10", "pytorchjob": "Training Operator >= 1.8", "trainjob": "Trainer >= 2.3"}[
         values["backend"]] in error
     render(values)  # with --api-versions
     render(merge(values, {"checkAPIVersions": False}), apis=False)
@@ -968,18 +1036,14 @@ def test_job_backend_needs_no_operator():
     ("job", "-l batch.kubernetes.io/job-name=ddpm-train,batch.kubernetes.io/job-completion-index=0"),
     ("pytorchjob", "-l training.kubeflow.org/job-name=ddpm-train,training.kubeflow.org/replica-type=worker,"
                    "training.kubeflow.org/replica-index=0"),
-    ("trainjob", "-l jobset.sigs.k8s.io/jobset-name=ddpm-train,jobset.sigs.k8s.io/replicatedjob-name=node,"
+    ("trainjob", "-c node -l jobset.sigs.k8s.io/jobset-name=ddpm-train,jobset.sigs.k8s.io/replicatedjob-name=node,"
                  "jobset.sigs.k8s.io/job-index=0,batch.kubernetes.io/job-completion-index=0"),
-    ("jobset", "-l jobset.sigs.k8s.io/jobset-name=ddpm-train,jobset.sigs.k8s.io/replicatedjob-name=node,"
-               "jobset.sigs.k8s.io/job-index=0,batch.kubernetes.io/job-completion-index=0"),
+    ("jobset", "-c trainer -l jobset.sigs.k8s.io/jobset-name=ddpm-train,jobset.sigs.k8s.io/replicatedjob-name=leader"),
 ])
 def test_notes_print_this_release_commands(backend, expected):
     # `helm install --dry-run` cannot announce API versions: the check is off here (tested on its own above).
-    values = merge({"backend": backend, "gpus": 16, "checkAPIVersions": False, "jobset": {"pushInJobSet": False}},
-                   RWX, PUSH_ON)
-    result = run_helm("install", RELEASE, str(CHART), "--dry-run=client", "--namespace", "vision", *values_args(values))
-    assert result.returncode == 0, result.stderr
-    notes = result.stdout.split("NOTES:", 1)[1]
+    values = merge({"backend": backend, "gpus": 16, "checkAPIVersions": False}, RWX, PUSH_JOB)
+    notes = install_notes(values)
     assert f"kubectl -n vision logs -f --tail=-1 {expected}" in notes, "rank 0's log"
     assert "kubectl -n vision port-forward svc/ddpm-tensorboard 6006:6006" in notes
     assert "kubectl -n vision logs -f job/ddpm-push -c push" in notes
@@ -991,9 +1055,26 @@ def test_notes_print_this_release_commands(backend, expected):
     assert "kubectl -n vision get events --field-selector involvedObject.name=ddpm-train" in notes
 
 
+def install_notes(values: dict) -> str:
+    result = run_helm("install", RELEASE, str(CHART), "--dry-run=client", "--namespace", "vision", *values_args(values))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split("NOTES:", 1)[1]
+
+
+def test_notes_of_the_default_layout_say_where_tensorboard_and_the_push_are():
+    notes = install_notes(PUSH_ON)
+    assert "TensorBoard (a sidecar of rank 0's training pod: while the run trains)" in notes
+    assert "Rank 0 pushes the model to https://huggingface.co/me/ddpm-butterflies at the end of training" in notes
+    assert "job/ddpm-push" not in notes
+    later = install_notes({})
+    assert "install with --set push.enabled=true --set push.tokenSecret=hf-token" in later
+    assert "--set push.mode=job" in install_notes(RWX), "on shared storage a push Job can be added by upgrade"
+
+
 def test_runtime_patch_manager_is_a_stable_domain_prefixed_name():
     """The Trainer's webhook requires a domain-prefixed path (IsDomainPrefixedPath); the field is immutable."""
-    docs = render({"backend": "trainjob", "kubeflow": {"trainingRuntime": {"create": False}}})
+    docs = render({"backend": "trainjob", "kubeflow": {"trainingRuntime": {"create": False}},
+                   "tensorboard": {"enabled": False}})
     manager = one(docs, "TrainJob")["spec"]["runtimePatches"][0]["manager"]
     host, _, path = manager.partition("/")
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", host) and path
@@ -1194,25 +1275,24 @@ def _try_render(values: dict) -> list[dict]:
     return [] if result.returncode else [d for d in yaml.safe_load_all(result.stdout) if d]
 
 
+def token_holders(docs: list[dict]) -> list[str]:
+    holders = [f"{where}/{c['name']}" for doc in docs for where, t in pod_templates(doc)
+               for c in t["spec"].get("containers", []) + t["spec"].get("initContainers", []) if "HF_TOKEN" in env_of(c)]
+    return sorted(holders + [f"TrainJob/{d['metadata']['name']}" for d in by_kind(docs, "TrainJob")
+                             if "HF_TOKEN" in env_of(d["spec"]["trainer"])])
+
+
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
-def test_token_reaches_only_the_push_pod(backend):
-    """The push container and its wait-for-training init container (which references it so a misspelt Secret
-    fails at once); nothing else."""
-    docs = render(merge(PUSH_ON, {"backend": backend}))
-    if backend == "jobset":  # the push is the JobSet's replicated Job `push`
-        docs = [d for d in docs if d["kind"] == "JobSet"]
-        holders = [f"{where}/{c['name']}" for doc in docs for where, t in pod_templates(doc)
-                   for c in t["spec"].get("containers", []) + t["spec"].get("initContainers", []) if "HF_TOKEN" in env_of(c)]
-        assert sorted(holders) == ["JobSet/push/push", "JobSet/push/wait-for-training"]
-        return
-    holders = [
-        f"{where}/{c['name']}"
-        for doc in docs for where, t in pod_templates(doc)
-        for c in t["spec"].get("containers", []) + t["spec"].get("initContainers", [])
-        if "HF_TOKEN" in env_of(c)
-    ]
-    assert sorted(holders) == [f"Job/{RELEASE}-push/push", f"Job/{RELEASE}-push/wait-for-training"]
-    assert all("HF_TOKEN" not in env_of(d["spec"]["trainer"]) for d in by_kind(docs, "TrainJob"))
+def test_the_hub_token_reaches_only_the_container_that_pushes(backend):
+    """push.mode=job: the push container and its wait-for-training init container (which references it so a
+    misspelt Secret fails at once), never the training pods. push.mode=trainer: rank 0 pushes, so the training
+    container (every rank's: one pod template), and not TensorBoard."""
+    assert token_holders(render(merge(PUSH_JOB, RWX, {"backend": backend}))) == [
+        f"Job/{RELEASE}-push/push", f"Job/{RELEASE}-push/wait-for-training"]
+    by_trainer = token_holders(render(merge(PUSH_ON, {"backend": backend})))
+    assert by_trainer == {"job": [f"Job/{RELEASE}-train/trainer"], "jobset": ["JobSet/leader/trainer"],
+                          "pytorchjob": ["PyTorchJob/Worker/pytorch"], "trainjob": [f"TrainJob/{RELEASE}-train"]}[backend]
+    assert token_holders(render({"backend": backend})) == []
 
 
 def test_every_value_is_documented_helm_docs_style():
@@ -1262,78 +1342,65 @@ def test_every_value_is_in_the_schema():
 
 # ---- the JobSet backend -------------------------------------------------------------------------------------------
 
-def jobset_pod_hostname(jobset: dict, rjob: str, job_index: int, pod_index: int) -> str:
-    """<jobset>-<replicatedJob>-<jobIndex>-<podIndex>.<subdomain>: the JobSet controller names the Job
-    <jobset>-<rjob>-<index> (pkg/util/placement GenJobName) and sets the pod subdomain (constructJob); the Job
-    controller gives an Indexed Job's pod the hostname <job>-<completion index>."""
-    subdomain = jobset["spec"].get("network", {}).get("subdomain") or jobset["metadata"]["name"]
-    return f"{jobset['metadata']['name']}-{rjob}-{job_index}-{pod_index}.{subdomain}"
-
-
 @pytest.mark.parametrize("case", sorted(c for c in MATRIX if c.startswith("jobset")))
-def test_jobset_runs_one_indexed_job_with_the_c10d_rendezvous_on_pod_0(case):
+def test_jobset_runs_the_leader_first_with_the_c10d_rendezvous_on_it(case):
+    """Node 0 is the replicated Job `leader` (<jobset>-leader-0-0 on the JobSet's Service <jobset>, which hosts the
+    store and is Ready once it answers); the other nodes are `workers`, created after it (startupPolicy InOrder).
+    "leader" sorts before "workers", so node 0 is rank 0."""
     values = MATRIX[case]
     docs = render(values)
     jobset = one(docs, "JobSet")
     nodes, procs = nodes_and_procs(values)
     spec = jobset["spec"]
     assert spec["network"] == {"enableDNSHostnames": True, "publishNotReadyAddresses": True}
-    node = spec["replicatedJobs"][0]
-    assert node["name"] == "node" and node["replicas"] == 1
-    job = node["template"]["spec"]
-    assert (job["completionMode"], job["completions"], job["parallelism"]) == ("Indexed", nodes, nodes)
-    assert job["backoffLimit"] == 0, "every counted failure goes to the JobSet's failurePolicy"
-    assert spec["failurePolicy"]["maxRestarts"] == 6 * nodes and spec["failurePolicy"]["restartStrategy"] == "BlockingRecreate"
-    pod = job["template"]["spec"]
-    assert pod["restartPolicy"] == "Never", "else JobSet's webhook defaults OnFailure and podFailurePolicy is refused"
-    assert "subdomain" not in pod, "the JobSet controller sets it"
-    container = pod["containers"][0]
-    assert container["name"] == "trainer" and container["command"] == ["ddpm", "launch"]
-    env = env_of(container)
+    assert [(r["name"], r["replicas"], r["template"]["spec"]["completions"]) for r in spec["replicatedJobs"]] == [
+        ("leader", 1, 1), *([("workers", 1, nodes - 1)] if nodes > 1 else [])]
+    assert spec.get("startupPolicy") == ({"startupPolicyOrder": "InOrder"} if nodes > 1 else None)
+    assert spec["successPolicy"] == {"operator": "All", "targetReplicatedJobs": ["leader"]}, "rank 0 done: run done"
+    assert spec["failurePolicy"]["maxRestarts"] == 6 and spec["failurePolicy"]["restartStrategy"] == "BlockingRecreate"
     nnodes = f"{values['elastic']['minNodes']}:{nodes}" if values.get("elastic", {}).get("enabled") else str(nodes)
-    assert env["PET_NNODES"] == nnodes and env["PET_NPROC_PER_NODE"] == str(procs)
-    assert env["PET_RDZV_BACKEND"] == "c10d"
-    assert env["PET_RDZV_ENDPOINT"] == f"{jobset_pod_hostname(jobset, 'node', 0, 0)}:29500"
-    assert env["TRAINING_WORKLOAD"] == f"JobSet/{RELEASE}-train"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == procs
-    # `ddpm status` finds the JobSet by the chart's labels; its child Job must not look like a second workload.
+    for rjob in spec["replicatedJobs"]:
+        job = rjob["template"]["spec"]
+        assert (job["completionMode"], job["parallelism"]) == ("Indexed", job["completions"])
+        assert job["backoffLimit"] == 0, "every counted failure goes to the JobSet's failurePolicy"
+        pod = job["template"]["spec"]
+        assert pod["restartPolicy"] == "Never", "else JobSet's webhook defaults OnFailure and podFailurePolicy is refused"
+        assert "subdomain" not in pod, "the JobSet controller sets it"
+        container = pod["containers"][0]
+        assert container["name"] == "trainer" and container["command"] == ["ddpm", "launch"]
+        env = env_of(container)
+        assert env["PET_NNODES"] == nnodes and env["PET_NPROC_PER_NODE"] == str(procs)
+        assert env["PET_RDZV_BACKEND"] == "c10d"
+        assert env["PET_RDZV_ENDPOINT"] == f"{RELEASE}-train-leader-0-0.{RELEASE}-train:29500"
+        leader = rjob["name"] == "leader"
+        assert env["PET_RDZV_CONF"].endswith(f",is_host={str(leader).lower()}"), "the store is the leader's"
+        assert ("readinessProbe" in container) == leader
+        if leader:
+            assert container["readinessProbe"]["tcpSocket"] == {"port": "rendezvous"}
+        assert env["TRAINING_WORKLOAD"] == f"JobSet/{RELEASE}-train"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == procs
+        # `ddpm status` finds the JobSet by the chart's labels; its child Jobs must not look like more workloads.
+        assert "app.kubernetes.io/component" not in rjob["template"].get("metadata", {}).get("labels", {})
     assert jobset["metadata"]["labels"]["app.kubernetes.io/component"] == "train"
-    assert "app.kubernetes.io/component" not in node["template"].get("metadata", {}).get("labels", {})
-    names = [r["name"] for r in spec["replicatedJobs"]]
-    if values.get("push", {}).get("enabled"):
-        assert names == ["node", "push"] and not [d for d in docs if d["kind"] == "Job"]
-    else:
-        assert names == ["node"]
 
 
-def test_jobset_push_runs_after_training_inside_the_jobset():
-    docs = render(merge(PUSH_ON, {"backend": "jobset"}))
-    jobset = one(docs, "JobSet")["spec"]
-    [push] = [r for r in jobset["replicatedJobs"] if r["name"] == "push"]
-    assert push["dependsOn"] == [{"name": "node", "status": "Complete"}], "JobSet creates it once training completed"
-    assert jobset["successPolicy"] == {"operator": "All"}
-    job = push["template"]["spec"]
-    assert (job["completionMode"], job["completions"], job["backoffLimit"]) == ("NonIndexed", 1, 4)
-    assert job["activeDeadlineSeconds"] == 1209600 + 3600 + 600
-    pod = push["template"]["spec"]["template"]["spec"]
-    wait, = pod["initContainers"]
-    # It waits on the marker, not through the API: the JobSet is not complete until this very push is.
-    assert wait["command"][:4] == ["ddpm", "wait-for-training", "--workload", f"JobSet/{RELEASE}-train"]
-    assert not api_access_of(pod, wait) and pod["automountServiceAccountToken"] is False
-    assert not [r for r in by_kind(docs, "Role") if r["metadata"]["labels"]["app.kubernetes.io/component"] == "push"]
-    # Otherwise the same pod as the separate push Job's.
-    beside = one(render(merge(PUSH_ON, {"backend": "jobset", "jobset": {"pushInJobSet": False}})), "Job", "push")
-    beside_pod = beside["spec"]["template"]["spec"]
-    assert pod["containers"] == beside_pod["containers"]
-    assert [v for v in pod["volumes"] if v["name"] != "kube-api-access"] == \
-           [v for v in beside_pod["volumes"] if v["name"] != "kube-api-access"]
+def test_jobset_has_no_replicated_job_that_waits_for_training():
+    """Kueue's waitForPodsReady counts every replicated Job's pods: a push Job created only after training (0.3's
+    in-JobSet push) never became Ready. The push is rank 0's, or the separate push Job beside the JobSet."""
+    for values in (PUSH_ON, merge(PUSH_JOB, RWX)):
+        docs = render(merge(values, {"backend": "jobset", "gpus": 16}, RWX))
+        rjobs = one(docs, "JobSet")["spec"]["replicatedJobs"]
+        assert [r["name"] for r in rjobs] == ["leader", "workers"]
+        assert not [r for r in rjobs if "dependsOn" in r]
+    assert one(render(merge(PUSH_JOB, RWX, {"backend": "jobset"})), "Job", "push")
 
 
 def test_jobset_exclusive_placement_is_per_topology_domain():
-    docs = render({"backend": "jobset", "jobset": {"exclusiveTopology": "topology.kubernetes.io/zone"}})
-    node = one(docs, "JobSet")["spec"]["replicatedJobs"][0]
-    assert node["template"]["metadata"]["annotations"] == {
-        "alpha.jobset.sigs.k8s.io/exclusive-topology": "topology.kubernetes.io/zone"}
+    docs = render(merge(RWX, {"backend": "jobset", "gpus": 16,
+                              "jobset": {"exclusiveTopology": "topology.kubernetes.io/zone"}}))
+    for node in one(docs, "JobSet")["spec"]["replicatedJobs"]:
+        assert node["template"]["metadata"]["annotations"] == {
+            "alpha.jobset.sigs.k8s.io/exclusive-topology": "topology.kubernetes.io/zone"}
     assert "metadata" not in one(render({"backend": "jobset"}), "JobSet")["spec"]["replicatedJobs"][0]["template"]
 
 
@@ -1413,10 +1480,9 @@ def test_jobset_without_message_patterns_never_loops_on_a_config_error():
     assert jobset_outcome(jobset, UNEXPECTED) == "counted"
 
 
-def test_jobset_push_failure_and_deadline_fail_the_run():
-    jobset = one(render(merge(PUSH_ON, {"backend": "jobset", "activeDeadlineSeconds": 3600})), "JobSet")
-    assert jobset_action(jobset, "push", "BackoffLimitExceeded", "Job has reached the specified backoff limit") == "FailJobSet"
-    assert jobset_action(jobset, "node", "DeadlineExceeded", "Job was active longer than specified deadline") == "FailJobSet"
+def test_jobset_deadline_fails_the_run_and_its_rules_have_valid_names():
+    jobset = one(render({"backend": "jobset", "activeDeadlineSeconds": 3600}), "JobSet")
+    assert jobset_action(jobset, "leader", "DeadlineExceeded", "Job was active longer than specified deadline") == "FailJobSet"
     names = [r["name"] for r in jobset["spec"]["failurePolicy"]["rules"]]
     assert len(set(names)) == len(names) and all(re.fullmatch(r"[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?", n) for n in names)
 
@@ -1431,17 +1497,15 @@ def test_jobset_model_catches_a_misspelt_field():
 # ---- queueing (Kueue) ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend,kind", sorted(BACKENDS.items()))
-def test_queued_runs_carry_kueues_labels_and_start_suspended(backend, kind):
+def test_queued_runs_carry_kueues_labels_and_leave_suspend_to_kueue(backend, kind):
     """Kueue reads kueue.x-k8s.io/queue-name and kueue.x-k8s.io/priority-class on the workload object (kueue
-    pkg/controller/constants QueueLabel, WorkloadPriorityClassLabel); a Job or JobSet is created suspended and Kueue
-    resumes it on admission. Kueue's webhook suspends a PyTorchJob or TrainJob itself."""
+    pkg/controller/constants QueueLabel, WorkloadPriorityClassLabel). The chart never writes `suspend`: Kueue's
+    webhook suspends the workload and Kueue resumes it, so a `helm upgrade` of a running release cannot stop it."""
     docs = render({"backend": backend, "queueName": "gpu-queue", "workloadPriorityClassName": "research"})
     workload = one(docs, kind, "train")
     labels = workload["metadata"]["labels"]
     assert (labels["kueue.x-k8s.io/queue-name"], labels["kueue.x-k8s.io/priority-class"]) == ("gpu-queue", "research")
-    suspended = {"Job": lambda s: s.get("suspend"), "JobSet": lambda s: s.get("suspend"),
-                 "PyTorchJob": lambda s: s["runPolicy"].get("suspend"), "TrainJob": lambda s: s.get("suspend")}[kind]
-    assert suspended(workload["spec"]) is (True if kind in ("Job", "JobSet") else None)
+    assert "suspend" not in workload["spec"] and "suspend" not in workload["spec"].get("runPolicy", {})
     for doc in docs:  # only the workload is queued: not the push Job, not the pods
         if doc is not workload:
             assert not [k for k in doc["metadata"].get("labels", {}) if k.startswith("kueue.x-k8s.io/")], doc["kind"]
@@ -1474,12 +1538,18 @@ def test_elastic_runs_on_min_to_max_nodes_with_a_global_batch_every_count_divide
         assert (job["elasticPolicy"]["minReplicas"], job["elasticPolicy"]["maxReplicas"]) == (2, 4)
         assert job["pytorchReplicaSpecs"]["Worker"]["replicas"] == 4
         return
-    if backend == "job":
-        job = one(docs, "Job", "train")["spec"]
-    else:
-        job = one(docs, "JobSet")["spec"]["replicatedJobs"][0]["template"]["spec"]
-        # elastic: a preempted pod is replaced alone, the others go on (no gang restart)
-        assert [r["action"] for r in job["podFailurePolicy"]["rules"]] == ["FailJob", "Ignore", "Ignore"]
+    if backend == "jobset":
+        jobset = one(docs, "JobSet")["spec"]
+        # the leader (rank 0) completing completes the JobSet; the workers still around are then removed
+        assert jobset["successPolicy"] == {"operator": "All", "targetReplicatedJobs": ["leader"]}
+        assert [r["template"]["spec"]["completions"] for r in jobset["replicatedJobs"]] == [1, 3]
+        for rjob in jobset["replicatedJobs"]:
+            job = rjob["template"]["spec"]
+            # elastic: a preempted pod is replaced alone, the others go on (no gang restart)
+            assert [r["action"] for r in job["podFailurePolicy"]["rules"]] == ["FailJob", "Ignore", "Ignore"]
+            assert env_of(job["template"]["spec"]["containers"][0])["PET_NNODES"] == "2:4"
+        return
+    job = one(docs, "Job", "train")["spec"]
     assert job["completions"] == job["parallelism"] == 4
     assert env_of(job["template"]["spec"]["containers"][0])["PET_NNODES"] == "2:4"
     # pod 0 (rank 0) succeeding completes the Job; a pod still pending then is removed instead of failing it
@@ -1553,14 +1623,12 @@ def api_access_of(pod: dict, container: dict, env: dict | None = None) -> str | 
 @pytest.mark.parametrize("backend,kind", sorted(BACKENDS.items()))
 def test_trainer_role_is_exactly_what_the_code_calls(backend, kind):
     sys.path.insert(0, str(ROOT))
-    from trainer.kube import role_rules, trainer_calls, wait_calls
+    from trainer.kube import role_rules, trainer_calls
 
     docs = render({"backend": backend})
     role = one(docs, "Role", "train")
-    # Issue 19: the training pods never read or watch the workload (trainer_calls); only the push's
-    # wait-for-training does (wait_calls, its own Role). The chart's trainer Role still grants that get/watch until
-    # helm/templates/rbac.yaml drops it; then this compares with role_rules(trainer_calls(kind)) alone.
-    assert role["rules"] == role_rules({**trainer_calls(kind), **wait_calls(kind)})
+    # The training pods never read or watch the workload: only the push Job's wait-for-training does (its own Role).
+    assert role["rules"] == role_rules(trainer_calls(kind))
     binding = one(docs, "RoleBinding", "train")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": RELEASE, "namespace": "default"}]
@@ -1579,15 +1647,17 @@ def test_push_role_is_exactly_what_wait_for_training_calls(backend, kind):
     sys.path.insert(0, str(ROOT))
     from trainer.kube import role_rules, wait_calls
 
-    docs = render(merge(PUSH_ON, {"backend": backend, "jobset": {"pushInJobSet": False}}))
+    docs = render(merge(PUSH_JOB, RWX, {"backend": backend}))
     [rule] = one(docs, "Role", "push")["rules"]
     assert [rule] == [r | {"resourceNames": [f"{RELEASE}-train"]} for r in role_rules(wait_calls(kind))]
     assert rule["verbs"] == ["get", "watch"]
 
 
-def test_no_token_where_the_api_is_not_used():
-    docs = render(merge(PUSH_ON, {"tensorboard": {"enabled": True}}))
-    for where, template in full_pod_templates(docs):
+@pytest.mark.parametrize("values", [PUSH_ON, merge(PUSH_JOB, RWX)], ids=["sidecar", "own-pods"])
+def test_no_token_where_the_api_is_not_used(values):
+    """Only the trainer container and the push's wait call the API: not TensorBoard (sidecar or Deployment), not
+    the upload, not the test pod."""
+    for where, template in full_pod_templates(render(values)):
         pod = template["spec"]
         assert pod.get("automountServiceAccountToken") is False, where
         users = [c["name"] for c in pod["containers"] + pod.get("initContainers", []) if api_access_of(pod, c)]
@@ -1597,7 +1667,8 @@ def test_no_token_where_the_api_is_not_used():
 def test_without_rbac_training_is_unchanged_and_events_are_best_effort():
     """rbac.create=false: no Role or RoleBinding; the pods are the same (trainer/events.py turns events off after
     the first 403 and training goes on; tests/test_events.py)."""
-    docs = render(merge(PUSH_ON, {"rbac": {"create": False}}))
+    values = merge(PUSH_JOB, RWX)
+    docs = render(merge(values, {"rbac": {"create": False}}))
     assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
     assert sorted(d["metadata"]["name"] for d in by_kind(docs, "ServiceAccount")) == [RELEASE, f"{RELEASE}-push"]
-    assert one(docs, "Job", "train")["spec"] == one(render(PUSH_ON), "Job", "train")["spec"]
+    assert one(docs, "Job", "train")["spec"] == one(render(values), "Job", "train")["spec"]
