@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_chart import PUSH_JOB, RWX, merge, render
+from chart import PUSH_JOB, RWX, merge, pod_templates, render
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCEPTIONS = ROOT / "helm" / "checkov-exceptions.yaml"
@@ -34,8 +34,6 @@ def as_checkov_input(docs: list[dict], release: str) -> list[dict]:
     """checkov knows Jobs, not JobSets or Kubeflow kinds: the pod templates of a JobSet, PyTorchJob or
     TrainingRuntime go in as the Jobs their controllers create. A TrainJob on the stock runtime only patches part of a
     pod (the rest is the runtime's), so it is left out."""
-    from test_chart import pod_templates
-
     out = []
     for doc in docs:
         if doc["kind"] == "TrainJob":

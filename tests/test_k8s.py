@@ -13,7 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_chart import BACKEND_APIS, KUBERNETES_VERSIONS  # noqa: E402  (the minors of the chart's kubeVersion range)
+from chart import BACKEND_APIS, KUBERNETES_VERSIONS  # noqa: E402  (the minors of the chart's kubeVersion range)
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 
