@@ -110,7 +110,13 @@ def test_kubeflow_backends_need_their_api(values, missing):
 
 
 def test_job_backend_needs_no_operator():
-    render({}, apis=False)
+    """Installed where the cluster serves no CRD at all (no --api-versions announced, checkAPIVersions on): only
+    built-in kinds, the workload a batch/v1 Job."""
+    builtin = {"v1", "batch/v1", "apps/v1", "rbac.authorization.k8s.io/v1"}
+    for values in ({}, merge(PUSH_JOB, RWX, {"gpus": 16})):  # the defaults; every optional part on
+        docs = render(values, apis=False)
+        assert {d["apiVersion"] for d in docs} <= builtin, sorted({d["apiVersion"] for d in docs} - builtin)
+        assert one(docs, "Job", "train")["apiVersion"] == "batch/v1"
 
 
 @pytest.mark.parametrize("backend,expected", [

@@ -37,23 +37,42 @@ def test_storage_that_would_not_bind_fails_at_install(values, message):
             assert fix in error
 
 
-def test_shared_storage_for_several_nodes():
-    render(merge({"gpus": 16}, RWX))
-    render({"gpus": 16, "storage": {"existingClaim": "shared", "accessModes": ["ReadWriteMany"]}})
-    render({"storage": {"accessModes": ["ReadWriteOncePod"]}, "tensorboard": {"enabled": False}})
+def claims(docs: list[dict]) -> dict[str, set[str]]:
+    """Claim name -> the pod templates that mount it."""
+    mounted: dict[str, set[str]] = {}
+    for doc in docs:
+        for where, template in pod_templates(doc):
+            for volume in template["spec"].get("volumes", []):
+                if "persistentVolumeClaim" in volume:
+                    mounted.setdefault(volume["persistentVolumeClaim"]["claimName"], set()).add(where)
+    return mounted
 
 
 def claimants(docs: list[dict]) -> list[str]:
-    """Every pod template (container-level detail aside) that mounts the release's claim."""
-    return [where for d in docs for where, t in pod_templates(d)
-            if any("persistentVolumeClaim" in v for v in t["spec"].get("volumes", []))]
+    """Every pod template that mounts a claim."""
+    return sorted(where for pods in claims(docs).values() for where in pods)
 
 
-def test_on_a_single_node_volume_only_the_training_pods_mount_it():
+def test_shared_storage_for_several_nodes():
+    """Two nodes' pods (one Indexed Job of 2) mount one ReadWriteMany claim: the chart's, from the class named, or
+    the user's existing one (then the chart creates none)."""
+    docs = render(merge({"gpus": 16}, RWX))
+    assert one(docs, "Job", "train")["spec"]["completions"] == 2
+    pvc = one(docs, "PersistentVolumeClaim")
+    assert (pvc["spec"]["accessModes"], pvc["spec"]["storageClassName"]) == (["ReadWriteMany"], "standard-rwx")
+    assert claims(docs) == {pvc["metadata"]["name"]: {f"Job/{RELEASE}-train"}}
+    docs = render({"gpus": 16, "storage": {"existingClaim": "shared", "accessModes": ["ReadWriteMany"]}})
+    assert not by_kind(docs, "PersistentVolumeClaim")
+    assert claims(docs) == {"shared": {f"Job/{RELEASE}-train"}}
+
+
+@pytest.mark.parametrize("mode", ["ReadWriteOnce", "ReadWriteOncePod"])
+def test_on_a_single_node_volume_only_the_training_pods_mount_it(mode):
     """WaitForFirstConsumer binds a ReadWriteOnce volume where its first pod lands: any other pod mounting it could
-    take it to a node the trainer cannot use (the 0.3 deadlock). TensorBoard is a native sidecar of the training pod
-    and rank 0 pushes; the Service shows rank 0's sidecar."""
-    docs = render(PUSH_ON)
+    take it to a node the trainer cannot use (the 0.3 deadlock); ReadWriteOncePod admits one pod at all. TensorBoard
+    is a native sidecar of the training pod and rank 0 pushes; the Service shows rank 0's sidecar."""
+    docs = render(merge(PUSH_ON, {"storage": {"accessModes": [mode]}}))
+    assert one(docs, "PersistentVolumeClaim")["spec"]["accessModes"] == [mode]
     assert claimants(docs) == [f"Job/{RELEASE}-train"]
     assert not by_kind(docs, "Deployment") and [j["metadata"]["name"] for j in by_kind(docs, "Job")] == [f"{RELEASE}-train"]
     pod = one(docs, "Job", "train")["spec"]["template"]["spec"]
