@@ -12,12 +12,13 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+
+from trainer import kube
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm"
@@ -261,9 +262,6 @@ def env_of(container: dict) -> dict:
 def api_access_of(pod: dict, container: dict, env: dict | None = None) -> str | None:
     """The folder where `container` finds an API token, ca.crt and namespace (K8S_SERVICE_ACCOUNT_DIR, from its env or
     `env`), checked to be a projected volume of all three; None when it has none."""
-    sys.path.insert(0, str(ROOT))
-    from trainer import kube
-
     folder = {**(env or {}), **env_of(container)}.get(kube.SERVICE_ACCOUNT_DIR_ENV)
     mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == folder]
     if folder is None:

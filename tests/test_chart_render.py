@@ -13,6 +13,8 @@ import sys
 import pytest
 import yaml
 
+from trainer.config import TrainingConfig
+
 from chart import (
     BACKENDS, BUSY, CHART, ELASTIC, MATRIX, PUSH_JOB, PUSH_ON, RELEASE, ROOT, RWX, by_kind, env_of,
     full_pod_templates, merge, one, render, render_error, run_helm, values_args,
@@ -58,9 +60,6 @@ def test_config_map_carries_the_config_and_the_per_release_paths():
 
 
 def test_every_trainer_field_can_be_set_from_values():
-    sys.path.insert(0, str(ROOT))
-    from trainer.config import TrainingConfig
-
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert set(schema["properties"]["config"]["properties"]) == set(TrainingConfig.model_fields)
     result = run_helm("template", RELEASE, str(CHART), "--set", "config.train_batch_size=32",
@@ -82,9 +81,6 @@ def test_termination_grace_covers_the_preemption_checkpoint():
     job = one(render({"config": {"preemption_grace_seconds": 200}, "terminationGracePeriodSeconds": 260}), "Job", "train")
     assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 260
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    sys.path.insert(0, str(ROOT))
-    from trainer.config import TrainingConfig
-
     assert values["terminationGracePeriodSeconds"] > TrainingConfig.model_fields["preemption_grace_seconds"].default
     # On Spot nodes the node's notice is the real limit: the grace must fit inside it.
     render({"preemptionNoticeSeconds": 15, "config": {"preemption_grace_seconds": 10}})
@@ -267,9 +263,6 @@ def test_every_value_is_in_the_schema():
 
 
 def test_trainer_defaults_the_chart_computes_with():
-    sys.path.insert(0, str(ROOT))
-    from trainer.config import TrainingConfig
-
     fields = TrainingConfig.model_fields
     assert (fields["train_batch_size"].default, fields["gradient_accumulation_steps"].default) == (16, 1), \
         "helm/templates/_run.tpl ddpm.trainBatchSize / ddpm.gradientAccumulation must follow the trainer"

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
 import pytest
 import yaml
 
+from trainer.kube import role_rules, trainer_calls, wait_calls
+
 from chart import (
-    BACKENDS, CHART, MATRIX, PUSH_JOB, PUSH_ON, RELEASE, ROOT, RWX, api_access_of, by_kind, env_of,
+    BACKENDS, CHART, MATRIX, PUSH_JOB, PUSH_ON, RELEASE, RWX, api_access_of, by_kind, env_of,
     full_pod_templates, merge, one, pod_templates, render, render_error, run_helm, training_pods, values_args,
 )
 
@@ -184,9 +185,6 @@ def test_the_hub_token_reaches_only_the_container_that_pushes(backend):
 
 @pytest.mark.parametrize("backend,kind", sorted(BACKENDS.items()))
 def test_trainer_role_is_exactly_what_the_code_calls(backend, kind):
-    sys.path.insert(0, str(ROOT))
-    from trainer.kube import role_rules, trainer_calls
-
     docs = render({"backend": backend})
     role = one(docs, "Role", "train")
     # The training pods never read or watch the workload: only the push Job's wait-for-training does (its own Role).
@@ -206,9 +204,6 @@ def test_trainer_role_is_exactly_what_the_code_calls(backend, kind):
 @pytest.mark.parametrize("backend,kind", sorted(BACKENDS.items()))
 def test_push_role_is_exactly_what_wait_for_training_calls(backend, kind):
     """trainer/wait.py reads the workload (get) and watches it (watch): wait_calls, narrowed to the one workload."""
-    sys.path.insert(0, str(ROOT))
-    from trainer.kube import role_rules, wait_calls
-
     docs = render(merge(PUSH_JOB, RWX, {"backend": backend}))
     [rule] = one(docs, "Role", "push")["rules"]
     assert [rule] == [r | {"resourceNames": [f"{RELEASE}-train"]} for r in role_rules(wait_calls(kind))]

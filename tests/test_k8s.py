@@ -11,9 +11,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from chart import BACKEND_APIS, KUBERNETES_VERSIONS  # the minors of the chart's kubeVersion range
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chart import BACKEND_APIS, KUBERNETES_VERSIONS  # noqa: E402  (the minors of the chart's kubeVersion range)
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 
