@@ -119,7 +119,7 @@ clean:
 .PHONY: chart-schema k8s chart-lint dockerfile-lint
 
 # helm/values.schema.json from TrainingConfig (trainer/config.py) and the Kubernetes schemas; run after adding a
-# config field (tests/test_chart.py fails while it is stale).
+# config field (tests/test_chart_render.py fails while it is stale).
 chart-schema: venv
 	$(BIN)/python scripts/chart_schema.py
 
@@ -130,7 +130,7 @@ k8s: tools
 # The chart and Dockerfile checks alone (helm lint/template matrix, schemas of every Kubernetes minor, security,
 # the checkov audit, hadolint, yamllint).
 chart-lint: tools
-	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q tests/test_chart.py tests/test_chart_audit.py tests/test_k8s.py tests/test_dockerfile.py
+	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(BIN)/python -m pytest -q tests/test_chart_*.py tests/test_k8s.py tests/test_dockerfile.py
 
 dockerfile-lint: venv
 	$(BIN)/hadolint --failure-threshold style Dockerfile

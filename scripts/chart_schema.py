@@ -2,7 +2,7 @@
 
 Generated rather than hand-written so it cannot drift from its two sources of truth:
 - `config` is `TrainingConfig.model_json_schema()` (trainer/config.py), so a new trainer field is settable with
-  `--set config.<field>=...` as soon as this runs (`make chart-schema`); tests/test_chart.py fails when the
+  `--set config.<field>=...` as soon as this runs (`make chart-schema`); tests/test_chart_render.py fails when the
   committed file is stale.
 - Kubernetes-typed values (affinity, tolerations, resources, env, volumes, securityContexts, ...) reuse the strict Kubernetes
   JSON schemas shipped by kubernetes-validate for KUBERNETES_VERSION, so a typo inside them fails at install too.

@@ -1,7 +1,14 @@
 """A local stand-in for the Kubernetes API server: a real HTTPS server on 127.0.0.1 (a thread) answering the calls
-trainer/kube.py makes through the official client, so events, wait-for-training and `ddpm status` are tested for
-real, offline, through the in-cluster configuration (KUBERNETES_SERVICE_HOST/PORT, token and CA files) or a
-kubeconfig. No kube-apiserver can run here (shared/ENVIRONMENT.md).
+trainer/kube.py makes through the official client, reached through the in-cluster configuration
+(KUBERNETES_SERVICE_HOST/PORT, token and CA files) or a kubeconfig, in the unit tests of events, wait-for-training,
+`ddpm status`, the stall deadline and kube.py.
+
+What it is for: what a real server cannot be made to do on demand, for the trainer's best-effort API use: every
+request hanging until the server stops (`hang = True`), calls refused with 403 (`deny`, `deny_all`), a resource that
+is not served (`uninstalled`: 404, like a missing CRD), and `closed_port()` for an absent API server. The chart on a
+real API server, with its real authorizer and controllers, is tested in tests/test_cluster_*.py. The plain API
+behaviour below (objects, owner chains, watches, Events) is still what these unit tests read and write through; it
+could move to the real control plane (tests/cluster) where a test needs no fault.
 
   GET   /api/v1/namespaces/<ns>/pods/<name>                    get
   GET   /api/v1/namespaces/<ns>/pods?labelSelector=...         list
@@ -17,10 +24,7 @@ real server does), ADDED for what exists at the start, MODIFIED for each later c
 
 TLS: the in-cluster loader only builds https URLs, so the server presents a certificate for 127.0.0.1 signed by a
 test CA (trustme); `write_service_account` and `write_kubeconfig` hand that CA to the client, as a cluster does.
-
-A test can: put objects (`put`), refuse calls with 403 (`deny`), make every request hang until the server stops
-(`hang = True`), uninstall a resource (404, like a missing CRD), or use `closed_port()` for an absent API. Every
-request is recorded in `requests` with its (group, resource, verb) and bearer token.
+Every request is recorded in `requests` with its (group, resource, verb) and bearer token.
 """
 
 from __future__ import annotations
@@ -171,9 +175,6 @@ class FakeKube:
             self.objects[key] = obj
             self._changed.notify_all()
         return copy.deepcopy(obj)
-
-    def get(self, kind: str, namespace: str, name: str) -> dict:
-        return copy.deepcopy(self.objects[(*KIND_RESOURCE[kind], namespace, name)])
 
     def events(self) -> list[dict]:
         """Every Event held, in the order they were created (a dict keeps insertion order; a patch keeps the place)."""

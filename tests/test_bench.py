@@ -2,6 +2,7 @@
 docs/PERFORMANCE.md. Nothing is trained or timed here (the benchmark itself is `make bench`)."""
 
 import importlib.util
+import sys
 
 import pytest
 
@@ -98,9 +99,7 @@ def test_render_has_every_table():
 # ---- time to quality (bench/ttq.py), plots (bench/plots.py), the photo crops (bench/photos.py) -------------------
 
 def _load(name):
-    import sys
-
-    sys.path.insert(0, str(REPO / "bench"))
+    """A bench/ script as a module (the scripts that import bench/run.py put bench/ on sys.path themselves)."""
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the class is built
@@ -199,7 +198,6 @@ def test_gpu_bench_quick_mode_runs_every_check_on_the_cpu(tmp_path):
     samplers at several step counts, and the report; fp16 is CUDA-only."""
     import json
     import subprocess
-    import sys
 
     from conftest import clean_env
 

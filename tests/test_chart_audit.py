@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_chart import RWX, PUSH_ON, merge, render
+from chart import PUSH_JOB, RWX, merge, pod_templates, render
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCEPTIONS = ROOT / "helm" / "checkov-exceptions.yaml"
 CHECKOV = ROOT / ".tools" / "checkov-venv" / "bin" / "checkov"
 # Every backend, the push, and the one opt-in that leaves "restricted" (rendered as release `ownership`).
 CASES = {
-    "job": merge({"gpus": 16}, RWX, PUSH_ON),
-    "jobset": merge({"backend": "jobset", "gpus": 16}, RWX, PUSH_ON),
-    "pytorchjob": merge({"backend": "pytorchjob", "gpus": 16}, RWX, PUSH_ON),
-    "trainjob": merge({"backend": "trainjob", "gpus": 16}, RWX, PUSH_ON),
+    "job": merge({"gpus": 16}, RWX, PUSH_JOB),
+    "jobset": merge({"backend": "jobset", "gpus": 16}, RWX, PUSH_JOB),
+    "pytorchjob": merge({"backend": "pytorchjob", "gpus": 16}, RWX, PUSH_JOB),
+    "trainjob": merge({"backend": "trainjob", "gpus": 16}, RWX, PUSH_JOB),
     "ownership": {"storage": {"fixOwnership": True}},
 }
 
@@ -34,8 +34,6 @@ def as_checkov_input(docs: list[dict], release: str) -> list[dict]:
     """checkov knows Jobs, not JobSets or Kubeflow kinds: the pod templates of a JobSet, PyTorchJob or
     TrainingRuntime go in as the Jobs their controllers create. A TrainJob on the stock runtime only patches part of a
     pod (the rest is the runtime's), so it is left out."""
-    from test_chart import pod_templates
-
     out = []
     for doc in docs:
         if doc["kind"] == "TrainJob":

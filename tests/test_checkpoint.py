@@ -11,7 +11,7 @@ from conftest import TINY, ddpm
 from trainer import checkpoint
 from trainer.checkpoint import TrainState
 from trainer.config import TrainingConfig
-from trainer.errors import CheckpointError, OutputDirError
+from trainer.errors import EXIT_CONFIG, CheckpointError, OutputDirError
 
 
 class Averaged:
@@ -109,7 +109,7 @@ def test_no_intact_checkpoint_is_exit_2_listing_each(three, mode):
     with pytest.raises(CheckpointError) as caught:
         checkpoint.resolve_resume(TrainingConfig(output_dir=three, resume_from_checkpoint=mode))
     text = str(caught.value)
-    assert caught.value.exit_code == 2
+    assert caught.value.exit_code == EXIT_CONFIG
     assert "checkpoint-6: optimizer.bin does not match" in text and "checkpoint-4: model.safetensors is" in text
     assert "checkpoint-2: random_states_0.pkl is missing" in text
 
@@ -175,7 +175,7 @@ def test_disk_full_in_the_safetensors_writer_says_so_and_leaves_no_temporary_fol
     with pytest.raises(OutputDirError, match="no space left on device while writing checkpoint checkpoint-6 to .* "
                                              "MiB free, it needs about 1 MiB") as caught:
         checkpoint.save_checkpoint(accelerator, TrainState(global_step=6), tmp_path, None, size_estimate=2**20)
-    assert caught.value.exit_code == 2
+    assert caught.value.exit_code == EXIT_CONFIG
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-1"], "no .tmp-checkpoint-6 left"
 
 
@@ -318,7 +318,7 @@ def test_a_shorter_run_than_the_one_trained_is_refused_not_marked_complete(finis
     before = {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))
               if p.name != ".ddpm-train.lock"}  # the lock file's content names its latest holder
     proc = ddpm("train", *BRANCH, "--output_dir", out, "--max_train_steps", "4", check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == EXIT_CONFIG and "Traceback" not in proc.stderr, proc.stderr
     assert "already trained to step 8 (checkpoint-8), past the 4 steps this config asks for" in proc.stderr
     assert "resume_from_checkpoint" in proc.stderr and "max_train_steps to 8 or more" in proc.stderr
     after = {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))
@@ -343,7 +343,7 @@ def test_training_skips_a_damaged_checkpoint_and_refuses_when_none_is_intact(tmp
     other = tmp_path / "other"  # another model (32 px) resuming this run's checkpoint: refused, naming both
     proc = ddpm("train", *TINY, "--output_dir", other, "--image_size", "32", "--resume_from_checkpoint",
                 out / "checkpoints" / "checkpoint-6", check=False)
-    assert proc.returncode == 2 and "holds a different model (model_preset 'small'" in proc.stderr
+    assert proc.returncode == EXIT_CONFIG and "holds a different model (model_preset 'small'" in proc.stderr
     assert "sample_size 16) than this run (model_preset 'small', block_out_channels [32, 64, 64, 128], sample_size 32)" \
         in proc.stderr
     assert not other.exists()
@@ -352,7 +352,7 @@ def test_training_skips_a_damaged_checkpoint_and_refuses_when_none_is_intact(tmp
         (ckpt / "optimizer.bin").write_bytes(b"x")
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     proc = ddpm("train", *args, "--max_train_steps", "8", check=False)
-    assert proc.returncode == 2 and "no intact checkpoint" in proc.stderr and "optimizer.bin is 1 bytes" in proc.stderr
+    assert proc.returncode == EXIT_CONFIG and "no intact checkpoint" in proc.stderr and "optimizer.bin is 1 bytes" in proc.stderr
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before, "exit 2 changed nothing"
 
 

@@ -4,6 +4,7 @@ import yaml
 from conftest import clean_env, ddpm
 from trainer.cli import build_parser
 from trainer.config import ConfigError, TrainingConfig, load_config
+from trainer.errors import EXIT_CONFIG
 
 
 def load(argv, environ=None):
@@ -75,7 +76,7 @@ def test_cli_exit_2_and_nothing_written(tmp_path):
     out = tmp_path / "out"
     proc = ddpm("train", "--output_dir", out, "--imgae_size", "32", "--learning_rate", "abc", check=False,
                 env=clean_env(DDPM_NUM_EPOCH="2"))
-    assert proc.returncode == 2
+    assert proc.returncode == EXIT_CONFIG
     assert "--imgae_size (did you mean 'image_size'?)" in proc.stderr
     assert "DDPM_NUM_EPOCH (did you mean 'num_epochs'?)" in proc.stderr
     assert "learning_rate" in proc.stderr
@@ -232,7 +233,7 @@ def test_launch_refuses_a_config_its_workers_cannot_read_again(tmp_path, monkeyp
                 cli.run_command(["launch", *([] if via_env else ["--config", str(fifo)])])
         finally:
             release_fifo(fifo)
-        assert caught.value.exit_code == 2 and str(fifo) in str(caught.value)
+        assert caught.value.exit_code == EXIT_CONFIG and str(fifo) in str(caught.value)
         assert "write it to a file" in str(caught.value)
 
 
@@ -271,7 +272,7 @@ def test_a_yaml_alias_bomb_is_refused_fast_with_a_short_message(tmp_path):
     bomb.write_text(alias_bomb())
     assert len(bomb.read_bytes()) < 400  # 9**9 = 387 million values once expanded
     code, seconds, err = timed_cli(["config", "--config", str(bomb)])
-    assert code == 2 and seconds < 2, (code, seconds)
+    assert code == EXIT_CONFIG and seconds < 2, (code, seconds)
     assert len(err) < 4096, f"{len(err)} bytes of error message"
     assert "expands to more than" in err and str(bomb) in err and "Traceback" not in err
 
@@ -291,7 +292,7 @@ def test_an_oversized_config_file_is_refused_without_parsing_it(tmp_path):
     big = tmp_path / "big.yaml"
     big.write_text("".join(f"key_{i}: {'v' * 80}\n" for i in range(120_000)))  # ~10 MB
     code, seconds, err = timed_cli(["config", "--config", str(big)])
-    assert code == 2 and seconds < 2, (code, seconds)
+    assert code == EXIT_CONFIG and seconds < 2, (code, seconds)
     assert "larger than 1 MiB" in err and len(err) < 4096
 
 

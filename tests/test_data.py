@@ -6,7 +6,7 @@ from PIL import Image
 from trainer import data, data_cache
 from trainer.builtin_data import ButterflyImages, render_butterfly
 from trainer.config import TrainingConfig
-from trainer.errors import TransientError, UserError
+from trainer.errors import EXIT_CONFIG, EXIT_FAILED, TransientError, UserError
 
 
 def test_builtin_is_deterministic_symmetric_and_distinct():
@@ -253,7 +253,7 @@ def test_hub_dataset_errors_say_whether_a_retry_can_help(monkeypatch):
         monkeypatch.setattr(datasets, "load_dataset", fail)
         with pytest.raises(TransientError if kind == "network" else data.DataError) as caught:
             data.load_image_source(config)
-        assert caught.value.exit_code == (1 if kind == "network" else 2), kind
+        assert caught.value.exit_code == (EXIT_FAILED if kind == "network" else EXIT_CONFIG), kind
 
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import REPO, TINY, clean_env
 from helpers import assert_same_run, free_port, run_train, run_until, scalar_series, weights
-from trainer.errors import EXIT_FAILED, EXIT_PREEMPTED
+from trainer.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow  # every test here runs ddpm or torchrun as subprocesses
 
@@ -215,7 +215,7 @@ def test_a_global_batch_two_ranks_cannot_split_exits_2_on_every_rank(tmp_path):
                                tmp_path / "launched"], cwd=REPO, capture_output=True, text=True,
                               env=clean_env(PET_NPROC_PER_NODE="2", PET_MASTER_PORT=str(free_port()),
                                             PYTHONPATH=f"{tmp_path / 'hook'}:{REPO}"))
-    assert launched.returncode == 2, launched.stderr
+    assert launched.returncode == EXIT_CONFIG, launched.stderr
     assert rank_exit_codes(launched.stdout + launched.stderr) in ({}, {0: 2, 1: 2})
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ddpm
+from trainer.errors import EXIT_CONFIG
 
 pytestmark = pytest.mark.slow  # every test here runs ddpm or torchrun as subprocesses
 
@@ -118,14 +119,14 @@ def test_sample_command(run, tmp_path):
 
 def test_sample_command_bad_model(tmp_path):
     proc = ddpm("sample", "--model", tmp_path, "--out", tmp_path / "o", check=False)
-    assert proc.returncode == 2 and "not a DDPMPipeline folder" in proc.stderr
+    assert proc.returncode == EXIT_CONFIG and "not a DDPMPipeline folder" in proc.stderr
 
 
 def test_different_run_in_same_output_dir_is_refused(run, tmp_path):
     out, _ = run
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     proc = ddpm("train", "--model_preset", "small", "--image_size", "24", "--output_dir", out, check=False)
-    assert proc.returncode == 2
+    assert proc.returncode == EXIT_CONFIG
     assert "holds a different run" in proc.stderr and "image_size: 16 -> 24" in proc.stderr
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before, "nothing lost or added"
 
@@ -133,5 +134,5 @@ def test_different_run_in_same_output_dir_is_refused(run, tmp_path):
 def test_foreign_output_dir_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     proc = ddpm("train", "--model_preset", "small", "--image_size", "16", "--output_dir", tmp_path, check=False)
-    assert proc.returncode == 2 and "not a ddpm-trainer run" in proc.stderr
+    assert proc.returncode == EXIT_CONFIG and "not a ddpm-trainer run" in proc.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine"

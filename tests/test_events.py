@@ -14,6 +14,7 @@ import pytest
 
 from fake_kube import TOKEN, FakeKube, closed_port, kube_server, pod_env, put_training_run  # noqa: F401 (fixture)
 from trainer import events as ev
+from trainer.errors import EXIT_DIVERGED
 from trainer.events import RunEvents
 
 A = ev.ANNOTATION_PREFIX
@@ -367,7 +368,7 @@ def test_a_run_whose_samples_are_nan_posts_warnings_and_never_completed(kube_ser
     run = put_training_run(kube_server, "Job", nodes=1)
     env = pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run)
     proc = train_in_pod(tmp_path, env, faults=("--nan-samples", "all"))
-    assert proc.returncode == 3, proc.stderr
+    assert proc.returncode == EXIT_DIVERGED, proc.stderr
     on_job = [(verb, reason) for verb, kind, reason in posted(kube_server) if kind == "Job"]
     assert ("create", "Completed") not in on_job and ("create", "EvaluationDone") not in on_job
     assert [p for p in on_job if p[1] == "NonFiniteSamples"] == [

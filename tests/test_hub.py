@@ -17,6 +17,7 @@ import yaml
 
 from conftest import TINY, clean_env, ddpm
 from fake_hub import FakeHub
+from trainer.errors import EXIT_CONFIG, EXIT_FAILED
 
 TOKEN = "hf_" + secrets.token_hex(16)  # unique per test session, so any leak is unmistakable
 REPO = "fake-user/ddpm-tiny"
@@ -117,7 +118,7 @@ def test_push_gives_up_after_max_attempts_with_exit_1(run, hub):
     hub.fail_next(5, 503)
     code, _, stderr = push("--output_dir", run, "--hub_model_id", REPO, "--max-attempts", "3", "--retry-delay", "0",
                            env=push_env(hub))
-    assert code == 1
+    assert code == EXIT_FAILED
     assert "the Hub still failed after 3 attempts (HTTP 503" in stderr and "run `ddpm push` again" in stderr
     assert REPO not in hub.repos
 
@@ -126,7 +127,7 @@ def test_push_gives_up_after_max_attempts_with_exit_1(run, hub):
 def test_refused_token_is_exit_2_and_says_what_to_do(run, hub):
     hub.refuse_token(TOKEN)
     code, _, stderr = push("--output_dir", run, "--hub_model_id", REPO, "--retry-delay", "0", env=push_env(hub))
-    assert code == 2
+    assert code == EXIT_CONFIG
     assert "error: the Hub refused the token in HF_TOKEN (HTTP 401" in stderr
     assert "https://huggingface.co/settings/tokens" in stderr and "Traceback" not in stderr
     assert REPO not in hub.repos
@@ -142,7 +143,7 @@ def test_push_to_hub_pushes_at_the_end_of_training_like_ddpm_push(hub, tmp_path)
     env = push_env(hub)
     no_token = {k: v for k, v in env.items() if k != "HF_TOKEN"}
     proc = ddpm(*args, env=no_token, check=False)
-    assert proc.returncode == 2 and "HF_TOKEN is not set" in proc.stderr and not out.exists()
+    assert proc.returncode == EXIT_CONFIG and "HF_TOKEN is not set" in proc.stderr and not out.exists()
     proc = ddpm(*args, env=env)
     assert TOKEN not in proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == f"pushed: {hub.url}/{REPO}"
@@ -154,7 +155,7 @@ def test_missing_token_is_exit_2_before_any_request(run, hub):
     env = push_env(hub)
     env.pop("HF_TOKEN")
     code, _, stderr = push("--output_dir", run, "--hub_model_id", REPO, env=env)
-    assert code == 2
+    assert code == EXIT_CONFIG
     assert "error: HF_TOKEN is not set; create a write token at https://huggingface.co/settings/tokens" in stderr
     assert hub.requests == []
 
@@ -164,7 +165,7 @@ def test_incomplete_run_is_exit_2_before_any_request(run, hub, tmp_path):
     unfinished = tmp_path / "unfinished"
     shutil.copytree(run, unfinished, ignore=shutil.ignore_patterns("training_complete.json", "checkpoints"))
     code, _, stderr = push("--output_dir", unfinished, "--hub_model_id", REPO, env=push_env(hub))
-    assert code == 2
+    assert code == EXIT_CONFIG
     assert f"error: the run in {unfinished} is not complete: {unfinished / 'training_complete.json'} does not exist" in stderr
     assert "Wait for the run to end" in stderr
     assert hub.requests == []
@@ -186,7 +187,7 @@ def test_dry_run_lists_exactly_the_upload_and_sends_nothing(run, hub):
 def test_offline_mode_is_exit_2_with_the_fix(run, hub):
     env = {**push_env(hub), "HF_HUB_OFFLINE": "1"}
     code, _, stderr = push("--output_dir", run, "--hub_model_id", REPO, env=env)
-    assert code == 2 and "HF_HUB_OFFLINE is set" in stderr and "unset it to push" in stderr
+    assert code == EXIT_CONFIG and "HF_HUB_OFFLINE is set" in stderr and "unset it to push" in stderr
     assert hub.requests == []
 
 
@@ -263,7 +264,7 @@ def test_unexpected_errors_are_printed_without_the_token(tmp_path, monkeypatch, 
     with pytest.raises(PushFailed) as caught:
         hub.push(TrainingConfig(output_dir=tmp_path, hub_model_id=REPO), hub.PushOptions(), environ={"HF_TOKEN": TOKEN})
     stdout, stderr = capsys.readouterr()
-    assert caught.value.exit_code == 1
+    assert caught.value.exit_code == EXIT_FAILED
     assert TOKEN not in stdout + stderr + str(caught.value)
     assert "Bearer <HF_TOKEN>" in stderr and "Traceback" in stderr
 
@@ -293,5 +294,5 @@ def test_a_hub_that_never_answers_fails_with_exit_1_in_bounded_time(run, silent_
     env.pop("HF_HUB_OFFLINE", None)
     start = time.monotonic()
     code, _, stderr = push("--output_dir", run, "--hub_model_id", REPO, *flags, env=env)
-    assert code == 1 and message in stderr, stderr
+    assert code == EXIT_FAILED and message in stderr, stderr
     assert time.monotonic() - start < 60, "bounded by the timeouts, not by the server"

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO, TINY, clean_env, ddpm
-from trainer.errors import OutputDirError, TransientError
+from trainer.errors import EXIT_CONFIG, OutputDirError, TransientError
 from trainer.lock import RunLock
 from trainer.outputs import LOCK_NAME
 
@@ -57,7 +57,7 @@ def test_ddpm_train_refuses_a_held_output_dir_and_writes_nothing(tmp_path):
     try:
         before = sorted(p.name for p in out.iterdir())
         train = ddpm("train", *TINY, "--output_dir", out, "--max_train_steps", "1", check=False)
-        assert train.returncode == 2 and "in use by another `ddpm train` (host gpu-node-7" in train.stderr
+        assert train.returncode == EXIT_CONFIG and "in use by another `ddpm train` (host gpu-node-7" in train.stderr
         assert sorted(p.name for p in out.iterdir()) == before
     finally:
         proc.kill()

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import TINY, clean_env, ddpm
 from trainer import outputs, run_record
 from trainer.config import TrainingConfig
-from trainer.errors import OutputDirError
+from trainer.errors import EXIT_CONFIG, OutputDirError
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
@@ -42,7 +42,7 @@ def test_overwrite_in_a_project_folder_deletes_nothing(tmp_path, output_dir):
     proc = ddpm("train", "--output_dir", output_dir, "--overwrite_output_dir", "true", "--dataset_name",
                 "imagefolder", "--train_data_dir", "images", "--model_preset", "small", "--image_size", "16",
                 cwd=root, check=False)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == EXIT_CONFIG, proc.stderr
     assert "Traceback" not in proc.stderr
     expected = "output_dir: Value error, must not be empty" if output_dir == "" else "contains train_data_dir images"
     assert expected in proc.stderr
@@ -171,7 +171,7 @@ def test_a_folder_that_only_uses_our_names_is_not_taken_for_our_run(tmp_path, ca
         before = tree(folder)
         code = main(["train", *map(str, TINY), "--output_dir", str(folder), "--max_train_steps", "2"])
         err = capsys.readouterr().err
-        assert code == 2 and f"output_dir {folder} is not empty and is not a ddpm-trainer run" in err, err
+        assert code == EXIT_CONFIG and f"output_dir {folder} is not empty and is not a ddpm-trainer run" in err, err
         assert tree(folder) == before
 
 
@@ -237,7 +237,7 @@ def test_a_link_in_output_dir_is_never_written_through(tmp_path, capsys):
     code = main(["train", *map(str, TINY), "--output_dir", str(out), "--max_train_steps", "1",
                  "--save_image_epochs", "1"])
     err = capsys.readouterr().err
-    assert code == 2 and f"output_dir {out} holds links that lead outside it (samples -> {photos})" in err, err
+    assert code == EXIT_CONFIG and f"output_dir {out} holds links that lead outside it (samples -> {photos})" in err, err
     assert tree(photos) == theirs and tree(out) == before
 
 
@@ -345,7 +345,7 @@ def test_user_errors_write_nothing_and_the_corrected_command_works(tmp_path, cap
     for name, (extra, message) in cases.items():  # in-process: the same CLI, without a new interpreter each time
         code = main(["train", *map(str, base), *map(str, extra)])
         err = capsys.readouterr().err
-        assert code == 2 and message in err, f"{name}: {code}\n{err}"
+        assert code == EXIT_CONFIG and message in err, f"{name}: {code}\n{err}"
         assert tree(root) == before, f"{name} left files behind"
     ddpm("train", *base, *folder, "--train_data_dir", root / "images")  # the corrected command
     assert (out / "training_complete.json").is_file()
@@ -368,7 +368,7 @@ def test_a_data_error_after_the_cache_was_built_writes_nothing(tmp_path, capsys)
         code = main(["train", *map(str, TINY), "--output_dir", str(out), "--dataset_name", "imagefolder",
                      "--train_data_dir", str(images), "--max_train_steps", "1"])
         err = capsys.readouterr().err
-        assert code == 2 and "the dataset (1 images) is smaller than one global batch" in err, err
+        assert code == EXIT_CONFIG and "the dataset (1 images) is smaller than one global batch" in err, err
     assert not (tmp_path / "new").exists()
     assert tree(existing) == before
 
@@ -422,7 +422,7 @@ def test_a_file_size_limit_while_saving_a_checkpoint_is_exit_2_and_leaves_no_tem
     proc = subprocess.run([sys.executable, "-m", "trainer", "train", *map(str, TINY), "--output_dir", str(out),
                            "--max_train_steps", "2", "--checkpointing_steps", "1", "--save_image_epochs", "100"],
                           cwd=REPO, env=clean_env(), capture_output=True, text=True, preexec_fn=limited)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == EXIT_CONFIG, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "no space left on device while writing checkpoint checkpoint-1 to" in proc.stderr
     assert "File too large: the file size limit (ulimit -f) is 1 MiB" in proc.stderr
@@ -443,7 +443,7 @@ def test_any_other_write_that_runs_out_of_room_is_exit_2_saying_so(tmp_path, mon
     monkeypatch.setattr(loop, "setup", full)
     with pytest.raises(OutputDirError, match="no space left on device while writing the run's outputs") as caught:
         loop.train(TrainingConfig(output_dir=tmp_path))
-    assert caught.value.exit_code == 2
+    assert caught.value.exit_code == EXIT_CONFIG
 
 
 SAVES_UNDER_A_FILE_SIZE_LIMIT = """
@@ -491,7 +491,7 @@ def test_the_pipeline_model_card_and_grid_under_a_full_disk_say_so_and_leave_not
     results = json.loads(proc.stdout.splitlines()[-1])
     for what, where in (("pipeline", "the pipeline"), ("model card", "the model card"), ("grid", "sample grid")):
         code, message = results[what]
-        assert code == 2 and f"no space left on device while writing {where}" in message, message
+        assert code == EXIT_CONFIG and f"no space left on device while writing {where}" in message, message
         assert "File too large" in message
     assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "samples", "scheduler", "unet"], \
         "no temporary left, no half-written README.md"
@@ -559,7 +559,7 @@ def test_marker_is_removed_when_training_starts_and_an_extension_never_pushes_th
     matches, why = run_record.marker_matches(longer)
     assert not matches and "no completion marker" in why
     push = ddpm("push", "--output_dir", out, "--hub_model_id", "me/x", "--dry-run", check=False)
-    assert push.returncode == 2 and "is not complete" in push.stderr
+    assert push.returncode == EXIT_CONFIG and "is not complete" in push.stderr
 
 
 def _crash_after_start(args):
@@ -584,6 +584,6 @@ def test_push_refuses_a_pipeline_that_is_not_the_markers(tmp_path):
     weights = out / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # rewritten after the run finished
     proc = ddpm("push", "--output_dir", out, "--hub_model_id", "me/x", "--dry-run", check=False)
-    assert proc.returncode == 2
+    assert proc.returncode == EXIT_CONFIG
     assert "is not the one the completion marker describes" in proc.stderr
     assert "unet/diffusion_pytorch_model.safetensors changed since the run finished" in proc.stderr

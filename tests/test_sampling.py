@@ -23,7 +23,7 @@ from helpers import free_port, scalar_series
 from trainer import quality
 from trainer.cli import main
 from trainer.config import TrainingConfig
-from trainer.errors import NonFiniteSamples
+from trainer.errors import EXIT_DIVERGED, NonFiniteSamples
 from trainer.model import build_noise_scheduler, build_unet
 from trainer.sampling import denoise, eval_scheduler, image_generators, sample_images
 
@@ -249,7 +249,7 @@ def test_non_finite_samples_raise_before_they_are_quantised(kind, value):
                       batch_size=2, precision="bf16")
     assert (caught.value.bad, caught.value.checked) == (2, 2)  # the first chunk of 2 stops it
     assert f"2 of 2 images sampled with {kind} 10 steps" in str(caught.value) and "UNet bf16" in str(caught.value)
-    assert caught.value.exit_code == 3
+    assert caught.value.exit_code == EXIT_DIVERGED
 
 
 def test_quantising_and_scoring_refuse_non_finite_images():
@@ -342,7 +342,7 @@ def test_with_two_ranks_one_ranks_nan_samples_are_counted_and_no_rank_waits_for_
 def test_a_pipeline_that_samples_nan_with_its_own_scheduler_is_never_marked_complete(tmp_path):
     out = tmp_path / "out"
     proc = driven("--nan-samples", "final", "train", *LOOP, "--output_dir", out)
-    assert proc.returncode == 3, proc.stderr
+    assert proc.returncode == EXIT_DIVERGED, proc.stderr
     assert "error: 2 of 2 images sampled with ddpm 2 steps, UNet fp32 hold NaN/inf values" in proc.stderr
     assert not (out / "training_complete.json").exists() and not (out / "README.md").exists()
     assert len(list((out / "samples").glob("*.png"))) == 2  # its evaluations were finite

@@ -224,7 +224,7 @@ ends, so it never holds a ReadWriteOnce volume on another node or keeps a GPU no
 tolerate) up after training. Every training pod runs one; the Service shows rank 0's.
 */}}
 {{- define "ddpm.tensorboardContainer" -}}
-{{- $root := .root }}
+{{- $root := .root -}}
 - name: tensorboard
   {{- with $root.Values.tensorboard.image }}
   image: {{ if .repository }}{{ printf "%s:%s" .repository (.tag | default $root.Chart.AppVersion) }}{{ else }}{{ include "ddpm.image" $root }}{{ end }}
@@ -233,7 +233,14 @@ tolerate) up after training. Every training pod runs one; the Service shows rank
   {{- if .sidecar }}
   restartPolicy: Always
   {{- end }}
-  command: ["tensorboard", "--logdir", "{{ include "ddpm.outputDir" $root }}/logs", "--host", "0.0.0.0", "--port", "6006"]
+  command:
+    - tensorboard
+    - --logdir
+    - {{ printf "%s/logs" (include "ddpm.outputDir" $root) | quote }}
+    - --host
+    - 0.0.0.0
+    - --port
+    - "6006"
   env:
     - name: HOME
       value: {{ include "ddpm.home" $root | quote }}
@@ -246,6 +253,14 @@ tolerate) up after training. Every training pod runs one; the Service shows rank
       path: /
       port: 6006
     periodSeconds: 10
+  {{- /* a hung TensorBoard is restarted (a sidecar too: restartPolicy Always), never the trainer */}}
+  livenessProbe:
+    httpGet:
+      path: /
+      port: 6006
+    initialDelaySeconds: 60
+    periodSeconds: 30
+    failureThreshold: 5
   resources:
     {{- toYaml $root.Values.tensorboard.resources | nindent 4 }}
   securityContext:

@@ -22,7 +22,7 @@
 {{- end }}
 
 {{/*
-The trainer's defaults for the fields the chart computes with (trainer/config.py TrainingConfig; tests/test_chart.py
+The trainer's defaults for the fields the chart computes with (trainer/config.py TrainingConfig; tests/test_chart_render.py
 checks they match).
 */}}
 {{- define "ddpm.trainBatchSize" -}}{{ .Values.config.train_batch_size | default 16 | int }}{{- end }}
