@@ -193,17 +193,17 @@ def test_offline_mode_is_exit_2_with_the_fix(run, hub):
 # ---- in-process: selection, backoff and redaction ------------------------------------------------------------------
 
 def test_upload_plan_picks_the_numerically_last_grid_and_complete_checkpoints_only(tmp_path):
-    from trainer.config import TrainingConfig
     from trainer.hub import PushOptions, upload_plan
+    from trainer.run_dir import RunDir
 
     for name in ("model_index.json", "unet/config.json", "samples/9999.png", "samples/10000.png", "samples/grid.png",
                  "checkpoints/checkpoint-3/model.safetensors", "checkpoints/.tmp-checkpoint-4/model.safetensors",
                  "logs/train/events.out.tfevents.1.host"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    config = TrainingConfig(output_dir=tmp_path)
-    assert upload_plan(config, PushOptions()) == ["model_index.json", "samples/10000.png", "unet/config.json"]
-    assert upload_plan(config, PushOptions(include_checkpoints=True, include_logs=True)) == [
+    run_dir = RunDir(tmp_path)
+    assert upload_plan(run_dir, PushOptions()) == ["model_index.json", "samples/10000.png", "unet/config.json"]
+    assert upload_plan(run_dir, PushOptions(include_checkpoints=True, include_logs=True)) == [
         "checkpoints/checkpoint-3/model.safetensors", "logs/train/events.out.tfevents.1.host", "model_index.json",
         "samples/10000.png", "unet/config.json"]
 
@@ -251,6 +251,7 @@ def test_unexpected_errors_are_printed_without_the_token(tmp_path, monkeypatch, 
     from trainer import hub
     from trainer.config import TrainingConfig
     from trainer.errors import PushFailed
+    from trainer.run_dir import RunDir
 
     (tmp_path / "model_index.json").write_text("{}")
     monkeypatch.setattr(hub, "check_complete", lambda out: {"global_step": 1})
@@ -261,7 +262,8 @@ def test_unexpected_errors_are_printed_without_the_token(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     with pytest.raises(PushFailed) as caught:
-        hub.push(TrainingConfig(output_dir=tmp_path, hub_model_id=REPO), hub.PushOptions(), environ={"HF_TOKEN": TOKEN})
+        hub.push(TrainingConfig(output_dir=tmp_path, hub_model_id=REPO), RunDir(tmp_path), hub.PushOptions(),
+                 environ={"HF_TOKEN": TOKEN})
     stdout, stderr = capsys.readouterr()
     assert caught.value.exit_code == 1
     assert TOKEN not in stdout + stderr + str(caught.value)

@@ -15,7 +15,8 @@ from conftest import ddpm
 from helpers import scalar_series
 from trainer import quality
 from trainer.cli import main
-from trainer.config import TrainingConfig, read_config_file
+from trainer.config import TrainingConfig
+from trainer.run_dir import RunDir
 
 
 def butterflies(image_size: int, **fields) -> TrainingConfig:
@@ -164,7 +165,7 @@ def untrained(run, tmp_path_factory):
 
     out, _ = run
     folder = tmp_path_factory.mktemp("untrained")
-    config = TrainingConfig(**read_config_file(out / "training_config.yaml"))
+    config = TrainingConfig(**RunDir(out).saved_config())
     set_seed(config.seed)
     DDPMPipeline(unet=build_unet(config), scheduler=build_noise_scheduler(config)).save_pretrained(folder)
     shutil.copy(out / "training_config.yaml", folder / "training_config.yaml")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from trainer.config import (
     CONFIG_FILE_ENV,
-    RESOLVED_CONFIG_NAME,
     TrainingConfig,
     build_cli_parser,
     config_yaml,
@@ -18,6 +17,7 @@ from trainer.config import (
     sampler_steps_problems,
 )
 from trainer.errors import EXIT_OK, ConfigError, DdpmError, Stopped
+from trainer.run_dir import CONFIG_NAME, PIPELINE_INDEX, RunDir
 
 EPILOG = """Config sources, lowest to highest: defaults < --config FILE (or $DDPM_CONFIG_FILE) < DDPM_<FIELD> env < --<field> VALUE.
 Exit codes: 0 done, 1 unexpected or network error (retry), 2 bad configuration/input, 3 diverged (non-finite
@@ -60,7 +60,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                     "with as many images of the configured dataset (dataset_name, train_data_dir, ...) at the model's "
                     "sample_size: sliced Wasserstein distance per Laplacian-pyramid level, x1e3, lower is better "
                     "(README: Sample quality). The config is read from the usual sources; when neither --config nor "
-                    f"${CONFIG_FILE_ENV} is given, the run's own {RESOLVED_CONFIG_NAME} in --model is used if present.",
+                    f"${CONFIG_FILE_ENV} is given, the run's own {CONFIG_NAME} in --model is used if present.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli_sources["eval"] = build_cli_parser(evaluate)
     evaluate.add_argument("--model", required=True, type=Path, help="a DDPMPipeline folder, e.g. a run's output_dir")
@@ -154,7 +154,7 @@ def cmd_push(config: TrainingConfig, args) -> int:
     problems += hub_repo_id_problems(config, pushing=True)
     if problems:
         raise ConfigError(problems)
-    push(config, PushOptions(dry_run=args.dry_run, include_checkpoints=args.include_checkpoints,
+    push(config, RunDir.of(config), PushOptions(dry_run=args.dry_run, include_checkpoints=args.include_checkpoints,
                              include_logs=args.include_logs, max_attempts=args.max_attempts,
                              retry_delay_s=args.retry_delay, deadline_s=args.deadline_seconds,
                              request_timeout_s=args.request_timeout))
@@ -168,8 +168,7 @@ def not_finite(*flags: tuple[str, float]) -> list[str]:
 
 
 def cmd_sample(args) -> int:
-    problems = [] if (args.model / "model_index.json").is_file() else [
-        f"--model {args.model} is not a DDPMPipeline folder (no model_index.json)"]
+    problems = not_a_pipeline(args.model)
     for flag, value in (("--num-images", args.num_images), ("--num_inference_steps", args.num_inference_steps),
                         ("--batch-size", args.batch_size)):
         if value < 1:
@@ -204,6 +203,11 @@ def cmd_sample(args) -> int:
     return EXIT_OK
 
 
+def not_a_pipeline(model: Path) -> list[str]:
+    return [] if RunDir(model).has_pipeline() else [
+        f"--model {model} is not a DDPMPipeline folder (no {PIPELINE_INDEX})"]
+
+
 def load_pipeline(model: Path):
     """DDPMPipeline.from_pretrained(model), or a ConfigError saying why not: the folder is the user's input (a broken
     model_index.json, a missing or unreadable component), and loading it again cannot help."""
@@ -223,15 +227,15 @@ def cmd_eval(args, unknown, cli_source) -> int:
 
     from trainer.quality import eval_config, evaluate_pipeline, format_report
 
-    problems = [] if (args.model / "model_index.json").is_file() else [
-        f"--model {args.model} is not a DDPMPipeline folder (no model_index.json)"]
+    problems = not_a_pipeline(args.model)
     problems += [f"--num-images must be at least 2, got {args.num_images}"] if args.num_images < 2 else []
     if problems:
         raise ConfigError(problems)
-    if args.config is None and CONFIG_FILE_ENV not in os.environ and (args.model / RESOLVED_CONFIG_NAME).is_file():
-        args.config = str(args.model / RESOLVED_CONFIG_NAME)  # the run's own config: its data, sampler and seed
+    model = RunDir(args.model)
+    if args.config is None and CONFIG_FILE_ENV not in os.environ and model.config_file.is_file():
+        args.config = str(model.config_file)  # the run's own config: its data, sampler and seed
     config, sources = load_config(args, unknown, cli_source)
-    result = evaluate_pipeline(args.model, eval_config(config, sources, args.model), args.num_images)
+    result = evaluate_pipeline(args.model, eval_config(config, sources, model), args.num_images)
     print(json.dumps(result) if args.json else format_report(result), flush=True)
     return EXIT_OK
 
@@ -251,7 +255,8 @@ def cmd_wait(config: TrainingConfig, args) -> int:
     if problems:
         raise ConfigError(problems)
     try:
-        return wait_for_training(workload, args.namespace, lambda: marker_matches(config, workload),
+        run_dir = RunDir.of(config)
+        return wait_for_training(workload, args.namespace, lambda: marker_matches(config, run_dir, workload),
                                  poll_seconds=args.poll_seconds, timeout_seconds=args.timeout_seconds,
                                  say=lambda line: print(line, flush=True), context=args.context)
     except ValueError as e:

@@ -30,7 +30,6 @@ from trainer.errors import ConfigError
 
 ENV_PREFIX = "DDPM_"
 CONFIG_FILE_ENV = "DDPM_CONFIG_FILE"
-RESOLVED_CONFIG_NAME = "training_config.yaml"  # written into output_dir at start
 
 # Bounds on a config file (issue 17): a config is a few dozen `field: value` lines, so anything near these limits is
 # the wrong file or an attack (a YAML alias bomb of 300 bytes expands to hundreds of millions of values).
@@ -231,14 +230,6 @@ class TrainingConfig(BaseSettings):
     def hub_repo_id(self) -> str:
         """The tutorial's rule: hub_model_id, else the output folder's name."""
         return self.hub_model_id or Path(self.output_dir).name
-
-    @property
-    def logging_dir(self) -> Path:
-        return Path(self.output_dir) / "logs"
-
-    @property
-    def resolved_data_cache_dir(self) -> Path:
-        return Path(self.data_cache_dir or Path(self.output_dir) / "data_cache")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, **_sources):
@@ -592,7 +583,3 @@ def config_yaml(config: TrainingConfig, sources: dict[str, str] | None = None) -
         line = yaml.safe_dump({key: value}, default_flow_style=True, width=10_000).strip().strip("{}")
         lines.append(f"{line:<{width}}  # {sources[key]}")
     return "\n".join(lines) + "\n"
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(Path(path).read_text()) or {}

@@ -45,7 +45,8 @@ from trainer.data import (
     worker_init,
 )
 from trainer.errors import DataError
-from trainer.outputs import CACHE_TEMPORARY_PREFIX, disk_full
+from trainer.outputs import CACHE_TEMPORARY_PREFIX
+from trainer.run_dir import disk_full
 
 CACHE_VERSION = 2  # bump when build_transform's output changes (2: 16-bit greyscale scaled, not clipped)
 CONTENT_WINDOW = 16 << 10  # bytes read at the head, middle and tail of each source file for the content digest
@@ -67,13 +68,14 @@ class CachedImages(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(self.array[self.rows[i]]))  # a copy: the memmap is read-only
 
 
-def cache_path(config: TrainingConfig, source: ImageSource) -> Path:
-    """<slug>-<size>px-<digest>.npy: the shape trainer.outputs.CACHE_FILE recognises as ours."""
+def cache_path(config: TrainingConfig, source: ImageSource, cache_dir: Path) -> Path:
+    """<slug>-<size>px-<digest>.npy in `cache_dir` (RunDir.data_cache): the shape trainer.outputs.CACHE_FILE
+    recognises as ours."""
     identity = {"version": CACHE_VERSION, "dataset": source.name, "fingerprint": source.fingerprint,
                 "length": source.length, "image_size": config.image_size, "center_crop": config.center_crop}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9]+", "-", source.name).strip("-")[-40:]
-    return config.resolved_data_cache_dir / f"{slug}-{config.image_size}px-{digest}.npy"
+    return cache_dir / f"{slug}-{config.image_size}px-{digest}.npy"
 
 
 def content_digest(source: ImageSource) -> str:
@@ -233,12 +235,12 @@ def _open(config: TrainingConfig, source: ImageSource, path: Path,
     return array, meta
 
 
-def cached_dataset(config: TrainingConfig, source: ImageSource) -> tuple[CachedImages, str]:
+def cached_dataset(config: TrainingConfig, source: ImageSource, cache_dir: Path) -> tuple[CachedImages, str]:
     """The cache for (config, source), built first if missing or damaged; also fills source.skipped/indices.
     Returns (dataset, what happened: 'reused', 'built now' or 'rebuilt: <why>'). Call it on one process per node
     first (Accelerate's local_main_process_first); concurrent builders on a shared volume are safe, each renames a
     finished file. Raises DataError when no image is readable (and then leaves no cache behind)."""
-    path = cache_path(config, source)
+    path = cache_path(config, source, cache_dir)
     remove_orphans(path.parent)
     # The node's first process checks the cache (module doc); the others open what it has just checked or built.
     content = content_digest(source) if int(os.environ.get("LOCAL_RANK", "0")) == 0 else None
@@ -268,12 +270,13 @@ def cached_dataset(config: TrainingConfig, source: ImageSource) -> tuple[CachedI
     return CachedImages(array, meta["rows"]), note
 
 
-def training_dataset(config: TrainingConfig, main_process_first) -> tuple[ImageSource, torch.utils.data.Dataset, str]:
+def training_dataset(config: TrainingConfig, cache_dir: Path,
+                     main_process_first) -> tuple[ImageSource, torch.utils.data.Dataset, str]:
     """The images the loop trains on: (source, dataset, a line for the log). `main_process_first` is Accelerate's
     local_main_process_first: one process per node builds the cache, the others then map it."""
     source = load_image_source(config, scan=not config.data_cache)
     if not config.data_cache:
         return source, TrainDataset(source, build_transform(config)), "data cache off: decoding every epoch"
     with main_process_first():
-        dataset, note = cached_dataset(config, source)
-    return source, dataset, f"data cache {cache_path(config, source)} ({note})"
+        dataset, note = cached_dataset(config, source, cache_dir)
+    return source, dataset, f"data cache {cache_path(config, source, cache_dir)} ({note})"

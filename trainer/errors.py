@@ -16,6 +16,16 @@ EXIT_PREEMPTED = 143  # stopped on SIGTERM (128 + 15; checkpoint saved if traini
 EXIT_INTERRUPTED = 130  # stopped on SIGINT (Ctrl-C), checkpoint saved if training had started: 128 + SIGINT
 
 
+def causes(error: BaseException | None):
+    """The error and what caused it, outermost first (libraries wrap: huggingface_hub an HTTP error in a RuntimeError,
+    safetensors an OSError in its own error); each once, so a cycle in the chain ends."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 class DdpmError(Exception):
     """An error with a message for the user and the exit code that tells a scheduler what to do."""
 

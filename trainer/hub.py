@@ -34,17 +34,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.config import RESOLVED_CONFIG_NAME, TrainingConfig
-from trainer.errors import DdpmError, PushError, PushFailed
-from trainer.outputs import COMPLETE_MARKER, all_finite
-from trainer.run_record import pipeline_mismatch, read_history, read_marker
+from trainer.config import TrainingConfig
+from trainer.errors import DdpmError, PushError, PushFailed, causes
+from trainer.run_dir import (CHECKPOINTS_NAME, CONFIG_NAME, LOGS_NAME, MODEL_CARD_NAME, PIPELINE_FOLDERS,
+                             PIPELINE_INDEX, RunDir, all_finite)
 
 TOKEN_ENV = "HF_TOKEN"
 TOKEN_HELP = (
     "create a write token at https://huggingface.co/settings/tokens and export HF_TOKEN=hf_... "
     "(on Kubernetes: the Secret named by push.tokenSecret, key push.tokenSecretKey)"
 )
-PIPELINE_FOLDERS = ("unet", "scheduler")  # with model_index.json: what DDPMPipeline.save_pretrained writes
 MAX_RETRY_DELAY_S = 60.0  # the backoff doubles from the base delay up to this
 
 
@@ -69,37 +68,31 @@ def _files_under(out: Path, folder: str) -> list[str]:
     return sorted(p.relative_to(out).as_posix() for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
 
 
-def last_sample_grid(out: Path) -> str | None:
-    """samples/<epoch>.png with the highest epoch, compared as numbers."""
-    samples = out / "samples"
-    grids = [p for p in samples.glob("*.png") if p.stem.isdigit()] if samples.is_dir() else []
-    return max(grids, key=lambda p: int(p.stem)).relative_to(out).as_posix() if grids else None
-
-
-def check_complete(out: Path) -> dict:
-    """The completion marker of the run in `out`, checked against what would be uploaded; PushError saying what to
-    do when the run is not finished, or when the pipeline is not the one the marker describes."""
-    marker = read_marker(out)
+def check_complete(run_dir: RunDir) -> dict:
+    """The completion marker of the run in `run_dir`, checked against what would be uploaded; PushError saying what
+    to do when the run is not finished, or when the pipeline is not the one the marker describes."""
+    out = run_dir.root
+    marker = run_dir.read_marker()
     if marker is None:
         raise PushError(
-            f"the run in {out} is not complete: {out / COMPLETE_MARKER} does not exist (rank 0 writes it last, when "
+            f"the run in {out} is not complete: {run_dir.marker_file} does not exist (rank 0 writes it last, when "
             f"training finishes). Wait for the run to end, or finish it with `ddpm train` and the same config, then "
             f"push again; if the run is elsewhere, set output_dir to its folder.")
-    if not (out / "model_index.json").is_file():
-        raise PushError(f"{out} has {COMPLETE_MARKER} but no model_index.json: no pipeline to push")
-    history = read_history(out)
+    if not run_dir.has_pipeline():
+        raise PushError(f"{out} has {run_dir.marker_file.name} but no {PIPELINE_INDEX}: no pipeline to push")
+    history = run_dir.read_history()
     if history and history[-1].get("run_id") != marker.get("run_id"):
         raise PushError(f"the completion marker is from run {marker.get('run_id')} but {out} now holds run "
                         f"{history[-1].get('run_id')} (started {history[-1].get('run_started_at')}), which has not "
                         "finished; wait for it to finish and push again")
-    mismatch = pipeline_mismatch(out, marker)
+    mismatch = run_dir.pipeline_mismatch(marker)
     if mismatch:
         raise PushError(f"the pipeline in {out} is not the one the completion marker describes (run "
                         f"{marker.get('run_id')}, step {marker.get('global_step')}): {mismatch}. A newer training may "
                         "be writing there: wait for it to finish, then push again")
     from safetensors.torch import load_file
 
-    for weights in sorted((out / "unet").glob("*.safetensors")):
+    for weights in sorted(run_dir.unet.glob("*.safetensors")):
         if not all_finite(load_file(weights).values()):
             raise PushError(f"{weights} holds NaN/inf weights; refusing to push a broken model")
     return marker
@@ -110,19 +103,19 @@ def allow_patterns_for(paths: list[str]) -> list[str]:
     return [glob.escape(p) for p in paths]
 
 
-def upload_plan(config: TrainingConfig, options: PushOptions) -> list[str]:
+def upload_plan(run_dir: RunDir, options: PushOptions) -> list[str]:
     """Exactly the files upload_folder will send: paths relative to output_dir, sorted."""
     from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
-    out = Path(config.output_dir)
-    wanted = ["model_index.json", *(f for folder in PIPELINE_FOLDERS for f in _files_under(out, folder))]
-    wanted += [name for name in ("README.md", RESOLVED_CONFIG_NAME) if (out / name).is_file()]
-    if grid := last_sample_grid(out):
-        wanted.append(grid)
+    out = run_dir.root
+    wanted = [PIPELINE_INDEX, *(f for folder in PIPELINE_FOLDERS for f in _files_under(out, folder))]
+    wanted += [name for name in (MODEL_CARD_NAME, CONFIG_NAME) if (out / name).is_file()]
+    if grid := run_dir.last_grid():
+        wanted.append(grid.relative_to(out).as_posix())
     if options.include_checkpoints:  # complete ones only: .tmp-checkpoint-* is a save that never finished
-        wanted += [f for f in _files_under(out, "checkpoints") if not f.split("/")[1].startswith(".tmp-")]
+        wanted += [f for f in _files_under(out, CHECKPOINTS_NAME) if not f.split("/")[1].startswith(".tmp-")]
     if options.include_logs:
-        wanted += _files_under(out, "logs")
+        wanted += _files_under(out, LOGS_NAME)
     # upload_folder's own filter, with the patterns push() gives it: the plan is what it really selects.
     return list(filter_repo_objects(sorted(set(wanted)), allow_patterns=allow_patterns_for(wanted),
                                     ignore_patterns=DEFAULT_IGNORE_PATTERNS))
@@ -130,18 +123,9 @@ def upload_plan(config: TrainingConfig, options: PushOptions) -> list[str]:
 
 # ---- retries -----------------------------------------------------------------------------------------------------
 
-def _chain(error: BaseException | None):
-    """The error and what caused it (huggingface_hub wraps HTTP errors, e.g. in RuntimeError for LFS uploads)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        yield error
-        error = error.__cause__ or error.__context__
-
-
 def status_code(error: BaseException) -> int | None:
     """The HTTP status anywhere in the exception chain, if the error came from a response."""
-    for cause in _chain(error):
+    for cause in causes(error):
         status = getattr(getattr(cause, "response", None), "status_code", None)
         if status is not None:
             return status
@@ -153,7 +137,7 @@ def is_transient(error: BaseException) -> bool:
     import httpx2
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    for cause in _chain(error):
+    for cause in causes(error):
         if isinstance(cause, OfflineModeIsEnabled):
             return False
         if isinstance(cause, (httpx2.TransportError, ConnectionError, TimeoutError)):
@@ -163,7 +147,7 @@ def is_transient(error: BaseException) -> bool:
 
 
 def retry_after_s(error: BaseException) -> float | None:
-    for cause in _chain(error):
+    for cause in causes(error):
         response = getattr(cause, "response", None)
         headers = getattr(response, "headers", None) or {}
         value = next((str(v).strip() for k, v in headers.items() if k.lower() == "retry-after"), "")
@@ -248,7 +232,7 @@ def use_timeouts(request_timeout_s: float) -> None:
     set_client_factory(client)
 
 
-def push(config: TrainingConfig, options: PushOptions, environ: dict[str, str] | None = None,
+def push(config: TrainingConfig, run_dir: RunDir, options: PushOptions, environ: dict[str, str] | None = None,
          say: Callable[[str], None] | None = None) -> str:
     """`ddpm push` (and `push_to_hub` at the end of training). Returns the repo URL; raises PushError (exit 2) or
     PushFailed (exit 1). Every message goes through `redact`."""
@@ -260,7 +244,7 @@ def push(config: TrainingConfig, options: PushOptions, environ: dict[str, str] |
         emit(_redact(message, token), stream)
 
     try:
-        return _push(config, options, token, environ, say)
+        return _push(config, run_dir, options, token, environ, say)
     except DdpmError:
         raise
     except Exception as e:  # unexpected: print the traceback (it helps), but it must not carry the token either
@@ -269,13 +253,14 @@ def push(config: TrainingConfig, options: PushOptions, environ: dict[str, str] |
                                  "again", token)) from None
 
 
-def _push(config: TrainingConfig, options: PushOptions, token: str | None, environ: dict, say) -> str:
+def _push(config: TrainingConfig, run_dir: RunDir, options: PushOptions, token: str | None, environ: dict,
+          say) -> str:
     from huggingface_hub import constants
 
-    out = Path(config.output_dir)
+    out = run_dir.root
     repo_id = config.hub_repo_id
-    marker = check_complete(out)
-    files = upload_plan(config, options)
+    marker = check_complete(run_dir)
+    files = upload_plan(run_dir, options)
     sizes = {f: (out / f).stat().st_size for f in files}
     visibility = {True: "private", False: "public", None: "default visibility"}[config.hub_private_repo]
     what = f"{len(files)} files ({_size(sum(sizes.values()))}) from {out} to {constants.ENDPOINT}/{repo_id} ({visibility})"
@@ -332,7 +317,7 @@ def _push(config: TrainingConfig, options: PushOptions, token: str | None, envir
                 f"`ddpm push` again later: it resumes, content already uploaded is not sent again"
             ) from None
         raise
-    mismatch = pipeline_mismatch(out, marker)
+    mismatch = run_dir.pipeline_mismatch(marker)
     if mismatch:  # something rewrote the pipeline while it was being read
         raise PushFailed(f"the pipeline in {out} changed during the upload ({mismatch}); the repo may hold a mix. "
                          "Run `ddpm push` again once training there has finished")

@@ -19,15 +19,14 @@ import time
 from pathlib import Path
 
 from trainer.errors import OutputDirError, TransientError
-from trainer.outputs import LOCK_NAME
 
 SAME_WORKLOAD_WAIT_S = 180.0  # two NFSv4 lease periods: a dead predecessor's lock is gone by then
 POLL_S = 2.0
 
 
 class RunLock:
-    def __init__(self, output_dir: Path):
-        self.path = Path(output_dir) / LOCK_NAME
+    def __init__(self, path: Path):
+        self.path = Path(path)  # RunDir.lock_file
         self.created_file = False
         self._fd: int | None = None
 

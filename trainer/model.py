@@ -12,6 +12,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 from diffusers.training_utils import EMAModel
 
 from trainer.config import TrainingConfig
+from trainer.run_dir import RunDir
 
 # The diffusers tutorial's UNet, verbatim (sample_size is set from image_size).
 TUTORIAL_UNET: dict[str, Any] = dict(
@@ -42,8 +43,8 @@ def unet_config(config: TrainingConfig) -> dict[str, Any]:
     if config.model_config_name_or_path:
         path = Path(config.model_config_name_or_path)
         path = path / "config.json" if path.is_dir() else path
-        if not path.is_file() and (path.parent / "unet" / "config.json").is_file():
-            path = path.parent / "unet" / "config.json"  # a DDPMPipeline folder
+        if not path.is_file() and (RunDir(path.parent).unet / "config.json").is_file():
+            path = RunDir(path.parent).unet / "config.json"  # a DDPMPipeline folder
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

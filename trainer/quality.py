@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer.run_dir import RunDir
+
 NEIGHBOURHOOD = 7  # descriptor side, pixels
 DESCRIPTORS_PER_IMAGE = 128  # per image and level, as Karras et al.
 NUM_DIRECTIONS = 512  # random projections per level (Karras: 4 repeats x 128)
@@ -242,15 +244,16 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 # --- `ddpm eval` ---------------------------------------------------------------------------------------------------
-def eval_config(config, sources: dict[str, str], model_dir: Path):
+def eval_config(config, sources: dict[str, str], model: RunDir):
     """The config `ddpm eval` scores with: image_size is the model's sample_size unless set explicitly (then it
     must match). Raises ConfigError."""
     from trainer.config import ConfigError
 
+    model_dir = model.root
     try:
-        sample_size = json.loads((Path(model_dir) / "unet" / "config.json").read_text())["sample_size"]
+        sample_size = model.unet_config()["sample_size"]
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError([f"--model {model_dir}: cannot read unet/config.json's sample_size: {e}"]) from e
+        raise ConfigError([f"--model {model_dir}: cannot read {model.unet.name}/config.json's sample_size: {e}"]) from e
     if not isinstance(sample_size, int):
         raise ConfigError([f"--model {model_dir}: square models only, unet sample_size is {sample_size}"])
     if sources.get("image_size", "default") == "default":
