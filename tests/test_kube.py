@@ -13,7 +13,7 @@ from fake_kube import (FakeKube, closed_port, condition, kube_server, pod_env, p
                        workload)
 from trainer import kube
 from trainer.events import RunEvents
-from trainer.status import status
+from trainer.status import STATUS_OK, status
 from trainer.wait import WAIT_OK, wait_for_training
 
 # ---- identity ------------------------------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def test_api_calls_declare_exactly_what_the_code_calls(kube_server, tmp_path):
 
     config = kube_server.write_kubeconfig(tmp_path / "kubeconfig", namespace="job")
     before = len(kube_server.requests)
-    assert status("ddpm", None, environ={"KUBECONFIG": str(config)}, out=io.StringIO()) == 0
+    assert status("ddpm", None, environ={"KUBECONFIG": str(config)}, out=io.StringIO()) == STATUS_OK
     seen_status = {r.call for r in kube_server.requests[before:]}
     assert seen_status == flatten(kube.STATUS_CALLS)
 

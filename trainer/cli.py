@@ -16,7 +16,7 @@ from trainer.config import (
     load_config,
     sampler_steps_problems,
 )
-from trainer.errors import EXIT_OK, ConfigError, DdpmError, Stopped
+from trainer.errors import ConfigError, DdpmError, Outcome, Stopped, exit_code
 from trainer.run_dir import CONFIG_NAME, PIPELINE_INDEX, RunDir
 
 EPILOG = """Config sources, lowest to highest: defaults < --config FILE (or $DDPM_CONFIG_FILE) < DDPM_<FIELD> env < --<field> VALUE.
@@ -119,14 +119,14 @@ def config_file_of(args) -> Path | None:
     return Path(given) if given else None
 
 
-def cmd_train(config: TrainingConfig, config_file: Path | None) -> int:
+def cmd_train(config: TrainingConfig, config_file: Path | None) -> Outcome:
     from trainer.loop import train
 
     train(config, config_file=config_file)
-    return EXIT_OK
+    return Outcome.OK
 
 
-def cmd_launch(train_args: list[str]) -> int:
+def cmd_launch(train_args: list[str]) -> Outcome:
     from trainer.launch import launch
 
     # Validate once here (same sources as the workers will see) so a bad config fails fast with exit 2.
@@ -142,7 +142,7 @@ def cmd_launch(train_args: list[str]) -> int:
     return launch(train_args, config.preemption_grace_seconds)
 
 
-def cmd_push(config: TrainingConfig, args) -> int:
+def cmd_push(config: TrainingConfig, args) -> Outcome:
     from trainer.hub import PushOptions, push
 
     problems = [f"--max-attempts must be at least 1, got {args.max_attempts}"] if args.max_attempts < 1 else []
@@ -158,7 +158,7 @@ def cmd_push(config: TrainingConfig, args) -> int:
                              include_logs=args.include_logs, max_attempts=args.max_attempts,
                              retry_delay_s=args.retry_delay, deadline_s=args.deadline_seconds,
                              request_timeout_s=args.request_timeout))
-    return EXIT_OK
+    return Outcome.OK
 
 
 def not_finite(*flags: tuple[str, float]) -> list[str]:
@@ -167,7 +167,7 @@ def not_finite(*flags: tuple[str, float]) -> list[str]:
     return [f"{flag} must be a finite number, got {value}" for flag, value in flags if not math.isfinite(value)]
 
 
-def cmd_sample(args) -> int:
+def cmd_sample(args) -> Outcome:
     problems = not_a_pipeline(args.model)
     for flag, value in (("--num-images", args.num_images), ("--num_inference_steps", args.num_inference_steps),
                         ("--batch-size", args.batch_size)):
@@ -200,7 +200,7 @@ def cmd_sample(args) -> int:
     paths = save_images(images, args.out)
     to_grid(images).save(args.out / "grid.png")
     print(f"wrote {len(paths)} images and {args.out / 'grid.png'}")
-    return EXIT_OK
+    return Outcome.OK
 
 
 def not_a_pipeline(model: Path) -> list[str]:
@@ -221,7 +221,7 @@ def load_pipeline(model: Path):
                            "give a folder written by save_pretrained, e.g. a finished run's output_dir"]) from e
 
 
-def cmd_eval(args, unknown, cli_source) -> int:
+def cmd_eval(args, unknown, cli_source) -> Outcome:
     import json
     import os
 
@@ -237,10 +237,10 @@ def cmd_eval(args, unknown, cli_source) -> int:
     config, sources = load_config(args, unknown, cli_source)
     result = evaluate_pipeline(args.model, eval_config(config, sources, model), args.num_images)
     print(json.dumps(result) if args.json else format_report(result), flush=True)
-    return EXIT_OK
+    return Outcome.OK
 
 
-def cmd_wait(config: TrainingConfig, args) -> int:
+def cmd_wait(config: TrainingConfig, args) -> Outcome:
     import os
 
     from trainer.run_record import marker_matches
@@ -263,13 +263,13 @@ def cmd_wait(config: TrainingConfig, args) -> int:
         raise ConfigError([str(e)]) from e
 
 
-def cmd_status(args) -> int:
+def cmd_status(args) -> Outcome:
     from trainer.status import status
 
     return status(args.release, args.namespace, context=args.context)
 
 
-def run_command(argv: list[str]) -> int:
+def run_command(argv: list[str]) -> Outcome:
     if argv[:1] == ["launch"]:  # everything after `launch` belongs to `ddpm train`, verbatim
         rest = argv[1:]
         return cmd_launch(rest[1:] if rest[:1] == ["--"] else rest)
@@ -288,7 +288,7 @@ def run_command(argv: list[str]) -> int:
     config, sources = _load(args, unknown, cli_sources)
     if args.command == "config":
         sys.stdout.write(config_yaml(config, sources))
-        return EXIT_OK
+        return Outcome.OK
     if args.command == "push":
         return cmd_push(config, args)
     if args.command == "wait-for-training":
@@ -296,23 +296,27 @@ def run_command(argv: list[str]) -> int:
     return cmd_train(config, config_file_of(args))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The one place where errors become exit codes and messages (with the HF token redacted)."""
+def outcome_of(argv: list[str]) -> Outcome:
+    """The one place where errors become outcomes and messages (with the HF token redacted)."""
     from trainer.distributed import ErrorOnMainProcess
     from trainer.hub import redact
 
     from trainer.signals import SIGNALS
 
     try:
-        return run_command(sys.argv[1:] if argv is None else list(argv))
+        return run_command(list(argv))
     except ErrorOnMainProcess as e:
-        SIGNALS.exiting(e.exit_code)
-        return e.exit_code  # rank 0 prints it
+        SIGNALS.exiting(e.outcome)
+        return e.outcome  # rank 0 prints it
     except DdpmError as e:
-        SIGNALS.exiting(e.exit_code)  # a signal while printing (torchrun stopping this rank) keeps this code
+        SIGNALS.exiting(e.outcome)  # a signal while printing (torchrun stopping this rank) keeps this outcome
         print(redact(f"{e.prefix}{e}"), file=sys.stderr, flush=True)
-        return e.exit_code
+        return e.outcome
     except Stopped as e:
         print(redact(str(e)), file=sys.stderr, flush=True)
-        return e.exit_code
+        return e.outcome
 
+
+def main(argv: list[str] | None = None) -> int:
+    """`ddpm` as a function: the exit code of `argv`'s outcome (trainer.errors.EXIT_CODES)."""
+    return exit_code(outcome_of(sys.argv[1:] if argv is None else argv))

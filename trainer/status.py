@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 
 from trainer import events as ev
 from trainer import kube
+from trainer.errors import Outcome
 
-STATUS_OK, STATUS_UNKNOWN, STATUS_FAILED = 0, 1, 2
+# The status's outcomes: shown; the workload or the API could not be read (a retry may help); the workload failed.
+STATUS_OK, STATUS_UNKNOWN, STATUS_FAILED = Outcome.OK, Outcome.FAILED, Outcome.REFUSED
 INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 REPLICA_TYPE_LABEL, REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-type", "training.kubeflow.org/replica-index"
 
@@ -62,7 +64,7 @@ class Progress:
 
 
 def status(release: str, namespace: str | None, *, environ: Mapping[str, str] | None = None, out=None,
-           context: str | None = None) -> int:
+           context: str | None = None) -> Outcome:
     def say(line: str = "") -> None:
         print(line, file=out or sys.stdout)  # the stdout of the call, not of the import
 
@@ -80,7 +82,7 @@ def status(release: str, namespace: str | None, *, environ: Mapping[str, str] | 
         cluster.close()
 
 
-def _report(cluster: kube.Cluster, release: str, namespace: str, say) -> int:
+def _report(cluster: kube.Cluster, release: str, namespace: str, say) -> Outcome:
     found = find_workload(cluster, release, namespace)
     if found is None:
         say(f"error: no training workload of release {release!r} in namespace {namespace!r} "

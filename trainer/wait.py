@@ -19,14 +19,17 @@ import time
 from collections.abc import Callable, Mapping
 
 from trainer import kube
+from trainer.errors import Outcome
 
-WAIT_OK, WAIT_TIMEOUT, WAIT_FAILED = 0, 1, 2
+# The wait's outcomes: the workload finished with this config's run; the deadline passed (a retry may help); the
+# workload failed (the Job controller has given up: waiting or retrying cannot help).
+WAIT_OK, WAIT_TIMEOUT, WAIT_FAILED = Outcome.OK, Outcome.FAILED, Outcome.REFUSED
 MAX_WATCH_SECONDS = 300  # one watch request at most this long; then the object is read again
 
 
 def wait_for_training(workload: str, namespace: str | None, marker_matches: Callable[[], tuple[bool, str]], *,
                       poll_seconds: float, timeout_seconds: float, environ: Mapping[str, str] | None = None,
-                      say: Callable[[str], None] = print, context: str | None = None) -> int:
+                      say: Callable[[str], None] = print, context: str | None = None) -> Outcome:
     """`workload` is "<Kind>/<name>" (raises ValueError otherwise). `marker_matches()` -> (matches, description),
     e.g. the completion marker's run and step against the config's. Returns WAIT_OK, WAIT_TIMEOUT or WAIT_FAILED."""
     ref = kube.WorkloadRef.parse(workload)
@@ -65,11 +68,11 @@ class _Waiter:
             self._last_said = line
             self.say(line)
 
-    def timed_out(self, why: str) -> int:
+    def timed_out(self, why: str) -> Outcome:
         self.say(f"timed out after {self.timeout_seconds:g}s waiting for {self.ref}: {why}")
         return WAIT_TIMEOUT
 
-    def poll_marker(self) -> int:
+    def poll_marker(self) -> Outcome:
         while True:
             matches, why = self.marker_matches()
             if matches:
@@ -80,7 +83,7 @@ class _Waiter:
             self.tell(f"waiting for the completion marker: {why}")
             time.sleep(min(self.poll_seconds, self.remaining()))  # the poll interval itself
 
-    def watch(self, cluster: kube.Cluster, namespace: str) -> int:
+    def watch(self, cluster: kube.Cluster, namespace: str) -> Outcome:
         """Raises Refused/Unreachable for the caller to fall back to the marker."""
         while True:
             try:
@@ -104,8 +107,8 @@ class _Waiter:
             except (kube.NotFound, kube.ApiFailure):  # deleted, or 410 Gone / a server error: read it again
                 time.sleep(min(self.poll_seconds, max(0.0, self.remaining())))
 
-    def decide(self, obj: dict | None) -> int | None:
-        """An exit code when the wait is over, else None (and a line when the state changed)."""
+    def decide(self, obj: dict | None) -> Outcome | None:
+        """The outcome when the wait is over, else None (and a line when the state changed)."""
         if obj is None:
             matches, why = self.marker_matches()
             if matches:  # finished and already cleaned up (ttlSecondsAfterFinished)
