@@ -9,7 +9,7 @@ import pytest
 
 from fake_kube import condition, kube_server, pod_env, put_training_run  # noqa: F401 (fixture)
 from trainer.errors import EXIT_FAILED, exit_code
-from trainer.events import RunEvents
+from trainer.events import MilestoneEvents
 from trainer.status import STATUS_FAILED, STATUS_OK, STATUS_UNKNOWN, status
 
 CKPT = "/data/runs/ddpm/checkpoints/checkpoint-{}"
@@ -24,7 +24,7 @@ def ddpm_status(fake, tmp_path, release: str = "ddpm", namespace: str | None = N
 
 def post(fake, tmp_path, run, rank_pod: int = 0, **calls) -> None:
     """Rank 0 posts in the cluster (service account), as the training loop does."""
-    events = RunEvents(pod_env(fake, fake.write_service_account(tmp_path / "sa"), run, rank=rank_pod),
+    events = MilestoneEvents(pod_env(fake, fake.write_service_account(tmp_path / "sa"), run, rank=rank_pod),
                        checkpoint_interval_s=0)
     for method, args in calls.items():
         for one in args:

@@ -240,13 +240,15 @@ class TrainingConfig(BaseSettings):
 FIELDS = tuple(TrainingConfig.model_fields)
 
 
-def fields_with_role(role: str) -> tuple[str, ...]:
-    return tuple(name for name, info in TrainingConfig.model_fields.items()
-                 if (info.json_schema_extra or {}).get("run") == role)
+def run_role(name: str) -> str | None:
+    return (TrainingConfig.model_fields[name].json_schema_extra or {}).get("run")
 
 
-RUN_IDENTITY_FIELDS = fields_with_role("identity")  # a different value means a different run
-RUN_LENGTH_FIELDS = fields_with_role("length")
+# A field without a role would be silently left out of the run's digest and of the output_dir check: refuse to load.
+if undeclared := [name for name in FIELDS if run_role(name) not in RUN_ROLES]:
+    raise TypeError(f"TrainingConfig fields without a run role ({', '.join(RUN_ROLES)}): {', '.join(undeclared)}")
+RUN_IDENTITY_FIELDS = tuple(name for name in FIELDS if run_role(name) == "identity")  # another value: another run
+RUN_LENGTH_FIELDS = tuple(name for name in FIELDS if run_role(name) == "length")
 
 
 # Kubernetes injects "service link" variables for every Service in the namespace: a Service named ddpm-tensorboard

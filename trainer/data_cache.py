@@ -28,6 +28,7 @@ import json
 import os
 import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +72,9 @@ class CachedImages(torch.utils.data.Dataset):
 def cache_path(config: TrainingConfig, source: ImageSource, cache_dir: Path) -> Path:
     """<slug>-<size>px-<digest>.npy in `cache_dir` (RunDir.data_cache): the shape trainer.outputs.CACHE_FILE
     recognises as ours."""
-    identity = {"version": CACHE_VERSION, "dataset": source.name, "fingerprint": source.fingerprint,
+    key = {"version": CACHE_VERSION, "dataset": source.name, "fingerprint": source.fingerprint,
                 "length": source.length, "image_size": config.image_size, "center_crop": config.center_crop}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9]+", "-", source.name).strip("-")[-40:]
     return cache_dir / f"{slug}-{config.image_size}px-{digest}.npy"
 
@@ -111,8 +112,14 @@ def _blocks_to_verify(count: int, nbytes: int) -> list[int]:
     return sorted({0, count - 1, *(round(i * (count - 1) / (SAMPLED_BLOCKS + 1)) for i in range(1, SAMPLED_BLOCKS + 1))})
 
 
-class Changed(str):
-    """_open's reason when the images changed (not the file): said so in the log line."""
+@dataclass(frozen=True)
+class CacheFile:
+    """What _open found: the mapped array and its sidecar, or why the file cannot be used (then it is rebuilt)."""
+
+    array: np.ndarray | None = None
+    meta: dict | None = None
+    unusable: str = ""  # why not; "" when it can be used
+    images_changed: bool = False  # unusable because the images changed since it was built (not the file)
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -135,7 +142,7 @@ def _build_workers(num_images: int) -> int:
     return 0 if num_images < 512 else min(8, available_cpus())  # starting workers costs more than a few images
 
 
-def _identity(item):
+def _as_is(item):
     return item
 
 
@@ -184,7 +191,7 @@ def _write(config: TrainingConfig, source: ImageSource, tmp: Path) -> dict:
     array = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(source.length, 3, size, size))
     rows, skipped = [], []
     loader = torch.utils.data.DataLoader(_Decode(source, build_transform(config)), batch_size=None,
-                                         num_workers=_build_workers(source.length), collate_fn=_identity,
+                                         num_workers=_build_workers(source.length), collate_fn=_as_is,
                                          worker_init_fn=worker_init)
     for i, image in loader:
         if isinstance(image, str):
@@ -201,8 +208,7 @@ def _write(config: TrainingConfig, source: ImageSource, tmp: Path) -> dict:
     return {"dataset": source.name, "rows": rows, "skipped": skipped, "checksum": checksum}
 
 
-def _open(config: TrainingConfig, source: ImageSource, path: Path,
-          content: str | None = None) -> tuple[np.ndarray, dict] | str:
+def _open(config: TrainingConfig, source: ImageSource, path: Path, content: str | None = None) -> CacheFile:
     """The mapped cache and its sidecar, or why the file on disk cannot be used (then it is rebuilt). With
     `content` (the sources' digest now) the cache is also checked against the images and its own checksum."""
     try:
@@ -213,26 +219,26 @@ def _open(config: TrainingConfig, source: ImageSource, path: Path,
         if checksum["block_bytes"] != CHECKSUM_BLOCK_BYTES:
             raise ValueError(f"checksum blocks of {checksum['block_bytes']} bytes, expected {CHECKSUM_BLOCK_BYTES}")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{type(e).__name__}: {e}"
+        return CacheFile(unusable=f"{type(e).__name__}: {e}")
     shape = (source.length, 3, config.image_size, config.image_size)
     if array.shape != shape or array.dtype != np.uint8:
-        return f"it holds {array.dtype} {array.shape}, expected uint8 {shape}"
+        return CacheFile(unusable=f"it holds {array.dtype} {array.shape}, expected uint8 {shape}")
     if not isinstance(rows, list) or not isinstance(skipped, list) or any(not 0 <= r < source.length for r in rows):
-        return "its sidecar lists rows outside the dataset"
+        return CacheFile(unusable="its sidecar lists rows outside the dataset")
     if content is not None:
         if meta.get("content", "") != content:
-            return Changed("same file names and times, other bytes: content digest "
-                           f"{meta.get('content') or 'none'} -> {content or 'none'}")
+            return CacheFile(unusable="same file names and times, other bytes: content digest "
+                             f"{meta.get('content') or 'none'} -> {content or 'none'}", images_changed=True)
         count = -(-array.size // CHECKSUM_BLOCK_BYTES)
         if len(stored) != count:
-            return f"its checksum lists {len(stored)} blocks, expected {count}"
+            return CacheFile(unusable=f"its checksum lists {len(stored)} blocks, expected {count}")
         verified = _blocks_to_verify(count, array.nbytes)
         bad = [i for i, digest in _block_digests(array, verified).items() if digest != stored[i]]
         if bad:
-            return (f"its content does not match its checksum: block {bad[0]} of {count}"
-                    + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
-                    + ("" if len(verified) == count else f" ({len(verified)} sampled)"))
-    return array, meta
+            return CacheFile(unusable=f"its content does not match its checksum: block {bad[0]} of {count}"
+                             + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                             + ("" if len(verified) == count else f" ({len(verified)} sampled)"))
+    return CacheFile(array, meta)
 
 
 def cached_dataset(config: TrainingConfig, source: ImageSource, cache_dir: Path) -> tuple[CachedImages, str]:
@@ -244,12 +250,12 @@ def cached_dataset(config: TrainingConfig, source: ImageSource, cache_dir: Path)
     remove_orphans(path.parent)
     # The node's first process checks the cache (module doc); the others open what it has just checked or built.
     content = content_digest(source) if int(os.environ.get("LOCAL_RANK", "0")) == 0 else None
-    opened = _open(config, source, path, content) if path.exists() else "missing"
+    opened = _open(config, source, path, content) if path.exists() else None
     note = "reused"
-    if isinstance(opened, str):
-        note = ("built now" if opened == "missing" else
-                f"rebuilt: the images changed since the cache was built ({opened})" if isinstance(opened, Changed) else
-                f"rebuilt: the cache file was damaged ({opened})")
+    if opened is None or opened.unusable:
+        note = ("built now" if opened is None else
+                f"rebuilt: the images changed since the cache was built ({opened.unusable})" if opened.images_changed
+                else f"rebuilt: the cache file was damaged ({opened.unusable})")
         for stale in (path, path.with_suffix(".json")):
             stale.unlink(missing_ok=True)
         try:
@@ -263,9 +269,10 @@ def cached_dataset(config: TrainingConfig, source: ImageSource, cache_dir: Path)
             raise DataError(f"dataset {source.name} has no readable images ({len(meta['skipped'])} unreadable: "
                             + "; ".join(meta["skipped"][:3]) + ")")
         opened = _open(config, source, path)
-        if isinstance(opened, str):
-            raise DataError(f"the data cache {path} just built cannot be read back ({opened}); check the volume")
-    array, meta = opened
+        if opened.unusable:
+            raise DataError(f"the data cache {path} just built cannot be read back ({opened.unusable}); check the "
+                            "volume")
+    array, meta = opened.array, opened.meta
     source.skipped, source.indices = meta["skipped"], meta["rows"]
     return CachedImages(array, meta["rows"]), note
 

@@ -129,7 +129,7 @@ def wait_calls(workload_kind: str) -> Calls:
 
 def role_rules(calls: Calls) -> list[dict]:
     """`calls` (trainer_calls, wait_calls) as the `rules` of an rbac.authorization.k8s.io/v1 Role: one rule per
-    resource, sorted. Each pod identity gets a Role of exactly its own calls."""
+    resource, sorted. Each pod's service account gets a Role of exactly its own calls."""
     return [{"apiGroups": [group], "resources": [resource], "verbs": sorted(verbs)}
             for (group, resource), verbs in sorted(calls.items())]
 
@@ -142,7 +142,7 @@ API_CALLS: Calls = _merge(*(trainer_calls(kind) for kind in WORKLOAD_KINDS),
                           *(wait_calls(kind) for kind in WORKLOAD_KINDS), STATUS_CALLS)
 
 
-# ---- identity ------------------------------------------------------------------------------------------------------
+# ---- which pod and workload ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WorkloadRef:
     """A workload named by kind and name, as in TRAINING_WORKLOAD=Job/ddpm-train."""
@@ -164,7 +164,7 @@ class WorkloadRef:
 
 
 @dataclass(frozen=True)
-class PodIdentity:
+class PodRef:
     """This pod, from the downward API (metadata.name, .namespace, .uid) and the chart's TRAINING_WORKLOAD."""
 
     name: str
@@ -173,7 +173,7 @@ class PodIdentity:
     workload: WorkloadRef | None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "PodIdentity | None":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "PodRef | None":
         env = os.environ if environ is None else environ
         name, namespace = env.get("POD_NAME"), env.get("POD_NAMESPACE")
         if not name or not namespace:
@@ -430,7 +430,7 @@ def controller_of(obj: dict) -> dict | None:
     return next((r for r in obj.get("metadata", {}).get("ownerReferences") or [] if r.get("controller")), None)
 
 
-def resolve_workload(cluster: Cluster, pod: PodIdentity) -> tuple[ObjectRef, ObjectRef | None]:
+def resolve_workload(cluster: Cluster, pod: PodRef) -> tuple[ObjectRef, ObjectRef | None]:
     """(this pod, the workload that owns it) from the pod's controller ownerReferences, going up through the kinds
     above (Pod -> Job -> JobSet -> TrainJob, Pod -> PyTorchJob). With TRAINING_WORKLOAD set, that is the workload
     and only the owners below it are read; a chain that does not reach it raises NotOwner. Without it, the top
@@ -471,10 +471,6 @@ class WorkloadStatus:
     state: str  # pending | running | succeeded | failed | suspended
     reason: str = ""
     message: str = ""
-
-    @property
-    def finished(self) -> bool:
-        return self.state in (SUCCEEDED, FAILED)
 
     def describe(self) -> str:
         detail = ": ".join(part for part in (self.reason, self.message) if part)

@@ -20,7 +20,7 @@ from trainer.data import to_model_range
 from trainer.diffusion import training_loss
 from trainer.distributed import any_process, communication_failure, decided_by_main, sum_over_processes
 from trainer.errors import DdpmError, Diverged, NonFiniteSamples, PeerLost, Stopped
-from trainer.events import RunEvents
+from trainer.events import MilestoneEvents
 from trainer.model import ema_weights
 from trainer.run_dir import disk_full
 from trainer.sampling import SamplingInterrupted, sample_for_eval, shard, to_grid
@@ -32,7 +32,7 @@ from trainer.tracking import StepStats
 
 def train(config, stream=None, config_file: Path | None = None) -> TrainState:
     # Rank 0 posts the run's milestones as Kubernetes Events (best effort, never blocking: trainer.events).
-    events = RunEvents() if int(os.environ.get("RANK", "0")) == 0 else RunEvents.off()
+    events = MilestoneEvents() if int(os.environ.get("RANK", "0")) == 0 else MilestoneEvents.off()
     run = None
     try:
         run = setup(config, stream, config_file, events)

@@ -118,7 +118,7 @@ def build_ema(config: TrainingConfig, unet: UNet2DModel) -> EMAModel | None:
 
 
 
-def model_identity(config: TrainingConfig) -> dict[str, Any]:
+def model_spec(config: TrainingConfig) -> dict[str, Any]:
     """What a checkpoint records of its model, so a resume can refuse another one (JSON-normalised kwargs)."""
     return {"preset": config.model_config_name_or_path or config.model_preset,
             "config": json.loads(json.dumps(unet_config(config)))}

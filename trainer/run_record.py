@@ -47,25 +47,25 @@ def run_digest(config: TrainingConfig) -> str:
     return hashlib.sha256(_json(wanted).encode()).hexdigest()[:16]
 
 
-def kubernetes_identity(environ: dict[str, str] | None = None) -> dict[str, str]:
+def kubernetes_workload(environ: dict[str, str] | None = None) -> dict[str, str]:
     environ = os.environ if environ is None else environ
     return {key: environ[var] for key, var in KUBERNETES_ENV.items() if environ.get(var)}
 
 
 @dataclass(frozen=True)
-class RunRecord:
+class RecordedStart:
     run_id: str
     started_at: str
     changes: dict  # field -> [old, new] since the previous start, empty when nothing changed or the run is new
 
 
 def record_start(config: TrainingConfig, run_dir: RunDir, step: int, environ: dict[str, str] | None = None,
-                 branch: dict | None = None) -> RunRecord:
+                 branch: dict | None = None) -> RecordedStart:
     """Rank 0, once every check has passed and before training: record the config in effect from `step` (and the
     rollback it continues, `branch`: trainer.checkpoint), write training_config.yaml and remove the completion
     marker. Returns the run's id (kept on resume)."""
     values, digest = config_values(config), run_digest(config)
-    kubernetes = kubernetes_identity(environ)
+    kubernetes = kubernetes_workload(environ)
     history = run_dir.read_history()
     last = history[-1] if history else None
     if last and last.get("run_digest") == digest:
@@ -85,17 +85,17 @@ def record_start(config: TrainingConfig, run_dir: RunDir, step: int, environ: di
         run_dir.append_history(entry)
     run_dir.write_config(config)
     run_dir.remove_marker()
-    return RunRecord(run_id, started_at, changes)
+    return RecordedStart(run_id, started_at, changes)
 
 
 # ---- the completion marker --------------------------------------------------------------------------------------
 
-def write_marker(config: TrainingConfig, run_dir: RunDir, record: RunRecord, global_step: int, epoch: int,
+def write_marker(config: TrainingConfig, run_dir: RunDir, record: RecordedStart, global_step: int, epoch: int,
                  environ: dict[str, str] | None = None) -> Path:
     """Written last, after the pipeline: its presence means the run finished and the pipeline is its result."""
     return run_dir.write_marker({"run_id": record.run_id, "run_started_at": record.started_at, "run_digest": run_digest(config),
               "global_step": global_step, "epoch": epoch, "finished_at": time.time(),
-              "kubernetes": kubernetes_identity(environ), "pipeline": run_dir.pipeline_hashes()})
+              "kubernetes": kubernetes_workload(environ), "pipeline": run_dir.pipeline_hashes()})
 
 
 def marker_matches(config: TrainingConfig, run_dir: RunDir, workload: str | None = None) -> tuple[bool, str]:

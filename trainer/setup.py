@@ -32,9 +32,9 @@ from trainer.data import build_dataloader
 from trainer.data_cache import cache_path, training_dataset
 from trainer.distributed import decided_by_main, local_world_size
 from trainer.errors import ConfigError, OutputDirError
-from trainer.events import RunEvents
-from trainer.lock import RunLock, holder_info
-from trainer.model import build_ema, build_noise_scheduler, build_unet, model_identity
+from trainer.events import MilestoneEvents
+from trainer.lock import OutputDirLock, holder_info
+from trainer.model import build_ema, build_noise_scheduler, build_unet, model_spec
 from trainer.perf import peak_flops, training_flops_per_image
 from trainer.run_dir import HISTORY_NAME, TRACKER_RUN_NAME, RunDir
 from trainer.signals import SIGNALS
@@ -50,8 +50,8 @@ class Run:
     run_dir: RunDir  # output_dir: every file the run reads or writes there
     accelerator: Accelerator
     tracker: Tracker
-    record: run_record.RunRecord
-    lock: RunLock | None
+    record: run_record.RecordedStart
+    lock: OutputDirLock | None
     unet: torch.nn.Module  # prepared (DDP-wrapped with several processes)
     forward: torch.nn.Module  # the same, compiled when torch_compile
     ema: object | None
@@ -70,7 +70,7 @@ class Run:
     last_checkpoint_step: int = -1
     last_grid: Path | None = None
     checkpoint_bytes: int = 0
-    events: RunEvents = field(default_factory=RunEvents.off)  # Kubernetes Events (rank 0; no-op elsewhere)
+    events: MilestoneEvents = field(default_factory=MilestoneEvents.off)  # Kubernetes Events (rank 0; no-op elsewhere)
     clock: TrainClock = field(default_factory=lambda: TrainClock(None))  # max_train_seconds (trainer/budget.py)
     stall: StallWatchdog = field(default_factory=StallWatchdog.off)  # stall_timeout_seconds (trainer/stall.py)
 
@@ -144,15 +144,16 @@ class UndoableWrites:
         self.out_existed, self.cache_existed = self.out.exists(), self.cache_dir.exists()
         self.cache_before = set(os.listdir(self.cache_dir)) if self.cache_dir.is_dir() else set()
         self.cache_files: Path | None = None  # the cache this run uses: its files are removed if this run made them
-        self.lock: RunLock | None = None
+        self.lock: OutputDirLock | None = None
 
-    def take_lock(self) -> RunLock:
+    def take_lock(self) -> OutputDirLock:
         """The first write: output_dir itself if missing, and the lock. Refused (exit 2) on a read-only volume or a
         folder this uid may not write, before anything is created."""
         outputs.check_writable(self.out)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.lock = RunLock(self.run_dir.lock_file).acquire(holder_info(run_record.kubernetes_identity()))
+            holder = holder_info(run_record.kubernetes_workload())
+            self.lock = OutputDirLock(self.run_dir.lock_file).acquire(holder)
         except OSError as e:
             if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise
@@ -186,8 +187,8 @@ def check_before_writing(config: TrainingConfig, run_dir: RunDir, config_file: P
     resume_state = None
     if resume.path is not None:
         resume_state = json.loads((resume.path / checkpoint.STATE_FILE).read_text())
-        identity = model_identity(config)
-        checkpoint.check_model(resume_state, identity["config"], resume.path, identity["preset"])
+        spec = model_spec(config)
+        checkpoint.check_model(resume_state, spec["config"], resume.path, spec["preset"])
     num_params = sum(p.numel() for p in build_unet_on_meta(config).parameters())
     existing = len(checkpoint.complete_checkpoints(run_dir)) - len(resume.damaged) - len(resume.abandoned)
     if resume.branch is not None and not Path(resume.branch["from"]).is_absolute():
@@ -241,7 +242,7 @@ def build_unet_on_meta(config: TrainingConfig):
 
 # ---- (3) the run begins, rank 0 ---------------------------------------------------------------------------------
 
-def start_run(config: TrainingConfig, run_dir: RunDir, checked: Preflight) -> run_record.RunRecord:
+def start_run(config: TrainingConfig, run_dir: RunDir, checked: Preflight) -> run_record.RecordedStart:
     """Rank 0, every check passed: clear an old run if asked, set aside damaged and abandoned checkpoints, remove
     leftovers of interrupted writes, and record the start (the config in effect; the completion marker removed)."""
     with SIGNALS.deferred():  # clearing and recording are not cut in half by a signal
@@ -313,7 +314,7 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
     clock = TrainClock(config.max_train_seconds)
     lr_scheduler = build_lr_scheduler(config, optimizer.optimizer, total_steps, clock)
     accelerator.register_for_checkpointing(lr_scheduler)
-    state = TrainState(model=model_identity(config))
+    state = TrainState(model=model_spec(config))
     resume = checked.resume
     if resume.path is not None:
         accelerator.load_state(str(resume.path))
@@ -337,7 +338,7 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
               resumed_step=state.global_step if resume.path else None, num_quality=0, reference=None,
               last_checkpoint_step=state.global_step if resume.path else -1,
               checkpoint_bytes=checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema), clock=clock,
-              events=events or RunEvents.off())
+              events=events or MilestoneEvents.off())
     announce(run, source, data_note, num_params, flops, resume)
     run.events.started(run.global_batch, world, state.global_step, total_steps,
                        str(resume.path) if resume.path else None)
