@@ -3,7 +3,9 @@ import yaml
 
 from conftest import clean_env, ddpm
 from trainer.cli import build_parser
-from trainer.config import ConfigError, TrainingConfig, load_config
+from trainer.config import TrainingConfig
+from trainer.config_loading import load_config
+from trainer.errors import ConfigError
 
 
 def load(argv, environ=None):

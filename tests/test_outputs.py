@@ -208,7 +208,7 @@ def recorded_run(out: Path, *args) -> TrainingConfig:
     """The record `ddpm train TINY --output_dir out *args` writes when it begins (its resolved config), as a run of
     ours that the same command continues."""
     from trainer.cli import build_parser
-    from trainer.config import load_config
+    from trainer.config_loading import load_config
     from trainer.setup import with_global_batch
 
     parser, sources = build_parser()

@@ -7,15 +7,10 @@ import math
 import sys
 from pathlib import Path
 
-from trainer.config import (
-    CONFIG_FILE_ENV,
-    TrainingConfig,
-    build_cli_parser,
-    config_yaml,
-    hub_repo_id_problems,
-    load_config,
-    sampler_steps_problems,
-)
+from trainer.config import TrainingConfig
+from trainer.config_loading import (CONFIG_FILE_ENV, build_cli_parser, hub_repo_id_problems, load_config,
+                                    sampler_steps_problems)
+from trainer.run_dir import config_yaml
 from trainer.errors import ConfigError, DdpmError, Outcome, Stopped, exit_code
 from trainer.run_dir import CONFIG_NAME, PIPELINE_INDEX, RunDir
 
@@ -225,7 +220,7 @@ def cmd_eval(args, unknown, cli_source) -> Outcome:
     import json
     import os
 
-    from trainer.quality import eval_config, evaluate_pipeline, format_report
+    from trainer.evaluate import eval_config, evaluate_pipeline, format_report
 
     problems = not_a_pipeline(args.model)
     problems += [f"--num-images must be at least 2, got {args.num_images}"] if args.num_images < 2 else []

@@ -12,6 +12,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 from diffusers.training_utils import EMAModel
 
 from trainer.config import TrainingConfig
+from trainer.errors import ConfigError
 from trainer.run_dir import RunDir
 
 # The diffusers tutorial's UNet, verbatim (sample_size is set from image_size).
@@ -116,6 +117,18 @@ def build_ema(config: TrainingConfig, unet: UNet2DModel) -> EMAModel | None:
         model_config=unet.config,
     )
 
+
+
+def downsampling_factor(config: TrainingConfig) -> int:
+    """How many times the UNet halves the image: image_size must be a multiple of this."""
+    where = f"model_config_name_or_path {config.model_config_name_or_path}"
+    try:
+        blocks = unet_config(config)["down_block_types"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError([f"{where}: cannot read a UNet2DModel config: {e}"]) from e
+    if config.model_config_name_or_path and (problem := unet_build_problem(config)):
+        raise ConfigError([f"{where}: diffusers cannot build a UNet2DModel from it ({problem})"])
+    return 2 ** (len(blocks) - 1)
 
 
 def model_spec(config: TrainingConfig) -> dict[str, Any]:

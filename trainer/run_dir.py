@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from trainer.config import RUN_IDENTITY_FIELDS, TrainingConfig, config_yaml
+from trainer.config import RUN_IDENTITY_FIELDS, TrainingConfig
 from trainer.errors import Diverged, OutputDirError, causes
 
 CONFIG_NAME = "training_config.yaml"
@@ -318,6 +318,20 @@ image = pipeline().images[0]
             path = self.root / name
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() \
                 else path.unlink(missing_ok=True)
+
+
+def config_yaml(config: TrainingConfig, sources: dict[str, str] | None = None) -> str:
+    """The effective config as YAML: training_config.yaml's content; with sources (`ddpm config`), each line ends
+    with '# <source>'."""
+    values = json.loads(config.model_dump_json())
+    if sources is None:
+        return yaml.safe_dump(values, sort_keys=False)
+    width = max(len(yaml.safe_dump({k: v}).strip()) for k, v in values.items())
+    lines = []
+    for key, value in values.items():
+        line = yaml.safe_dump({key: value}, default_flow_style=True, width=10_000).strip().strip("{}")
+        lines.append(f"{line:<{width}}  # {sources[key]}")
+    return "\n".join(lines) + "\n"
 
 
 def sha256_file(path: Path) -> str:

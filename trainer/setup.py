@@ -24,11 +24,12 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
-from trainer import checkpoint, outputs, quality, run_record
+from trainer import checkpoint, outputs, run_record
 from trainer.budget import TrainClock, budget_lr_scheduler
 from trainer.checkpoint import Resume, TrainState
-from trainer.config import TrainingConfig, config_yaml
-from trainer.data import build_dataloader
+from trainer.config import TrainingConfig
+from trainer.run_dir import config_yaml
+from trainer.data import build_dataloader, num_quality_images, real_images
 from trainer.data_cache import cache_path, training_dataset
 from trainer.distributed import decided_by_main, local_world_size
 from trainer.errors import ConfigError, OutputDirError
@@ -223,8 +224,8 @@ def with_global_batch(config: TrainingConfig, run_dir: RunDir, world: int) -> Tr
     """The config with the run's global batch fixed and gradient_accumulation_steps derived for `world` processes.
     Without global_batch_size, the run in output_dir keeps the one it started with (when it is the same run), else
     it is train_batch_size x gradient_accumulation_steps x processes."""
-    total = config.global_batch_size or run_dir.run_global_batch(config) \
-        or config.train_batch_size * config.gradient_accumulation_steps * world
+    total = (config.global_batch_size or run_dir.run_global_batch(config)
+             or config.train_batch_size * config.gradient_accumulation_steps * world)
     per_update = config.train_batch_size * world
     if total % per_update:
         micro = total // config.train_batch_size
@@ -345,9 +346,9 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
     if config.gradient_accumulation_steps != given_accumulation:
         tracker.message(f"gradient_accumulation_steps {given_accumulation} -> {config.gradient_accumulation_steps}: the "
                         f"run's global batch of {config.global_batch_size} over {world} processes")
-    run.num_quality = quality.num_quality_images(config, len(dataset))
+    run.num_quality = num_quality_images(config, len(dataset))
     if run.num_quality and accelerator.is_main_process:
-        run.reference = quality.real_images(config, run.num_quality, dataset=dataset, device=accelerator.device)
+        run.reference = real_images(config, run.num_quality, dataset=dataset, device=accelerator.device)
         tracker.message(f"sample quality: {run.num_quality} generated vs {run.num_quality} training images at each "
                         "evaluation")
     return run
