@@ -220,7 +220,8 @@ class HTTPFailure(Exception):
 
 
 def test_with_retries_backs_off_exponentially_and_only_on_transient_errors():
-    from trainer.hub import backoff_delays, with_retries
+    from trainer.hub import is_transient
+    from trainer.retry import backoff_delays, with_retries
 
     assert backoff_delays(6, 0.5, cap_s=4) == [0.5, 1, 2, 4, 4]
     errors = [HTTPFailure(503), ConnectionResetError(), HTTPFailure(429, {"Retry-After": "7"}), HTTPFailure(502)]
@@ -231,7 +232,8 @@ def test_with_retries_backs_off_exponentially_and_only_on_transient_errors():
             raise errors.pop(0)
         return "done"
 
-    assert with_retries(action, attempts=5, base_delay_s=1, log=logged.append, sleep=slept.append) == "done"
+    assert with_retries(action, attempts=5, base_delay_s=1, log=logged.append, retryable=is_transient,
+                        sleep=slept.append) == "done"
     assert slept == [1, 2, 7, 8]  # the backoff, except where the server's Retry-After asks for longer
     assert len(logged) == 4 and "retry 1/4 in 1s" in logged[0]
 
@@ -241,7 +243,7 @@ def test_with_retries_backs_off_exponentially_and_only_on_transient_errors():
 
         slept.clear()
         with pytest.raises(type(permanent)):
-            with_retries(fail, 5, 1, logged.append, slept.append)
+            with_retries(fail, 5, 1, logged.append, is_transient, slept.append)
         assert slept == []
 
 

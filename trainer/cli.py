@@ -294,7 +294,7 @@ def run_command(argv: list[str]) -> Outcome:
 def outcome_of(argv: list[str]) -> Outcome:
     """The one place where errors become outcomes and messages (with the HF token redacted)."""
     from trainer.distributed import ErrorOnMainProcess
-    from trainer.hub import redact
+    from trainer.hf_token import redact
 
     from trainer.signals import SIGNALS
 
