@@ -15,6 +15,7 @@ from trainer import kube
 from trainer.events import MilestoneEvents
 from trainer.status import STATUS_OK, status
 from trainer.wait import WAIT_OK, wait_for_training
+from trainer.workload_state import workload_status
 
 # ---- identity ------------------------------------------------------------------------------------------------------
 
@@ -147,7 +148,7 @@ def test_a_bare_pod_has_no_workload(kube_server, tmp_path):
     ("TrainJob", [], {"jobsStatus": [{"name": "node", "active": 0}]}, ("pending", "")),
 ])
 def test_workload_states_from_conditions(kind, conditions, status, expected):
-    state = kube.workload_status(kind, workload(kind, "w", conditions=conditions, status=status))
+    state = workload_status(kind, workload(kind, "w", conditions=conditions, status=status))
     assert (state.state, state.reason) == expected
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from trainer import events as ev
 from trainer import kube
 from trainer.errors import Outcome
+from trainer.workload_state import FAILED, WorkloadStatus, workload_status
 
 # The status's outcomes: shown; the workload or the API could not be read (a retry may help); the workload failed.
 STATUS_OK, STATUS_UNKNOWN, STATUS_FAILED = Outcome.OK, Outcome.FAILED, Outcome.REFUSED
@@ -89,7 +90,7 @@ def _report(cluster: kube.Cluster, release: str, namespace: str, say) -> Outcome
             f"(no {', '.join(k.kind for k in kube.CHART_WORKLOAD_KINDS)} labelled {release_selector(release)})")
         return STATUS_UNKNOWN
     kind, obj = found
-    state = kube.workload_status(kind.kind, obj)
+    state = workload_status(kind.kind, obj)
     name = obj["metadata"]["name"]
     selector = release_selector(release)
     pods = pod_rows(kind.kind, kube.list_objects(cluster, kube.POD, namespace, label_selector=selector),
@@ -98,7 +99,7 @@ def _report(cluster: kube.Cluster, release: str, namespace: str, say) -> Outcome
                                                field_selector=f"involvedObject.uid={obj['metadata']['uid']}"))
     for line in render(release, namespace, kind, name, state, pods, progress):
         say(line)
-    return STATUS_FAILED if state.state == kube.FAILED else STATUS_OK
+    return STATUS_FAILED if state.state == FAILED else STATUS_OK
 
 
 def find_workload(cluster: kube.Cluster, release: str, namespace: str) -> tuple[kube.Kind, dict] | None:
@@ -206,7 +207,7 @@ def _clock(seconds: int) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
-def render(release: str, namespace: str, kind: kube.Kind, name: str, state: kube.WorkloadStatus,
+def render(release: str, namespace: str, kind: kube.Kind, name: str, state: WorkloadStatus,
            pods: list[PodRow], progress: Progress) -> list[str]:
     lines = [f"release {release} in namespace {namespace}", f"workload    {kind.kind}/{name}: {state.describe()}"]
     lines += _pod_table(pods)

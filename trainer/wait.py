@@ -6,7 +6,7 @@ help: the Job controller has given up); pending, running or suspended -> keep wa
 Without access (no service account token, 401/403, API unreachable) it says so in one line and polls the completion
 marker every `poll_seconds` until the deadline, as the chart's shell loop did.
 
-The workload's states come from trainer.kube.workload_status (its docstring cites the condition types). A watch is
+The workload's states come from trainer.workload_state (its docstring names each kind's condition types). A watch is
 the API's way to wait without polling
 (https://kubernetes.io/docs/reference/using-api/api-concepts/#efficient-detection-of-changes): GET gives the object and its resourceVersion, a watch from there streams each change; a watch ends after its
 timeoutSeconds or with 410 Gone when that version is too old, and either way the object is read again.
@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 
 from trainer import kube
 from trainer.errors import Outcome
+from trainer.workload_state import FAILED, SUCCEEDED, workload_status
 
 # The wait's outcomes: the workload finished with this config's run; the deadline passed (a retry may help); the
 # workload failed (the Job controller has given up: waiting or retrying cannot help).
@@ -117,12 +118,12 @@ class _Waiter:
             self.last_seen = "not found"
             self.tell(f"{self.ref} not found yet; waiting for it")
             return None
-        status = kube.workload_status(self.ref.kind, obj)
+        status = workload_status(self.ref.kind, obj)
         self.last_seen = status.describe()
-        if status.state == kube.FAILED:
+        if status.state == FAILED:
             self.say(f"{self.ref} failed: {': '.join(p for p in (status.reason, status.message) if p) or 'no reason'}")
             return WAIT_FAILED
-        if status.state == kube.SUCCEEDED:
+        if status.state == SUCCEEDED:
             matches, why = self.marker_matches()
             if matches:
                 self.say(f"{self.ref} succeeded; completion marker matches: {why}")
