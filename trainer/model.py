@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from diffusers.training_utils import EMAModel
@@ -80,6 +82,13 @@ def unet_build_problem(config: TrainingConfig) -> str | None:
     return None
 
 
+def set_backend_flags(config: TrainingConfig) -> None:
+    """How the UNet's kernels run on a GPU: TF32 matmuls and convolutions, cuDNN's autotuner."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.allow_tf32
+        torch.backends.cudnn.benchmark = config.cudnn_benchmark
+
+
 def build_unet(config: TrainingConfig) -> UNet2DModel:
     unet = UNet2DModel(**unet_config(config))
     if not config.sdpa_attention:  # diffusers' default processor is SDPA (flash/memory-efficient kernels)
@@ -131,10 +140,24 @@ def downsampling_factor(config: TrainingConfig) -> int:
     return 2 ** (len(blocks) - 1)
 
 
-def model_spec(config: TrainingConfig) -> dict[str, Any]:
-    """What a checkpoint records of its model, so a resume can refuse another one (JSON-normalised kwargs)."""
-    return {"preset": config.model_config_name_or_path or config.model_preset,
-            "config": json.loads(json.dumps(unet_config(config)))}
+@dataclass(frozen=True)
+class ModelSpec:
+    """The run's UNet as a checkpoint records it (a resume refuses another), and its size."""
+
+    preset: str
+    config: dict  # the UNet2DModel kwargs, JSON-normalised
+    parameters: int
+
+    def recorded(self) -> dict:
+        return {"preset": self.preset, "config": self.config}
+
+
+def model_spec(config: TrainingConfig) -> ModelSpec:
+    kwargs = unet_config(config)
+    with torch.device("meta"):  # counted without memory or compute
+        parameters = UNet2DModel(**kwargs).num_parameters()
+    return ModelSpec(config.model_config_name_or_path or config.model_preset, json.loads(json.dumps(kwargs)),
+                     parameters)
 
 
 @contextmanager

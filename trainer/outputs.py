@@ -17,6 +17,7 @@ from pathlib import Path
 
 from trainer.config import RUN_IDENTITY_FIELDS, TrainingConfig
 from trainer.errors import OutputDirError
+from trainer.lock import OutputDirLock
 from trainer.run_dir import (CHECKPOINTS_NAME, CONFIG_NAME, DATA_CACHE_NAME, GRID_NAME, HISTORY_NAME, LOCK_NAME,
                              LOGS_NAME, MODEL_CARD_NAME, PIPELINE_ENTRIES, SAMPLES_NAME, TEMPORARIES,
                              TRACKER_RUN_NAME, COMPLETE_MARKER, RunDir, nearest_existing)
@@ -262,3 +263,14 @@ def check_space(out: Path, keep: int | None, checkpoint_bytes: int, weights_byte
             "checkpoints_total_limit")
 
 
+def take_lock(run_dir: RunDir, holder: dict[str, str]) -> OutputDirLock:
+    """The first write: output_dir itself if missing, and the lock. Refused (exit 2) on a read-only volume or a folder
+    this uid may not write, before anything is created."""
+    check_writable(run_dir.root)
+    try:
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        return OutputDirLock(run_dir.lock_file).acquire(holder)
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise not_writable(run_dir.root, Path(e.filename or run_dir.root), e) from e

@@ -11,7 +11,6 @@ so the corrected command simply works.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -35,7 +34,7 @@ from trainer.distributed import decided_by_main, local_world_size
 from trainer.errors import ConfigError, OutputDirError
 from trainer.events import MilestoneEvents
 from trainer.lock import OutputDirLock, holder_info
-from trainer.model import build_ema, build_noise_scheduler, build_unet, model_spec
+from trainer.model import ModelSpec, build_ema, build_noise_scheduler, build_unet, model_spec, set_backend_flags
 from trainer.perf import peak_flops, training_flops_per_image
 from trainer.run_dir import HISTORY_NAME, TRACKER_RUN_NAME, RunDir
 from trainer.signals import SIGNALS
@@ -117,12 +116,6 @@ def build_accelerator(config: TrainingConfig, run_dir: RunDir) -> Accelerator:
     )
 
 
-def set_backend_flags(config: TrainingConfig) -> None:
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.allow_tf32
-        torch.backends.cudnn.benchmark = config.cudnn_benchmark
-
-
 # ---- (1) checks, rank 0 ------------------------------------------------------------------------------------------
 
 @dataclass
@@ -132,6 +125,7 @@ class Preflight:
     plan: outputs.OutputPlan
     resume: Resume
     resume_state: dict | None
+    checkpoint_bytes: int  # the size of one checkpoint of this model, estimated
 
 
 class UndoableWrites:
@@ -147,20 +141,6 @@ class UndoableWrites:
         self.cache_files: Path | None = None  # the cache this run uses: its files are removed if this run made them
         self.lock: OutputDirLock | None = None
 
-    def take_lock(self) -> OutputDirLock:
-        """The first write: output_dir itself if missing, and the lock. Refused (exit 2) on a read-only volume or a
-        folder this uid may not write, before anything is created."""
-        outputs.check_writable(self.out)
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            holder = holder_info(run_record.kubernetes_workload())
-            self.lock = OutputDirLock(self.run_dir.lock_file).acquire(holder)
-        except OSError as e:
-            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise
-            raise outputs.not_writable(self.out, Path(e.filename or self.out), e) from e
-        return self.lock
-
     def undo(self) -> None:
         if self.lock is not None:
             self.lock.release(remove=self.lock.created_file)
@@ -175,9 +155,11 @@ class UndoableWrites:
 
 
 def check_before_writing(config: TrainingConfig, run_dir: RunDir, config_file: Path | None,
-                         writes: UndoableWrites) -> Preflight:
+                         writes: UndoableWrites, spec: ModelSpec) -> tuple[TrainingConfig, Preflight]:
+    """Rank 0's read-only checks (and the lock) for `config` as resolved (its global batch): the config, and what
+    the checks decided. `spec` is the run's model (trainer.model.model_spec)."""
     plan = outputs.plan_output_dir(config, run_dir, config_file)
-    writes.take_lock()
+    writes.lock = outputs.take_lock(run_dir, holder_info(run_record.kubernetes_workload()))
     resume = Resume(None)
     if plan.action != "clear":  # a cleared run's checkpoints are the old run's, never resumed
         resume = checkpoint.resolve_resume(config.resume_from_checkpoint, run_dir)
@@ -188,20 +170,19 @@ def check_before_writing(config: TrainingConfig, run_dir: RunDir, config_file: P
     resume_state = None
     if resume.path is not None:
         resume_state = json.loads((resume.path / checkpoint.STATE_FILE).read_text())
-        spec = model_spec(config)
-        checkpoint.check_model(resume_state, spec["config"], resume.path, spec["preset"])
-    num_params = sum(p.numel() for p in build_unet_on_meta(config).parameters())
+        checkpoint.check_model(resume_state, spec.config, resume.path, spec.preset)
+    num_params = spec.parameters
+    checkpoint_bytes = checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema)
     existing = len(checkpoint.complete_checkpoints(run_dir)) - len(resume.damaged) - len(resume.abandoned)
     if resume.branch is not None and not Path(resume.branch["from"]).is_absolute():
         existing -= 1  # the checkpoint gone back to stays besides the newest checkpoints_total_limit
-    outputs.check_space(run_dir.root, config.checkpoints_total_limit,
-                        checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema), num_params * 4,
+    outputs.check_space(run_dir.root, config.checkpoints_total_limit, checkpoint_bytes, num_params * 4,
                         0 if plan.action == "clear" else existing)
     if config.push_to_hub:
         from trainer.hub import check_can_push
 
         check_can_push()
-    return Preflight(plan, resume, resume_state)
+    return config, Preflight(plan, resume, resume_state, checkpoint_bytes)
 
 
 def check_not_shorter(config: TrainingConfig, checked: Preflight, steps_per_epoch: int) -> None:
@@ -236,16 +217,14 @@ def with_global_batch(config: TrainingConfig, run_dir: RunDir, world: int) -> Tr
     return config.model_copy(update={"global_batch_size": total, "gradient_accumulation_steps": total // per_update})
 
 
-def build_unet_on_meta(config: TrainingConfig):
-    with torch.device("meta"):
-        return build_unet(config)
-
-
 # ---- (3) the run begins, rank 0 ---------------------------------------------------------------------------------
 
-def start_run(config: TrainingConfig, run_dir: RunDir, checked: Preflight) -> run_record.RecordedStart:
-    """Rank 0, every check passed: clear an old run if asked, set aside damaged and abandoned checkpoints, remove
-    leftovers of interrupted writes, and record the start (the config in effect; the completion marker removed)."""
+def start_run(config: TrainingConfig, run_dir: RunDir, checked: Preflight,
+              steps_per_epoch: int) -> run_record.RecordedStart:
+    """Rank 0, once the run is known not to end before the step it resumes at (the last check): clear an old run if
+    asked, set aside damaged and abandoned checkpoints, remove leftovers of interrupted writes, and record the
+    start (the config in effect; the completion marker removed)."""
+    check_not_shorter(config, checked, steps_per_epoch)
     with SIGNALS.deferred():  # clearing and recording are not cut in half by a signal
         if checked.plan.action == "clear":
             outputs.clear_output_dir(run_dir)
@@ -269,11 +248,13 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
     accelerator = build_accelerator(config, run_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
     given_accumulation = config.gradient_accumulation_steps
-    config = decided_by_main(accelerator, lambda: with_global_batch(config, run_dir, world))
-    accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
-    writes = UndoableWrites(run_dir) if accelerator.is_main_process else None
+    writes = UndoableWrites(run_dir) if accelerator.is_main_process else None  # before any write
+    spec = model_spec(config)
     try:
-        checked = decided_by_main(accelerator, lambda: check_before_writing(config, run_dir, config_file, writes))
+        config, checked = decided_by_main(
+            accelerator, lambda: check_before_writing(with_global_batch(config, run_dir, world), run_dir, config_file,
+                                                      writes, spec))
+        accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
         source, dataset, data_note = training_dataset(config, run_dir.data_cache, accelerator.local_main_process_first)
         if writes is not None and config.data_cache:
             writes.cache_files = cache_path(config, source, run_dir.data_cache)
@@ -282,8 +263,8 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
                                f"({config.global_batch_size} = {config.train_batch_size} per process x "
                                f"{config.gradient_accumulation_steps} accumulation x {world} processes); lower "
                                "train_batch_size or global_batch_size"])
-        check_not_shorter(config, checked, len(dataset) // config.global_batch_size)
-        record = decided_by_main(accelerator, lambda: start_run(config, run_dir, checked))
+        steps_per_epoch = len(dataset) // config.global_batch_size  # whole global batches only
+        record = decided_by_main(accelerator, lambda: start_run(config, run_dir, checked, steps_per_epoch))
     except BaseException:
         if writes is not None:
             writes.undo()
@@ -292,7 +273,7 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
     # --- (4) model, optimizer, schedule, resume ------------------------------------------------------------------
     set_seed(config.seed)  # weight init only: noise, flips and data order have their own seeded streams
     set_backend_flags(config)
-    unet = build_unet(config)
+    unet, noise_scheduler = build_unet(config), build_noise_scheduler(config)
     num_params = unet.num_parameters()
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     unet.to(memory_format=memory_format)
@@ -310,12 +291,11 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    steps_per_epoch = len(dataset) // config.global_batch_size  # whole global batches only
     total_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
     clock = TrainClock(config.max_train_seconds)
     lr_scheduler = build_lr_scheduler(config, optimizer.optimizer, total_steps, clock)
     accelerator.register_for_checkpointing(lr_scheduler)
-    state = TrainState(model=model_spec(config))
+    state = TrainState(model=spec.recorded())
     resume = checked.resume
     if resume.path is not None:
         accelerator.load_state(str(resume.path))
@@ -327,18 +307,20 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
     clock.before = clock.agreed = state.training_seconds  # a resumed run's clock goes on from its checkpoint
 
     # --- trackers and what the log says first ----------------------------------------------------------------------
-    accelerator.init_trackers(TRACKER_RUN_NAME, config=hparams(config))
-    flops, peak = training_flops_per_image(config), peak_flops(config, accelerator.device)
+    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)  # TensorBoard takes scalars and strings
+               for k, v in run_record.config_values(config).items()}
+    accelerator.init_trackers(TRACKER_RUN_NAME, config=hparams)
+    peak, flops = peak_flops(config, accelerator.device), training_flops_per_image(config)
     tracker = Tracker(accelerator, total_steps, state.global_step, stream, clock=clock,
                       flops_per_image=flops, peak_flops=peak * world if peak else None)  # MFU of all devices
     run = Run(config=config, run_dir=run_dir, accelerator=accelerator, tracker=tracker, record=record,
               lock=writes.lock if writes else None, unet=unet, forward=forward, ema=ema, optimizer=optimizer,
-              lr_scheduler=lr_scheduler, noise_scheduler=build_noise_scheduler(config), dataloader=dataloader,
+              lr_scheduler=lr_scheduler, noise_scheduler=noise_scheduler, dataloader=dataloader,
               state=state, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
               num_epochs=math.ceil(total_steps / steps_per_epoch), memory_format=memory_format,
               resumed_step=state.global_step if resume.path else None, num_quality=0, reference=None,
               last_checkpoint_step=state.global_step if resume.path else -1,
-              checkpoint_bytes=checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema), clock=clock,
+              checkpoint_bytes=checked.checkpoint_bytes, clock=clock,
               events=events or MilestoneEvents.off())
     announce(run, source, data_note, num_params, flops, resume)
     run.events.started(run.global_batch, world, state.global_step, total_steps,
@@ -361,12 +343,6 @@ def build_lr_scheduler(config: TrainingConfig, optimizer, total_steps: int, cloc
         return budget_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, total_steps, clock)
     return get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                          num_training_steps=total_steps)
-
-
-def hparams(config: TrainingConfig) -> dict:
-    """The config as TensorBoard hparams (scalars and strings only)."""
-    values = run_record.config_values(config)
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
 
 
 def announce(run: Run, source, data_note: str, num_params: int, flops: float, resume: Resume) -> None:
