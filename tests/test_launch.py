@@ -14,7 +14,7 @@ from conftest import REPO, TINY, clean_env
 from helpers import free_port
 from trainer import cli, launch
 from trainer.errors import (EXIT_CONFIG, EXIT_DIVERGED, EXIT_FAILED, EXIT_PREEMPTED, EXIT_STALLED, LaunchError,
-                            exit_code)
+                            Outcome, exit_code)
 
 ENV = {"PET_NPROC_PER_NODE": "1"}
 
@@ -26,8 +26,9 @@ def argv(environ, args=()):
 @pytest.mark.parametrize("given", [["--max_train_steps", "6"], ["--", "--max_train_steps", "6"]])
 def test_arguments_reach_ddpm_train_unchanged(monkeypatch, given):
     seen = {}
-    monkeypatch.setattr(launch, "launch", lambda train_args, grace: seen.setdefault("args", train_args) and 0)
-    assert cli.run_command(["launch", *given]) == 0
+    monkeypatch.setattr(launch, "launch",
+                        lambda train_args, grace: seen.setdefault("args", train_args) and Outcome.OK)
+    assert cli.run_command(["launch", *given]) == Outcome.OK
     assert seen["args"] == ["--max_train_steps", "6"]
 
 
