@@ -8,6 +8,7 @@ import torch
 
 from trainer.config import TrainingConfig
 from trainer.data import build_dataloader
+from trainer.run_dir import RunDir
 from trainer.setup import build_accelerator
 
 
@@ -21,7 +22,7 @@ class Indices(torch.utils.data.Dataset):
 
 out, batch = Path(sys.argv[1]), int(sys.argv[2])
 config = TrainingConfig(train_batch_size=batch, dataloader_num_workers=0, seed=3, output_dir=out)
-accelerator = build_accelerator(config)
+accelerator = build_accelerator(config, RunDir.of(config))
 loader = accelerator.prepare(build_dataloader(config, Indices(), 1))
 epochs = []
 for epoch in range(2):

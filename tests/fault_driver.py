@@ -169,7 +169,6 @@ def inject_signal(phase: str, signame: str, count: int) -> None:
     import trainer.data as data
     import trainer.data_cache as data_cache
     import trainer.loop as loop
-    import trainer.outputs as outputs
 
     if phase == "scan":
         real_load = data.ImageSource.__init__
@@ -202,13 +201,15 @@ def inject_signal(phase: str, signame: str, count: int) -> None:
 
         data_cache._write = write
     elif phase == "final_save":
-        real_save = outputs.save_pipeline
+        from trainer.run_dir import RunDir
+
+        real_save = RunDir.save_pipeline
 
         def save_pipeline(*args, **kwargs):
             send(signame, count)
             return real_save(*args, **kwargs)
 
-        loop.outputs.save_pipeline = save_pipeline
+        RunDir.save_pipeline = save_pipeline
     elif phase == "eval":  # the third sampler step of the first evaluation; counts the steps sampled after it
         import atexit
 

@@ -12,6 +12,11 @@ from trainer import checkpoint
 from trainer.checkpoint import TrainState
 from trainer.config import TrainingConfig
 from trainer.errors import EXIT_CONFIG, CheckpointError, OutputDirError
+from trainer.run_dir import RunDir, all_finite, disk_full
+
+
+def resume_of(config: TrainingConfig) -> checkpoint.Resume:
+    return checkpoint.resolve_resume(config.resume_from_checkpoint, RunDir.of(config))
 
 
 class Averaged:
@@ -41,7 +46,7 @@ def save(accelerator, out, step, weight=1.0, limit=None):
     accelerator._models, accelerator._optimizers, accelerator._custom_objects = [], [], []
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(Averaged(model.weight.detach()))
-    return checkpoint.save_checkpoint(accelerator, TrainState(global_step=step, model={"preset": "small"}), out, limit)
+    return checkpoint.save_checkpoint(accelerator, TrainState(global_step=step, model={"preset": "small"}), RunDir(out), limit)
 
 
 @pytest.fixture
@@ -86,11 +91,11 @@ def test_damage_is_named_and_the_newest_intact_checkpoint_is_used(three, kind):
     newest = three / "checkpoints" / "checkpoint-6"
     harm(newest)
     assert named in checkpoint.damage(newest)
-    resume = checkpoint.resolve_resume(TrainingConfig(output_dir=three))
+    resume = resume_of(TrainingConfig(output_dir=three))
     assert resume.path == three / "checkpoints" / "checkpoint-4"
     assert [(p.name, named in why) for p, why in resume.damaged] == [("checkpoint-6", True)]
     checkpoint.set_aside(resume.damaged)
-    assert [p.name for p in checkpoint.complete_checkpoints(three)] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in checkpoint.complete_checkpoints(RunDir(three))] == ["checkpoint-2", "checkpoint-4"]
     assert (three / "checkpoints" / "damaged-checkpoint-6").is_dir(), "kept for a post-mortem"
 
 
@@ -99,7 +104,7 @@ def test_nonfinite_weights_are_never_loaded_silently(accelerator, tmp_path):
     save(accelerator, tmp_path, 4, weight=float("nan"))  # a valid manifest over NaN weights
     problem = checkpoint.damage(tmp_path / "checkpoints" / "checkpoint-4")
     assert "NaN/inf values" in problem
-    assert checkpoint.resolve_resume(TrainingConfig(output_dir=tmp_path)).path.name == "checkpoint-2"
+    assert resume_of(TrainingConfig(output_dir=tmp_path)).path.name == "checkpoint-2"
 
 
 @pytest.mark.parametrize("mode", ["auto", "latest"])
@@ -107,7 +112,7 @@ def test_no_intact_checkpoint_is_exit_2_listing_each(three, mode):
     for step, kind in ((2, "missing"), (4, "truncated"), (6, "overwritten")):
         DAMAGE[kind][0](three / "checkpoints" / f"checkpoint-{step}")
     with pytest.raises(CheckpointError) as caught:
-        checkpoint.resolve_resume(TrainingConfig(output_dir=three, resume_from_checkpoint=mode))
+        resume_of(TrainingConfig(output_dir=three, resume_from_checkpoint=mode))
     text = str(caught.value)
     assert caught.value.exit_code == EXIT_CONFIG
     assert "checkpoint-6: optimizer.bin does not match" in text and "checkpoint-4: model.safetensors is" in text
@@ -115,29 +120,29 @@ def test_no_intact_checkpoint_is_exit_2_listing_each(three, mode):
 
 
 def test_auto_starts_fresh_only_when_there_are_none(tmp_path, three):
-    assert checkpoint.resolve_resume(TrainingConfig(output_dir=tmp_path / "new")).path is None
+    assert resume_of(TrainingConfig(output_dir=tmp_path / "new")).path is None
     with pytest.raises(CheckpointError, match="latest: no checkpoint"):
-        checkpoint.resolve_resume(TrainingConfig(output_dir=tmp_path / "new", resume_from_checkpoint="latest"))
-    assert checkpoint.resolve_resume(TrainingConfig(output_dir=three, resume_from_checkpoint="none")).path is None
+        resume_of(TrainingConfig(output_dir=tmp_path / "new", resume_from_checkpoint="latest"))
+    assert resume_of(TrainingConfig(output_dir=three, resume_from_checkpoint="none")).path is None
     damaged = three / "checkpoints" / "checkpoint-4"
     DAMAGE["missing"][0](damaged)
     with pytest.raises(CheckpointError, match="checkpoint-4 cannot be used: random_states_0.pkl is missing"):
-        checkpoint.resolve_resume(TrainingConfig(output_dir=three, resume_from_checkpoint=str(damaged)))
+        resume_of(TrainingConfig(output_dir=three, resume_from_checkpoint=str(damaged)))
 
 
 def test_incomplete_saves_are_never_resumed_and_are_removed(three):
     tmp = three / "checkpoints" / ".tmp-checkpoint-9"
     tmp.mkdir()
     (tmp / "model.safetensors").write_bytes(b"partial")
-    assert checkpoint.resolve_resume(TrainingConfig(output_dir=three)).path.name == "checkpoint-6"
-    checkpoint.remove_incomplete(three)
+    assert resume_of(TrainingConfig(output_dir=three)).path.name == "checkpoint-6"
+    checkpoint.remove_incomplete(RunDir(three))
     assert not tmp.exists()
 
 
 def test_rotation_keeps_the_newest(accelerator, tmp_path):
     for step in (1, 2, 3, 4):
         save(accelerator, tmp_path, step, limit=2)
-    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
+    assert [p.name for p in checkpoint.complete_checkpoints(RunDir(tmp_path))] == ["checkpoint-3", "checkpoint-4"]
 
 
 def test_disk_full_says_so_and_keeps_the_previous_checkpoint(accelerator, tmp_path, monkeypatch):
@@ -151,10 +156,10 @@ def test_disk_full_says_so_and_keeps_the_previous_checkpoint(accelerator, tmp_pa
     monkeypatch.setattr(accelerator, "save_state", full)
     with pytest.raises(OutputDirError, match="no space left on device while writing checkpoint checkpoint-2 to .* "
                                              "MiB free, it needs about"):
-        checkpoint.save_checkpoint(accelerator, TrainState(global_step=2), tmp_path, None, size_estimate=2**20)
+        checkpoint.save_checkpoint(accelerator, TrainState(global_step=2), RunDir(tmp_path), None, size_estimate=2**20)
     monkeypatch.setattr(accelerator, "save_state", real)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-1"], "no half-written folder left"
-    assert checkpoint.resolve_resume(TrainingConfig(output_dir=tmp_path)).path.name == "checkpoint-1"
+    assert resume_of(TrainingConfig(output_dir=tmp_path)).path.name == "checkpoint-1"
 
 
 def test_disk_full_in_the_safetensors_writer_says_so_and_leaves_no_temporary_folder(accelerator, tmp_path,
@@ -174,7 +179,7 @@ def test_disk_full_in_the_safetensors_writer_says_so_and_leaves_no_temporary_fol
     monkeypatch.setattr(accelerate.utils.other, "safe_save_file", full)
     with pytest.raises(OutputDirError, match="no space left on device while writing checkpoint checkpoint-6 to .* "
                                              "MiB free, it needs about 1 MiB") as caught:
-        checkpoint.save_checkpoint(accelerator, TrainState(global_step=6), tmp_path, None, size_estimate=2**20)
+        checkpoint.save_checkpoint(accelerator, TrainState(global_step=6), RunDir(tmp_path), None, size_estimate=2**20)
     assert caught.value.exit_code == EXIT_CONFIG
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-1"], "no .tmp-checkpoint-6 left"
 
@@ -186,7 +191,6 @@ def test_disk_full_in_the_safetensors_writer_says_so_and_leaves_no_temporary_fol
 def test_every_kind_of_full_is_recognised_through_the_exception_chain(tmp_path, message):
     from safetensors import SafetensorError
 
-    from trainer import outputs
 
     try:
         try:
@@ -194,9 +198,9 @@ def test_every_kind_of_full_is_recognised_through_the_exception_chain(tmp_path, 
         except SafetensorError as e:
             raise RuntimeError("saving failed") from e  # wrapped by a caller: found through __cause__
     except RuntimeError as e:
-        full = outputs.disk_full(e, "checkpoint checkpoint-6", tmp_path, 2**20)
+        full = disk_full(e, "checkpoint checkpoint-6", tmp_path, 2**20)
     assert full is not None and "no space left on device while writing checkpoint checkpoint-6" in str(full)
-    assert outputs.disk_full(RuntimeError("unrelated"), "x", tmp_path, 1) is None
+    assert disk_full(RuntimeError("unrelated"), "x", tmp_path, 1) is None
 
 
 def branch_from(out, step):
@@ -204,9 +208,9 @@ def branch_from(out, step):
     from trainer import run_record
 
     config = TrainingConfig(output_dir=out, resume_from_checkpoint=str(out / "checkpoints" / f"checkpoint-{step}"))
-    resume = checkpoint.resolve_resume(config)
+    resume = resume_of(config)
     moved = checkpoint.set_aside_abandoned(resume.abandoned)
-    run_record.begin(config, step, environ={}, branch=resume.branch)
+    run_record.record_start(config, RunDir.of(config), step, environ={}, branch=resume.branch)
     return resume, moved
 
 
@@ -227,7 +231,7 @@ def test_rolling_back_sets_the_newer_checkpoints_aside_and_a_retry_continues_the
     assert names(tmp_path) == ["abandoned-checkpoint-8", "checkpoint-4", "checkpoint-6"]
     again, moved = branch_from(tmp_path, 4)  # the same command again, as a Job's retry runs it
     assert again.path.name == "checkpoint-6" and again.abandoned == [] and moved == [], "the branch continues"
-    assert checkpoint.resolve_resume(TrainingConfig(output_dir=tmp_path)).path.name == "checkpoint-6"
+    assert resume_of(TrainingConfig(output_dir=tmp_path)).path.name == "checkpoint-6"
 
 
 def test_a_different_command_in_between_makes_the_same_path_a_new_rollback(accelerator, tmp_path):
@@ -237,7 +241,7 @@ def test_a_different_command_in_between_makes_the_same_path_a_new_rollback(accel
         save(accelerator, tmp_path, step)
     branch_from(tmp_path, 2)
     save(accelerator, tmp_path, 3)
-    run_record.begin(TrainingConfig(output_dir=tmp_path), 3, environ={})  # then `auto`: the branch is the run
+    run_record.record_start(TrainingConfig(output_dir=tmp_path), RunDir(tmp_path), 3, environ={})  # then `auto`: the branch is the run
     save(accelerator, tmp_path, 5, limit=1)
     assert names(tmp_path) == ["abandoned-checkpoint-4", "checkpoint-5"], "no longer kept for a retry"
     save(accelerator, tmp_path, 2)  # a checkpoint-2 again (copied back by the user, say), and back to it
@@ -251,7 +255,7 @@ def test_resuming_another_runs_checkpoint_sets_this_runs_later_ones_aside(accele
     for step in (2, 4, 6):
         save(accelerator, out, step)
     config = TrainingConfig(output_dir=out, resume_from_checkpoint=str(other / "checkpoints" / "checkpoint-4"))
-    resume = checkpoint.resolve_resume(config)
+    resume = resume_of(config)
     assert resume.path == other / "checkpoints" / "checkpoint-4"
     assert [p.name for p in resume.abandoned] == ["checkpoint-4", "checkpoint-6"], "not this branch's"
 
@@ -302,7 +306,7 @@ def test_rolling_back_by_path_keeps_the_new_branch_and_the_command_is_retryable(
     retry = ddpm("train", *back)  # the same command, as a retry runs it
     assert f"resumed from {ckpts / 'checkpoint-7'} at step 7" in retry.stdout, retry.stdout
     assert json.loads((out / "training_complete.json").read_text())["global_step"] == 7
-    assert checkpoint.resolve_resume(TrainingConfig(output_dir=out)).path == ckpts / "checkpoint-7", \
+    assert resume_of(TrainingConfig(output_dir=out)).path == ckpts / "checkpoint-7", \
         "auto continues the branch the user chose"
 
 
@@ -348,7 +352,7 @@ def test_training_skips_a_damaged_checkpoint_and_refuses_when_none_is_intact(tmp
         in proc.stderr
     assert not other.exists()
 
-    for ckpt in checkpoint.complete_checkpoints(out):
+    for ckpt in checkpoint.complete_checkpoints(RunDir(out)):
         (ckpt / "optimizer.bin").write_bytes(b"x")
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     proc = ddpm("train", *args, "--max_train_steps", "8", check=False)
@@ -361,30 +365,30 @@ def test_a_pipeline_with_nonfinite_weights_is_never_saved_or_pushed(tmp_path):
     from diffusers import DDPMScheduler, UNet2DModel
     from safetensors.torch import load_file, save_file
 
-    from trainer import hub, outputs
+    from trainer import hub
     from trainer.errors import Diverged, PushError
     from trainer.model import SMALL_UNET
 
     unet = UNet2DModel(**SMALL_UNET, sample_size=8)
     config = TrainingConfig(output_dir=tmp_path / "run", image_size=8, model_preset="small")
     (tmp_path / "run").mkdir()
-    outputs.save_pipeline(config, unet, DDPMScheduler())  # finite: saved
+    RunDir.of(config).save_pipeline(unet, DDPMScheduler())  # finite: saved
     with torch.no_grad():
         unet.conv_in.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(Diverged, match="NaN/inf"):
-        outputs.save_pipeline(config, unet, DDPMScheduler())
+        RunDir.of(config).save_pipeline(unet, DDPMScheduler())
     weights = tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors"
-    assert outputs.all_finite(load_file(weights).values()), "the earlier, finite pipeline is still there"
+    assert all_finite(load_file(weights).values()), "the earlier, finite pipeline is still there"
 
     from trainer import run_record
 
-    record = run_record.begin(config, 0, environ={})
+    record = run_record.record_start(config, RunDir.of(config), 0, environ={})
     tampered = load_file(weights)
     tampered["conv_in.weight"][0, 0, 0, 0] = float("inf")
     save_file(tampered, weights)
-    run_record.write_marker(config, record, 1, 0, environ={})  # even a marker over them does not make them pushable
+    run_record.write_marker(config, RunDir.of(config), record, 1, 0, environ={})  # even a marker over them does not make them pushable
     with pytest.raises(PushError, match="holds NaN/inf weights"):
-        hub.check_complete(tmp_path / "run")
+        hub.check_complete(RunDir(tmp_path / "run"))
 
 
 def test_a_checkpoint_damaged_again_is_set_aside_next_to_the_first(three):
@@ -394,11 +398,11 @@ def test_a_checkpoint_damaged_again_is_set_aside_next_to_the_first(three):
     aside.mkdir()
     (aside / "model.safetensors").write_bytes(b"the first post-mortem")
     DAMAGE["missing"][0](three / "checkpoints" / "checkpoint-6")
-    resume = checkpoint.resolve_resume(TrainingConfig(output_dir=three))
+    resume = resume_of(TrainingConfig(output_dir=three))
     assert resume.path.name == "checkpoint-4"
     checkpoint.set_aside(resume.damaged)
     assert (aside / "model.safetensors").read_bytes() == b"the first post-mortem", "the first one is kept as it was"
     second = three / "checkpoints" / "damaged-checkpoint-6.2"
     assert (second / checkpoint.STATE_FILE).is_file(), "the second one is kept next to it"
-    assert [p.name for p in checkpoint.complete_checkpoints(three)] == ["checkpoint-2", "checkpoint-4"]
-    assert checkpoint.resolve_resume(TrainingConfig(output_dir=three)).path.name == "checkpoint-4"
+    assert [p.name for p in checkpoint.complete_checkpoints(RunDir(three))] == ["checkpoint-2", "checkpoint-4"]
+    assert resume_of(TrainingConfig(output_dir=three)).path.name == "checkpoint-4"

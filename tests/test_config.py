@@ -3,8 +3,9 @@ import yaml
 
 from conftest import clean_env, ddpm
 from trainer.cli import build_parser
-from trainer.config import ConfigError, TrainingConfig, load_config
-from trainer.errors import EXIT_CONFIG
+from trainer.config import TrainingConfig
+from trainer.config_loading import load_config
+from trainer.errors import EXIT_CONFIG, ConfigError
 
 
 def load(argv, environ=None):
@@ -107,9 +108,9 @@ def test_kubernetes_service_link_variables_are_not_config():
 # ---- every user-fixable error is exit 2 with a message (issue 9 section 9) -----------------------------------------
 
 def test_every_field_declares_its_part_in_a_run():
-    from trainer.config import RUN_ROLES
+    from trainer.config import FIELDS, RUN_ROLES, run_role
 
-    roles = {name: (info.json_schema_extra or {}).get("run") for name, info in TrainingConfig.model_fields.items()}
+    roles = {name: run_role(name) for name in FIELDS}
     assert {name for name, role in roles.items() if role not in RUN_ROLES} == set()
     assert roles["image_size"] == "identity" and roles["max_train_steps"] == "length"
     assert roles["max_grad_norm"] == "setting" and roles["lr_scheduler"] == "identity"

@@ -7,6 +7,11 @@ from trainer import data, data_cache
 from trainer.builtin_data import ButterflyImages, render_butterfly
 from trainer.config import TrainingConfig
 from trainer.errors import EXIT_CONFIG, EXIT_FAILED, TransientError, UserError
+from trainer.run_dir import RunDir
+
+
+def cache_dir(config: TrainingConfig):
+    return RunDir.of(config).data_cache  # where setup puts the cache
 
 
 def test_builtin_is_deterministic_symmetric_and_distinct():
@@ -114,19 +119,21 @@ def test_data_cache_matches_decoding_and_is_reused(tmp_path):
     decoded = data.TrainDataset(data.load_image_source(config), data.build_transform(config))
 
     source = data.load_image_source(config, scan=False)
-    cached, note = data_cache.cached_dataset(config, source)
+    cached, note = data_cache.cached_dataset(config, source, cache_dir(config))
     assert note == "built now" and len(cached) == len(decoded) == 5
     assert len(source.skipped) == 1 and "corrupt.png" in source.skipped[0], "the build pass finds corrupt files"
     for i in range(5):
         assert cached[i].dtype == torch.uint8 and torch.equal(cached[i], decoded[i]), "same pixels as decoding"
 
-    again, note = data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    again, note = data_cache.cached_dataset(config, data.load_image_source(config, scan=False), cache_dir(config))
     assert note == "reused" and torch.equal(again[4], cached[4]), "a second run maps the same file"
     other = TrainingConfig(dataset_name="imagefolder", train_data_dir=folder, image_size=8, output_dir=tmp_path / "run")
-    assert data_cache.cache_path(other, source) != data_cache.cache_path(config, source), "size is part of the key"
+    assert data_cache.cache_path(other, source, cache_dir(other)) != data_cache.cache_path(
+        config, source, cache_dir(config)), "size is part of the key"
     (folder / "new.png").write_bytes((folder / "gray.png").read_bytes())
-    assert data_cache.cache_path(config, data.load_image_source(config, scan=False)) != data_cache.cache_path(
-        config, source), "new files make a new cache"
+    changed = data.load_image_source(config, scan=False)
+    assert data_cache.cache_path(config, changed, cache_dir(config)) != data_cache.cache_path(
+        config, source, cache_dir(config)), "new files make a new cache"
 
 
 def test_failed_cache_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
@@ -139,10 +146,10 @@ def test_failed_cache_build_leaves_nothing_that_looks_complete(tmp_path, monkeyp
 
     monkeypatch.setattr(data_cache, "_write", disk_full)
     with pytest.raises(UserError, match="no space left on device while writing the data cache .* MiB free"):
-        data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+        data_cache.cached_dataset(config, data.load_image_source(config, scan=False), cache_dir(config))
     assert list((tmp_path / "cache").iterdir()) == []
     monkeypatch.setattr(data_cache, "_write", real_write)
-    assert data_cache.cached_dataset(config, data.load_image_source(config, scan=False))[1] == "built now"
+    assert data_cache.cached_dataset(config, data.load_image_source(config, scan=False), cache_dir(config))[1] == "built now"
 
 
 @pytest.mark.slow
@@ -165,18 +172,18 @@ def test_training_with_and_without_the_cache_is_identical(tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "sidecar"])
 def test_damaged_cache_is_rebuilt_not_a_crash_on_every_retry(tmp_path, damage):
     config = TrainingConfig(image_size=8, builtin_num_images=8, data_cache_dir=tmp_path / "cache")
-    built, _ = data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    built, _ = data_cache.cached_dataset(config, data.load_image_source(config, scan=False), cache_dir(config))
     expected = [built[i] for i in range(8)]  # copies: the file is damaged in place below
     del built
-    path = data_cache.cache_path(config, data.load_image_source(config, scan=False))
+    path = data_cache.cache_path(config, data.load_image_source(config, scan=False), cache_dir(config))
     if damage == "truncated":  # a node died while the page cache was being written back
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:
         path.with_suffix(".json").write_text('{"rows": [0, 1')
-    again, note = data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    again, note = data_cache.cached_dataset(config, data.load_image_source(config, scan=False), cache_dir(config))
     assert note.startswith("rebuilt: the cache file was damaged")
     assert all(torch.equal(again[i], expected[i]) for i in range(8))
-    _, note = data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    _, note = data_cache.cached_dataset(config, data.load_image_source(config, scan=False), cache_dir(config))
     assert note == "reused"
 
 
@@ -214,7 +221,7 @@ def test_the_cache_builder_names_its_temporaries_as_ours(tmp_path, monkeypatch):
         return real(config, source, tmp)
 
     monkeypatch.setattr(data_cache, "_write", write)
-    data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    data_cache.cached_dataset(config, data.load_image_source(config, scan=False), cache_dir(config))
     [names] = seen
     assert len(names) == 1 and names[0].startswith(CACHE_TEMPORARY_PREFIX)
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp")], "none left behind"
@@ -226,7 +233,7 @@ def test_all_corrupt_folder_leaves_no_cache(tmp_path):
     config = TrainingConfig(dataset_name="imagefolder", train_data_dir=tmp_path / "d", image_size=8,
                             data_cache_dir=tmp_path / "cache")
     with pytest.raises(data.DataError, match="no readable images .*bad.png"):
-        data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+        data_cache.cached_dataset(config, data.load_image_source(config, scan=False), cache_dir(config))
     assert list((tmp_path / "cache").iterdir()) == []
 
 
@@ -282,7 +289,7 @@ def test_16_bit_greyscale_images_are_scaled_not_clipped(tmp_path):
     source = data.load_image_source(config)  # no cache: decoded on every access
     decoded = by_file(source, data.TrainDataset(source, data.build_transform(config)))
     cached_source = data.load_image_source(config, scan=False)
-    cached, _ = data_cache.cached_dataset(config, cached_source)
+    cached, _ = data_cache.cached_dataset(config, cached_source, cache_dir(config))
     for images, skipped in ((decoded, source.skipped), (by_file(cached_source, cached), cached_source.skipped)):
         assert {name: int(image.float().mean().round()) for name, image in images.items()} == expected
         assert all(image.shape == (3, 8, 8) and int(image.min()) == int(image.max()) for image in images.values())
@@ -310,7 +317,7 @@ def test_images_replaced_with_the_same_names_and_times_rebuild_the_cache(tmp_pat
     config = TrainingConfig(dataset_name="imagefolder", train_data_dir=folder, image_size=8,
                             output_dir=tmp_path / "run")
     source = data.load_image_source(config, scan=False)
-    _, note = data_cache.cached_dataset(config, source)
+    _, note = data_cache.cached_dataset(config, source, cache_dir(config))
     assert note == "built now"
     stat = (folder / "2.bmp").stat()
     Image.fromarray(np.full((8, 8, 3), 250, dtype=np.uint8)).save(folder / "2.bmp")  # same size, other pixels
@@ -318,12 +325,12 @@ def test_images_replaced_with_the_same_names_and_times_rebuild_the_cache(tmp_pat
     assert (folder / "2.bmp").stat().st_size == stat.st_size
     again = data.load_image_source(config, scan=False)
     assert again.fingerprint == source.fingerprint, "datasets' fingerprint cannot see this"
-    cached, note = data_cache.cached_dataset(config, again)
+    cached, note = data_cache.cached_dataset(config, again, cache_dir(config))
     assert note.startswith("rebuilt: the images changed since the cache was built"), note
     decoded = data.TrainDataset(again, data.build_transform(config))
     assert all(torch.equal(cached[i], decoded[i]) for i in range(4))
     assert sorted(int(cached[i][0, 0, 0]) for i in range(4)) == [40, 90, 190, 250]
-    assert data_cache.cached_dataset(config, data.load_image_source(config, scan=False))[1] == "reused"
+    assert data_cache.cached_dataset(config, data.load_image_source(config, scan=False), cache_dir(config))[1] == "reused"
 
 
 @pytest.mark.parametrize("verify_all", [True, False])
@@ -335,13 +342,13 @@ def test_a_cache_body_zeroed_in_place_is_rebuilt(tmp_path, monkeypatch, verify_a
         monkeypatch.setattr(data_cache, "CHECKSUM_BLOCK_BYTES", 3 * 8 * 8 * 4)  # 4 images a block, 4 blocks
         monkeypatch.setattr(data_cache, "SAMPLED_BLOCKS", 1)  # blocks 0, 2 and 3 of 4 are read
     config = TrainingConfig(image_size=8, builtin_num_images=16, data_cache_dir=tmp_path / "cache")
-    built, note = data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    built, note = data_cache.cached_dataset(config, data.load_image_source(config, scan=False), cache_dir(config))
     expected = [built[i] for i in range(16)]
     del built
-    path = data_cache.cache_path(config, data.load_image_source(config, scan=False))
+    path = data_cache.cache_path(config, data.load_image_source(config, scan=False), cache_dir(config))
     zero_body(path)
-    again, note = data_cache.cached_dataset(config, data.load_image_source(config, scan=False))
+    again, note = data_cache.cached_dataset(config, data.load_image_source(config, scan=False), cache_dir(config))
     assert note.startswith("rebuilt: the cache file was damaged (its content does not match its checksum"), note
     assert ("(3 sampled)" in note) == (not verify_all), note
     assert all(torch.equal(again[i], expected[i]) for i in range(16))
-    assert data_cache.cached_dataset(config, data.load_image_source(config, scan=False))[1] == "reused"
+    assert data_cache.cached_dataset(config, data.load_image_source(config, scan=False), cache_dir(config))[1] == "reused"

@@ -1,7 +1,7 @@
 """trainer/events.py against the fake API server (tests/fake_kube.py), reached as a pod reaches the real one: the
 in-cluster variables and a service-account folder (token, ca.crt, namespace) at K8S_SERVICE_ACCOUNT_DIR.
 
-The RunEvents methods are called as the training loop calls them; what the server recorded is the assertion."""
+The MilestoneEvents methods are called as the training loop calls them; what the server recorded is the assertion."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from fake_kube import TOKEN, FakeKube, closed_port, kube_server, pod_env, put_training_run  # noqa: F401 (fixture)
 from trainer import events as ev
 from trainer.errors import EXIT_DIVERGED
-from trainer.events import RunEvents
+from trainer.events import MilestoneEvents
 
 A = ev.ANNOTATION_PREFIX
 CKPT = "/data/runs/ddpm/checkpoints/checkpoint-{}"
@@ -45,7 +45,7 @@ def posted(fake: FakeKube) -> list[tuple[str, str, str]]:
     return out
 
 
-def short_run(events: RunEvents, clock: Clock) -> None:
+def short_run(events: MilestoneEvents, clock: Clock) -> None:
     """What the loop does in a 6-step run with a checkpoint every 2 steps and an evaluation at step 4."""
     events.started(global_batch=8, processes=2, step=0, total_steps=6, resumed_from=None)
     events.checkpoint(2, 6, CKPT.format(2), loss=0.52, eta_seconds=40)  # posted
@@ -60,7 +60,7 @@ def short_run(events: RunEvents, clock: Clock) -> None:
 def test_short_run_posts_each_milestone_on_the_pod_and_the_job_in_order(kube_server, tmp_path):
     run = put_training_run(kube_server, "Job")
     clock = Clock()
-    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run),
+    events = MilestoneEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run),
                        checkpoint_interval_s=60, clock=clock)
     short_run(events, clock)
     assert events.close(timeout_s=10)
@@ -103,7 +103,7 @@ def test_short_run_posts_each_milestone_on_the_pod_and_the_job_in_order(kube_ser
 def test_posted_events_and_patches_are_valid_core_v1_events(kube_server, tmp_path, version):
     run = put_training_run(kube_server, "Job", nodes=1)
     clock = Clock()
-    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run), clock=clock)
+    events = MilestoneEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run), clock=clock)
     short_run(events, clock)
     events.preempted(6, CKPT.format(6))
     events.failed("x" * 5000)
@@ -121,7 +121,7 @@ def test_posted_events_and_patches_are_valid_core_v1_events(kube_server, tmp_pat
 def test_rate_limit_posts_the_newest_checkpoint_after_the_interval(kube_server, tmp_path):
     run = put_training_run(kube_server, "Job", nodes=1)
     clock = Clock()
-    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run),
+    events = MilestoneEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run),
                        checkpoint_interval_s=30, clock=clock)
     for step in range(1, 11):  # a checkpoint every 5 s for 50 s
         events.checkpoint(step, 10, CKPT.format(step))
@@ -135,7 +135,7 @@ def test_rate_limit_posts_the_newest_checkpoint_after_the_interval(kube_server, 
 
 def test_resumed_preempted_diverged_and_failed_are_warnings_with_their_details(kube_server, tmp_path):
     run = put_training_run(kube_server, "Job", nodes=1)
-    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run))
+    events = MilestoneEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run))
     events.started(global_batch=16, processes=1, step=4, total_steps=6, resumed_from=CKPT.format(4))
     events.preempted(5, CKPT.format(5))
     events.diverged(6, "5 consecutive non-finite losses\nTraceback ...")
@@ -159,7 +159,7 @@ NAN = "8 of 8 images sampled with ddim 2 steps eta 1, UNet bf16 hold NaN/inf val
 def test_nonfinite_samples_are_warnings_one_per_run_of_evaluations_and_one_when_the_run_is_refused(kube_server,
                                                                                                    tmp_path):
     run = put_training_run(kube_server, "Job", nodes=1)
-    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run))
+    events = MilestoneEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run))
     events.nonfinite_samples(4, NAN + ". Causes: ...\nmore")
     events.nonfinite_samples(6, NAN)  # the same Event, count 2
     events.nonfinite_samples(6, "2 of 2 images sampled with ddpm 2 steps, UNet fp32 hold NaN/inf values", True)
@@ -180,7 +180,7 @@ def test_nonfinite_samples_are_warnings_one_per_run_of_evaluations_and_one_when_
 def test_events_go_to_the_owning_workload_through_the_owner_chain(kube_server, tmp_path, kind, workload_env):
     run = put_training_run(kube_server, kind)
     env = pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run, workload_env=workload_env)
-    events = RunEvents(env)
+    events = MilestoneEvents(env)
     events.started(global_batch=8, processes=2, step=0, total_steps=6, resumed_from=None)
     assert events.close(timeout_s=10)
     involved = [e["involvedObject"] for e in kube_server.events()]
@@ -199,7 +199,7 @@ def test_a_wrong_training_workload_still_posts_on_the_pod(kube_server, tmp_path,
     run = put_training_run(kube_server, "Job", nodes=1)
     env = pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run) | {
         "TRAINING_WORKLOAD": "PyTorchJob/someone-else"}
-    events = RunEvents(env)
+    events = MilestoneEvents(env)
     events.completed(6, "/data/runs/ddpm")
     assert events.close(timeout_s=10)
     assert [e["involvedObject"]["kind"] for e in kube_server.events()] == ["Pod"]
@@ -211,13 +211,13 @@ def test_a_wrong_training_workload_still_posts_on_the_pod(kube_server, tmp_path,
 def test_outside_a_pod_nothing_is_posted_and_one_info_line_says_so(kube_server, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="trainer.events")
     env = kube_server.in_cluster_env(kube_server.write_service_account(tmp_path / "sa"))  # no POD_NAME: not a pod
-    events = RunEvents(env)
+    events = MilestoneEvents(env)
     short_run(events, Clock())
-    assert events.close(timeout_s=1) and not events.active
+    assert events.close(timeout_s=1)
     assert kube_server.requests == []
     assert [r.getMessage() for r in caplog.records if r.name == "trainer.events"] == [
         "Kubernetes events: not in a pod (POD_NAME/POD_NAMESPACE unset), none posted"]
-    silent = RunEvents.off()  # other ranks
+    silent = MilestoneEvents.off()  # other ranks
     silent.started(global_batch=8, processes=2, step=0, total_steps=6, resumed_from=None)
     assert silent.close() and len(caplog.records) == 1
 
@@ -233,20 +233,20 @@ def test_refused_turns_events_off_with_one_warning_and_no_further_requests(kube_
         kube_server.deny_all = True
     else:
         kube_server.deny(("", "events", "create"))
-    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run))
+    events = MilestoneEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run))
     short_run(events, Clock())
     assert events.close(timeout_s=10)
     assert [r.call for r in kube_server.requests] == expected_requests
     [warning] = warnings_from(caplog)
     assert warning.startswith("Kubernetes events off: 403 ") and "forbidden" in warning
-    assert not events.active and kube_server.events() == []
+    assert kube_server.events() == []
 
 
 def test_no_service_account_token_turns_events_off_with_one_warning(kube_server, tmp_path, caplog):
     run = put_training_run(kube_server, "Job", nodes=1)
     sa = kube_server.write_service_account(tmp_path / "sa")
     (sa / "token").unlink()  # automountServiceAccountToken: false
-    events = RunEvents(pod_env(kube_server, sa, run))
+    events = MilestoneEvents(pod_env(kube_server, sa, run))
     short_run(events, Clock())
     assert events.close(timeout_s=10)
     assert kube_server.requests == []
@@ -258,7 +258,7 @@ def test_absent_api_server_turns_events_off_with_one_warning(kube_server, tmp_pa
     run = put_training_run(kube_server, "Job", nodes=1)
     env = pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run)
     env["KUBERNETES_SERVICE_PORT"] = str(closed_port())
-    events = RunEvents(env)
+    events = MilestoneEvents(env)
     short_run(events, Clock())
     assert events.close(timeout_s=10)
     [warning] = warnings_from(caplog)
@@ -268,7 +268,7 @@ def test_absent_api_server_turns_events_off_with_one_warning(kube_server, tmp_pa
 def test_a_timed_out_call_turns_events_off_with_one_warning(tmp_path, caplog):
     with FakeKube(hang=True) as fake:
         run = put_training_run(fake, "Job", nodes=1)
-        events = RunEvents(pod_env(fake, fake.write_service_account(tmp_path / "sa"), run),
+        events = MilestoneEvents(pod_env(fake, fake.write_service_account(tmp_path / "sa"), run),
                            request_timeout=(1.0, 0.2))
         short_run(events, Clock())
         assert events.close(timeout_s=10)  # the read timeout (0.2 s) ends the only call; the rest is drained
@@ -281,7 +281,7 @@ def test_a_hanging_api_server_never_blocks_the_caller(tmp_path, caplog):
     with FakeKube(hang=True) as fake:
         run = put_training_run(fake, "Job", nodes=1)
         # the default timeouts: the events thread stays stuck in its first call for the whole test
-        events = RunEvents(pod_env(fake, fake.write_service_account(tmp_path / "sa"), run), queue_size=64)
+        events = MilestoneEvents(pod_env(fake, fake.write_service_account(tmp_path / "sa"), run), queue_size=64)
         start = time.monotonic()
         for step in range(1000):
             events.evaluated(step, {"swd_mean": 1.0})
@@ -302,7 +302,7 @@ def test_numpy_scores_and_tensor_losses_become_plain_numbers(kube_server, tmp_pa
     import torch
 
     run = put_training_run(kube_server, "Job", nodes=1)
-    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run))
+    events = MilestoneEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run))
     events.evaluated(4, {"swd_mean": np.float32(512.25)})
     events.checkpoint(4, 6, CKPT.format(4), loss=torch.tensor(0.5))
     assert events.close(timeout_s=10)
@@ -394,13 +394,12 @@ def test_a_binary_token_file_turns_events_off_with_one_warning_and_no_traceback(
     run = put_training_run(kube_server, "Job", nodes=1)
     sa = kube_server.write_service_account(tmp_path / "sa")
     (sa / "token").write_bytes(b"\xff\xfe\x00\x01binary")
-    events = RunEvents(pod_env(kube_server, sa, run))
+    events = MilestoneEvents(pod_env(kube_server, sa, run))
     short_run(events, Clock())
     assert events.close(timeout_s=10)
     assert crashed == [] and kube_server.requests == []
     [warning] = warnings_from(caplog)
     assert warning.startswith("Kubernetes events off: in-cluster config from ") and "token" in warning
-    assert not events.active
 
 
 def test_an_unexpected_error_in_the_events_thread_turns_events_off(kube_server, tmp_path, caplog, monkeypatch):
@@ -411,13 +410,17 @@ def test_an_unexpected_error_in_the_events_thread_turns_events_off(kube_server, 
     monkeypatch.setattr(threading, "excepthook", crashed.append)
     run = put_training_run(kube_server, "Job", nodes=1)
 
+    calls = []
+
     def broken(*args, **kwargs):
+        calls.append(args)
         raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
 
     monkeypatch.setattr(ev.kube, "create_event", broken)
-    events = RunEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run))
+    events = MilestoneEvents(pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run))
     short_run(events, Clock())
     assert events.close(timeout_s=10)
     assert crashed == []
     [warning] = warnings_from(caplog)
-    assert warning.startswith("Kubernetes events off: UnicodeDecodeError: ") and not events.active
+    assert warning.startswith("Kubernetes events off: UnicodeDecodeError: ")
+    assert len(calls) == 1, "off after the first failure: the run's later milestones are not tried"

@@ -12,6 +12,7 @@ from conftest import REPO, TINY, clean_env
 from helpers import assert_same_run, ema_weights, run_train, run_until, scalar_series, weights
 from trainer import checkpoint
 from trainer.errors import EXIT_DIVERGED, EXIT_PREEMPTED
+from trainer.run_dir import RunDir
 
 pytestmark = pytest.mark.slow  # every test here runs ddpm or torchrun as subprocesses
 
@@ -61,7 +62,7 @@ def test_sigterm_saves_exits_143_and_resumes(tmp_path):
             "--output_dir", out, "--save_image_epochs", "1000"]
     code, log = run_until(1, args, "step 3/400", signal.SIGTERM)
     assert code == EXIT_PREEMPTED, log
-    [ckpt] = checkpoint.complete_checkpoints(out)
+    [ckpt] = checkpoint.complete_checkpoints(RunDir(out))
     step = int(ckpt.name.split("-")[1])
     assert 3 <= step < 400 and f"SIGTERM received: checkpoint saved at step {step}; exiting with 143" in log
     assert max(scalar_series(out / "logs", "loss")) == step  # TensorBoard was flushed up to the last step
@@ -105,6 +106,6 @@ def test_too_many_nonfinite_losses_stop_with_exit_3(tmp_path):
     # losses are NaN from step 5 on; checkpoint-6 was saved during them, so it must not be called intact
     assert "checkpoint-6, was saved during them: resuming from it repeats them" in proc.stderr
     assert "intact" not in proc.stderr
-    latest = checkpoint.complete_checkpoints(out)[-1]
+    latest = checkpoint.complete_checkpoints(RunDir(out))[-1]
     assert all(torch.isfinite(t).all() for t in weights(latest / "model.safetensors").values())
     assert not (out / "training_complete.json").exists()

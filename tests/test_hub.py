@@ -194,17 +194,17 @@ def test_offline_mode_is_exit_2_with_the_fix(run, hub):
 # ---- in-process: selection, backoff and redaction ------------------------------------------------------------------
 
 def test_upload_plan_picks_the_numerically_last_grid_and_complete_checkpoints_only(tmp_path):
-    from trainer.config import TrainingConfig
     from trainer.hub import PushOptions, upload_plan
+    from trainer.run_dir import RunDir
 
     for name in ("model_index.json", "unet/config.json", "samples/9999.png", "samples/10000.png", "samples/grid.png",
                  "checkpoints/checkpoint-3/model.safetensors", "checkpoints/.tmp-checkpoint-4/model.safetensors",
                  "logs/train/events.out.tfevents.1.host"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    config = TrainingConfig(output_dir=tmp_path)
-    assert upload_plan(config, PushOptions()) == ["model_index.json", "samples/10000.png", "unet/config.json"]
-    assert upload_plan(config, PushOptions(include_checkpoints=True, include_logs=True)) == [
+    run_dir = RunDir(tmp_path)
+    assert upload_plan(run_dir, PushOptions()) == ["model_index.json", "samples/10000.png", "unet/config.json"]
+    assert upload_plan(run_dir, PushOptions(include_checkpoints=True, include_logs=True)) == [
         "checkpoints/checkpoint-3/model.safetensors", "logs/train/events.out.tfevents.1.host", "model_index.json",
         "samples/10000.png", "unet/config.json"]
 
@@ -221,7 +221,8 @@ class HTTPFailure(Exception):
 
 
 def test_with_retries_backs_off_exponentially_and_only_on_transient_errors():
-    from trainer.hub import backoff_delays, with_retries
+    from trainer.hub import is_transient
+    from trainer.retry import backoff_delays, with_retries
 
     assert backoff_delays(6, 0.5, cap_s=4) == [0.5, 1, 2, 4, 4]
     errors = [HTTPFailure(503), ConnectionResetError(), HTTPFailure(429, {"Retry-After": "7"}), HTTPFailure(502)]
@@ -232,7 +233,8 @@ def test_with_retries_backs_off_exponentially_and_only_on_transient_errors():
             raise errors.pop(0)
         return "done"
 
-    assert with_retries(action, attempts=5, base_delay_s=1, log=logged.append, sleep=slept.append) == "done"
+    assert with_retries(action, attempts=5, base_delay_s=1, log=logged.append, retryable=is_transient,
+                        sleep=slept.append) == "done"
     assert slept == [1, 2, 7, 8]  # the backoff, except where the server's Retry-After asks for longer
     assert len(logged) == 4 and "retry 1/4 in 1s" in logged[0]
 
@@ -242,7 +244,7 @@ def test_with_retries_backs_off_exponentially_and_only_on_transient_errors():
 
         slept.clear()
         with pytest.raises(type(permanent)):
-            with_retries(fail, 5, 1, logged.append, slept.append)
+            with_retries(fail, 5, 1, logged.append, is_transient, slept.append)
         assert slept == []
 
 
@@ -252,6 +254,7 @@ def test_unexpected_errors_are_printed_without_the_token(tmp_path, monkeypatch, 
     from trainer import hub
     from trainer.config import TrainingConfig
     from trainer.errors import PushFailed
+    from trainer.run_dir import RunDir
 
     (tmp_path / "model_index.json").write_text("{}")
     monkeypatch.setattr(hub, "check_complete", lambda out: {"global_step": 1})
@@ -262,7 +265,8 @@ def test_unexpected_errors_are_printed_without_the_token(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     with pytest.raises(PushFailed) as caught:
-        hub.push(TrainingConfig(output_dir=tmp_path, hub_model_id=REPO), hub.PushOptions(), environ={"HF_TOKEN": TOKEN})
+        hub.push(TrainingConfig(output_dir=tmp_path, hub_model_id=REPO), RunDir(tmp_path), hub.PushOptions(),
+                 environ={"HF_TOKEN": TOKEN})
     stdout, stderr = capsys.readouterr()
     assert caught.value.exit_code == EXIT_FAILED
     assert TOKEN not in stdout + stderr + str(caught.value)

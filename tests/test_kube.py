@@ -12,9 +12,10 @@ import pytest
 from fake_kube import (FakeKube, closed_port, condition, kube_server, pod_env, put_training_run,  # noqa: F401
                        workload)
 from trainer import kube
-from trainer.events import RunEvents
-from trainer.status import status
+from trainer.events import MilestoneEvents
+from trainer.status import STATUS_OK, status
 from trainer.wait import WAIT_OK, wait_for_training
+from trainer.workload_state import workload_status
 
 # ---- identity ------------------------------------------------------------------------------------------------------
 
@@ -22,14 +23,14 @@ from trainer.wait import WAIT_OK, wait_for_training
 def test_pod_identity_from_the_downward_api_and_the_charts_workload():
     env = {"POD_NAME": "ddpm-train-0-abcde", "POD_NAMESPACE": "ml", "POD_UID": "u-1",
            "TRAINING_WORKLOAD": "PyTorchJob/ddpm-train"}
-    assert kube.PodIdentity.from_env(env) == kube.PodIdentity(
+    assert kube.PodRef.from_env(env) == kube.PodRef(
         "ddpm-train-0-abcde", "ml", "u-1", kube.WorkloadRef("PyTorchJob", "ddpm-train"))
-    bare = kube.PodIdentity.from_env({"POD_NAME": "p", "POD_NAMESPACE": "ml"})
-    assert bare == kube.PodIdentity("p", "ml", None, None)
-    assert kube.PodIdentity.from_env({"POD_NAME": "p"}) is None
-    assert kube.PodIdentity.from_env({}) is None
+    bare = kube.PodRef.from_env({"POD_NAME": "p", "POD_NAMESPACE": "ml"})
+    assert bare == kube.PodRef("p", "ml", None, None)
+    assert kube.PodRef.from_env({"POD_NAME": "p"}) is None
+    assert kube.PodRef.from_env({}) is None
     with pytest.raises(ValueError, match="not <Kind>/<name>"):
-        kube.PodIdentity.from_env({"POD_NAME": "p", "POD_NAMESPACE": "ml", "TRAINING_WORKLOAD": "Job/a/b"})
+        kube.PodRef.from_env({"POD_NAME": "p", "POD_NAMESPACE": "ml", "TRAINING_WORKLOAD": "Job/a/b"})
 
 
 def test_no_environment_variable_read_starts_with_ddpm():
@@ -109,7 +110,7 @@ def test_owner_resolution_without_training_workload_goes_to_the_top_known_owner(
     run = put_training_run(kube_server, kind, nodes=1)
     env = pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run, workload_env=False)
     cluster = kube.connect(env, in_cluster_only=True)
-    pod, owner = kube.resolve_workload(cluster, kube.PodIdentity.from_env(env))
+    pod, owner = kube.resolve_workload(cluster, kube.PodRef.from_env(env))
     assert (pod.kind, pod.uid) == ("Pod", run.pods[0]["metadata"]["uid"])
     assert (owner.kind, owner.name, owner.uid) == (expected, "ddpm-train", run.workload["metadata"]["uid"])
 
@@ -119,7 +120,7 @@ def test_a_bare_pod_has_no_workload(kube_server, tmp_path):
 
     run = TrainingRun(workload={}, pods=[kube_server.put(pod("debug"))])
     env = pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run, workload_env=False)
-    assert kube.resolve_workload(kube.connect(env, in_cluster_only=True), kube.PodIdentity.from_env(env))[1] is None
+    assert kube.resolve_workload(kube.connect(env, in_cluster_only=True), kube.PodRef.from_env(env))[1] is None
 
 
 @pytest.mark.parametrize("kind, conditions, status, expected", [
@@ -147,7 +148,7 @@ def test_a_bare_pod_has_no_workload(kube_server, tmp_path):
     ("TrainJob", [], {"jobsStatus": [{"name": "node", "active": 0}]}, ("pending", "")),
 ])
 def test_workload_states_from_conditions(kind, conditions, status, expected):
-    state = kube.workload_status(kind, workload(kind, "w", conditions=conditions, status=status))
+    state = workload_status(kind, workload(kind, "w", conditions=conditions, status=status))
     assert (state.state, state.reason) == expected
 
 
@@ -165,7 +166,7 @@ def in_cluster_calls(fake: FakeKube, tmp_path, kind: str) -> tuple[set, set]:
     namespace = kind.lower()
     run = put_training_run(fake, kind, namespace=namespace)
     env = pod_env(fake, fake.write_service_account(tmp_path / kind, namespace=namespace), run)
-    events = RunEvents(env, checkpoint_interval_s=0)
+    events = MilestoneEvents(env, checkpoint_interval_s=0)
     events.started(global_batch=8, processes=2, step=0, total_steps=4, resumed_from=None)
     events.checkpoint(2, 4, "/data/c-2")
     events.checkpoint(4, 4, "/data/c-4")
@@ -199,7 +200,7 @@ def test_api_calls_declare_exactly_what_the_code_calls(kube_server, tmp_path):
 
     config = kube_server.write_kubeconfig(tmp_path / "kubeconfig", namespace="job")
     before = len(kube_server.requests)
-    assert status("ddpm", None, environ={"KUBECONFIG": str(config)}, out=io.StringIO()) == 0
+    assert status("ddpm", None, environ={"KUBECONFIG": str(config)}, out=io.StringIO()) == STATUS_OK
     seen_status = {r.call for r in kube_server.requests[before:]}
     assert seen_status == flatten(kube.STATUS_CALLS)
 

@@ -13,7 +13,8 @@ import pytest
 from conftest import REPO, TINY, clean_env
 from helpers import free_port
 from trainer import cli, launch
-from trainer.errors import EXIT_CONFIG, EXIT_DIVERGED, EXIT_FAILED, EXIT_PREEMPTED, LaunchError
+from trainer.errors import (EXIT_CONFIG, EXIT_DIVERGED, EXIT_FAILED, EXIT_PREEMPTED, EXIT_STALLED, LaunchError,
+                            Outcome, exit_code)
 
 ENV = {"PET_NPROC_PER_NODE": "1"}
 
@@ -25,8 +26,9 @@ def argv(environ, args=()):
 @pytest.mark.parametrize("given", [["--max_train_steps", "6"], ["--", "--max_train_steps", "6"]])
 def test_arguments_reach_ddpm_train_unchanged(monkeypatch, given):
     seen = {}
-    monkeypatch.setattr(launch, "launch", lambda train_args, grace: seen.setdefault("args", train_args) and 0)
-    assert cli.run_command(["launch", *given]) == 0
+    monkeypatch.setattr(launch, "launch",
+                        lambda train_args, grace: seen.setdefault("args", train_args) and Outcome.OK)
+    assert cli.run_command(["launch", *given]) == Outcome.OK
     assert seen["args"] == ["--max_train_steps", "6"]
 
 
@@ -110,10 +112,14 @@ def test_nonsense_process_counts_are_exit_2_through_the_cli(nproc, monkeypatch, 
 
 
 def test_exit_codes_fold_into_one_for_the_pod():
-    assert launch.exit_code_of([2, 2]) == EXIT_CONFIG
-    assert launch.exit_code_of([1, 3]) == EXIT_DIVERGED, "a permanent code wins over a crash"
-    assert launch.exit_code_of([2, EXIT_PREEMPTED]) == EXIT_PREEMPTED, "preemption wins: the retry resumes"
-    assert launch.exit_code_of([-9]) == EXIT_FAILED and launch.exit_code_of([]) == EXIT_FAILED
+    def pod_code(worker_codes):
+        return exit_code(launch.outcome_of_workers(worker_codes))
+
+    assert pod_code([2, 2]) == EXIT_CONFIG
+    assert pod_code([1, 3]) == EXIT_DIVERGED, "a permanent code wins over a crash"
+    assert pod_code([2, EXIT_PREEMPTED]) == EXIT_PREEMPTED, "preemption wins: the retry resumes"
+    assert pod_code([124, 124, 1]) == EXIT_STALLED, "the workers' common outcome"
+    assert pod_code([-9]) == EXIT_FAILED and pod_code([]) == EXIT_FAILED and pod_code([137]) == EXIT_FAILED
 
 
 def ddpm_launch(*args, **env):

@@ -10,11 +10,11 @@ import pytest
 
 from conftest import REPO, TINY, clean_env, ddpm
 from trainer.errors import EXIT_CONFIG, OutputDirError, TransientError
-from trainer.lock import RunLock
-from trainer.outputs import LOCK_NAME
+from trainer.lock import OutputDirLock
+from trainer.run_dir import LOCK_NAME
 
-HOLD = ("import sys, time\nfrom trainer.lock import RunLock\n"
-        "RunLock(sys.argv[1]).acquire({'host': 'gpu-node-7', 'pid': '4242', 'started': 'today', "
+HOLD = ("import sys, time\nfrom pathlib import Path\nfrom trainer.lock import OutputDirLock\nfrom trainer.run_dir import RunDir\n"
+        "OutputDirLock(RunDir(Path(sys.argv[1])).lock_file).acquire({'host': 'gpu-node-7', 'pid': '4242', 'started': 'today', "
         "'pod': 'ddpm-train-0-abc', 'namespace': 'vision', 'workload': sys.argv[2]})\n"
         "print('held', flush=True)\nsys.stdin.read()\n")  # holds until stdin closes or it is killed
 
@@ -30,10 +30,10 @@ def test_second_writer_is_refused_naming_the_holder_and_the_lock_dies_with_it(tm
     proc = holder(tmp_path)
     with pytest.raises(OutputDirError, match="in use by another `ddpm train` \\(host gpu-node-7, pid 4242, since "
                                              "today, pod vision/ddpm-train-0-abc\\)"):
-        RunLock(tmp_path).acquire({"host": "laptop"})
+        OutputDirLock(tmp_path / LOCK_NAME).acquire({"host": "laptop"})
     proc.send_signal(signal.SIGKILL)  # no cleanup runs: the kernel releases the flock
     proc.wait()
-    lock = RunLock(tmp_path).acquire({"host": "laptop", "pid": "1"})
+    lock = OutputDirLock(tmp_path / LOCK_NAME).acquire({"host": "laptop", "pid": "1"})
     assert json.loads((tmp_path / LOCK_NAME).read_text())["host"] == "laptop"
     lock.release()
 
@@ -42,7 +42,7 @@ def test_a_previous_pod_of_the_same_workload_is_waited_for_not_failed(tmp_path):
     proc = holder(tmp_path, workload="Job/ddpm-train")
     try:
         with pytest.raises(TransientError, match="still locked by a previous pod of this workload"):
-            RunLock(tmp_path).acquire({"workload": "Job/ddpm-train", "namespace": "vision"},
+            OutputDirLock(tmp_path / LOCK_NAME).acquire({"workload": "Job/ddpm-train", "namespace": "vision"},
                                       wait_if_same_workload=0.0)
     finally:
         proc.kill()

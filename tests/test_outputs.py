@@ -14,6 +14,11 @@ from conftest import TINY, clean_env, ddpm
 from trainer import outputs, run_record
 from trainer.config import TrainingConfig
 from trainer.errors import EXIT_CONFIG, OutputDirError
+from trainer.run_dir import RunDir
+
+
+def plan_for(config: TrainingConfig, config_file: Path | None = None) -> outputs.OutputPlan:
+    return outputs.plan_output_dir(config, RunDir.of(config), config_file)
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
@@ -60,7 +65,7 @@ def run_folder(out: Path, **changes) -> TrainingConfig:
     (out / "samples").mkdir(parents=True)
     (out / "samples" / "0000.png").write_bytes(b"png")
     (out / "checkpoints" / "checkpoint-5").mkdir(parents=True)
-    outputs.write_resolved_config(config)
+    RunDir.of(config).write_config(config)
     return config
 
 
@@ -70,7 +75,7 @@ def test_a_folder_that_is_not_ours_is_never_cleared(tmp_path):
     (out / "thesis.tex").write_text("mine")
     config = TrainingConfig(output_dir=out, model_preset="small", image_size=32, overwrite_output_dir=True)
     with pytest.raises(OutputDirError, match=r"also holds files that are not a ddpm-trainer run's \(thesis.tex\)"):
-        outputs.plan_output_dir(config)
+        plan_for(config)
 
 
 def test_overwrite_clears_only_our_run_and_keeps_the_data_cache(tmp_path):
@@ -79,9 +84,9 @@ def test_overwrite_clears_only_our_run_and_keeps_the_data_cache(tmp_path):
     (out / "data_cache").mkdir()
     (out / "data_cache" / "x.npy").write_bytes(b"cache")
     config = TrainingConfig(output_dir=out, model_preset="small", image_size=32, overwrite_output_dir=True)
-    plan = outputs.plan_output_dir(config)
+    plan = plan_for(config)
     assert plan.action == "clear" and "image_size: 16 -> 32" in plan.reason
-    outputs.clear_output_dir(config)
+    outputs.clear_output_dir(RunDir.of(config))
     assert sorted(p.name for p in out.iterdir()) == ["data_cache"]
     assert (out / "data_cache" / "x.npy").read_bytes() == b"cache"
 
@@ -102,15 +107,15 @@ def test_overwrite_deletes_only_what_the_run_wrote_inside_its_folders(tmp_path):
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text)
     config = TrainingConfig(output_dir=out, model_preset="small", image_size=32, overwrite_output_dir=True)
-    assert outputs.plan_output_dir(config).action == "clear"
-    outputs.clear_output_dir(config)
+    assert plan_for(config).action == "clear"
+    outputs.clear_output_dir(RunDir.of(config))
     assert {name: (out / name).read_text() for name in users if (out / name).is_file()} == users
     left = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert left == set(users), "everything the run wrote is gone, the rest is kept"
     assert not (out / "logs" / "train" / "1796528940.475033").exists(), "emptied folders of ours go too"
     (out / "samples" / "0009.png").write_text("grid")
     (out / "samples" / "0010.png").write_text("grid")
-    assert outputs.last_grid(out) == out / "samples" / "0010.png", "the model card shows our last grid, not my.png"
+    assert RunDir(out).last_grid() == out / "samples" / "0010.png", "the model card shows our last grid, not my.png"
 
 
 def test_overwrite_refuses_to_delete_the_config_file_or_a_chosen_cache(tmp_path):
@@ -118,21 +123,21 @@ def test_overwrite_refuses_to_delete_the_config_file_or_a_chosen_cache(tmp_path)
     run_folder(out)
     config_file = out / "my.yaml"
     config_file.write_text("image_size: 16\n")  # the user's own file: resuming with it is fine
-    assert outputs.plan_output_dir(TrainingConfig(output_dir=out, image_size=16, model_preset="small"),
+    assert plan_for(TrainingConfig(output_dir=out, image_size=16, model_preset="small"),
                                    config_file).action == "continue"
     with pytest.raises(OutputDirError, match=r"also holds files that are not a ddpm-trainer run's \(my.yaml\)"):
-        outputs.plan_output_dir(TrainingConfig(output_dir=out, image_size=32, model_preset="small",
+        plan_for(TrainingConfig(output_dir=out, image_size=32, model_preset="small",
                                                overwrite_output_dir=True), config_file)
     config_file.unlink()
     ours = out / "training_config.yaml"  # resuming with the run's own config file is fine...
-    plan = outputs.plan_output_dir(TrainingConfig(output_dir=out, image_size=16, model_preset="small"), ours)
+    plan = plan_for(TrainingConfig(output_dir=out, image_size=16, model_preset="small"), ours)
     assert plan.action == "continue"
     with pytest.raises(OutputDirError, match="holds the config file in use"):  # ...clearing it is not
-        outputs.plan_output_dir(TrainingConfig(output_dir=out, image_size=32, model_preset="small",
+        plan_for(TrainingConfig(output_dir=out, image_size=32, model_preset="small",
                                                overwrite_output_dir=True), ours)
     (out / "data_cache").mkdir()
     with pytest.raises(OutputDirError, match="holds data_cache_dir"):
-        outputs.plan_output_dir(TrainingConfig(output_dir=out, image_size=32, model_preset="small",
+        plan_for(TrainingConfig(output_dir=out, image_size=32, model_preset="small",
                                                overwrite_output_dir=True, data_cache_dir=out / "data_cache" / "x"))
 
 
@@ -145,13 +150,13 @@ def test_only_our_own_temporaries_are_removed_at_start(tmp_path):
     for path in ours:
         path.mkdir(parents=True) if path.name in ("unet", ".tmp-old-unet") else path.write_text("half")
     (out / ".tmp-notes.txt").write_text("mine")
-    assert outputs.plan_output_dir(TrainingConfig(output_dir=out, model_preset="small", image_size=16)).action \
+    assert plan_for(TrainingConfig(output_dir=out, model_preset="small", image_size=16)).action \
         == "continue"
-    outputs.remove_temporary(out)
+    RunDir(out).remove_temporary()
     assert not any(path.exists() for path in ours) and not (out / ".tmp-pipeline").exists()
     assert (out / ".tmp-notes.txt").read_text() == "mine"
     with pytest.raises(OutputDirError, match=r"not a ddpm-trainer run's \(.tmp-notes.txt\)"):
-        outputs.plan_output_dir(TrainingConfig(output_dir=out, model_preset="small", image_size=32,
+        plan_for(TrainingConfig(output_dir=out, model_preset="small", image_size=32,
                                                overwrite_output_dir=True))
 
 
@@ -187,14 +192,14 @@ def test_our_own_folder_that_crashed_before_its_record_still_continues(tmp_path)
     out = tmp_path / "out"
     args = [*TINY, "--output_dir", out, "--max_train_steps", "1", "--save_image_epochs", "100"]
     code = ("import os, sys; import trainer.setup as setup\n"
-            "setup.begin = lambda *a: os._exit(9)\n"
+            "setup.start_run = lambda *a: os._exit(9)\n"
             "from trainer.main import entrypoint\nsys.argv = ['ddpm', 'train', *sys.argv[1:]]\nentrypoint()\n")
     crash = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO, env=clean_env(),
                            capture_output=True, text=True)
     assert crash.returncode == 9, crash.stderr
     assert sorted(p.name for p in out.iterdir()) == [".ddpm-train.lock", "data_cache"]
     config = TrainingConfig(output_dir=out, model_preset="small", image_size=16)
-    assert outputs.plan_output_dir(config).action == "continue"
+    assert plan_for(config).action == "continue"
     ddpm("train", *args)
     assert (out / "training_complete.json").is_file()
 
@@ -203,14 +208,14 @@ def recorded_run(out: Path, *args) -> TrainingConfig:
     """The record `ddpm train TINY --output_dir out *args` writes when it begins (its resolved config), as a run of
     ours that the same command continues."""
     from trainer.cli import build_parser
-    from trainer.config import load_config
+    from trainer.config_loading import load_config
     from trainer.setup import with_global_batch
 
     parser, sources = build_parser()
     parsed, unknown = parser.parse_known_args(["train", *map(str, TINY), "--output_dir", str(out), *map(str, args)])
-    config = with_global_batch(load_config(parsed, unknown, sources["train"])[0], 1)
+    config = with_global_batch(load_config(parsed, unknown, sources["train"])[0], RunDir(out), 1)
     out.mkdir(parents=True, exist_ok=True)
-    outputs.write_resolved_config(config)
+    RunDir(out).write_config(config)
     return config
 
 
@@ -257,14 +262,14 @@ def test_every_link_leading_outside_is_refused_with_or_without_overwrite(tmp_pat
     config = TrainingConfig(output_dir=out, model_preset="small", image_size=32 if overwrite else 16,
                             overwrite_output_dir=overwrite)
     with pytest.raises(OutputDirError, match=f"holds links that lead outside it \\({link} -> {target}\\)"):
-        outputs.plan_output_dir(config)
+        plan_for(config)
     assert tree(out) == before and tree(photos) == theirs
     if link == ".ddpm-train.lock":  # the lock-only folder is a new one, and still never written through
         for entry in ("samples", "checkpoints", "training_config.yaml"):
             p = out / entry
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         with pytest.raises(OutputDirError, match="holds links that lead outside it"):
-            outputs.plan_output_dir(config)
+            plan_for(config)
 
 
 def test_links_that_stay_inside_or_are_not_ours_are_left_alone(tmp_path):
@@ -273,10 +278,10 @@ def test_links_that_stay_inside_or_are_not_ours_are_left_alone(tmp_path):
     config = run_folder(out)
     (out / "samples" / "latest.png").symlink_to(out / "samples" / "0000.png")  # stays inside output_dir
     (out / "my-photos").symlink_to(photos)  # the user's own entry: a run never writes there
-    assert outputs.plan_output_dir(config).action == "continue"
+    assert plan_for(config).action == "continue"
     (out / "logs").symlink_to(out / "logs")  # a loop: where it leads cannot be told, so it is refused
     with pytest.raises(OutputDirError, match="holds links that lead outside it"):
-        outputs.plan_output_dir(config)
+        plan_for(config)
 
 
 def test_inputs_and_outputs_never_nest(tmp_path):
@@ -284,17 +289,17 @@ def test_inputs_and_outputs_never_nest(tmp_path):
     for out, words in ((images, "is the same folder as"), (images / "run", "is inside"), (tmp_path, "contains")):
         config = TrainingConfig(output_dir=out, dataset_name="imagefolder", train_data_dir=images)
         with pytest.raises(OutputDirError, match=f"it {words} train_data_dir"):
-            outputs.plan_output_dir(config)
+            plan_for(config)
     with pytest.raises(OutputDirError, match="inside data_cache_dir"):
-        outputs.plan_output_dir(TrainingConfig(output_dir=tmp_path / "c" / "run", data_cache_dir=tmp_path / "c"))
+        plan_for(TrainingConfig(output_dir=tmp_path / "c" / "run", data_cache_dir=tmp_path / "c"))
 
 
 def test_a_different_run_without_overwrite_is_refused(tmp_path):
     out = tmp_path / "out"
     run_folder(out)
     with pytest.raises(OutputDirError, match="holds a different run .*image_size: 16 -> 32.*overwrite_output_dir"):
-        outputs.plan_output_dir(TrainingConfig(output_dir=out, model_preset="small", image_size=32))
-    assert outputs.plan_output_dir(TrainingConfig(output_dir=out, model_preset="small", image_size=16,
+        plan_for(TrainingConfig(output_dir=out, model_preset="small", image_size=32))
+    assert plan_for(TrainingConfig(output_dir=out, model_preset="small", image_size=16,
                                                   max_grad_norm=0.5)).action == "continue"
 
 
@@ -302,15 +307,15 @@ def test_space_preflight_counts_the_checkpoints_the_run_will_keep(tmp_path):
     config = TrainingConfig(output_dir=tmp_path / "run", checkpoints_total_limit=3)
     free = outputs.shutil.disk_usage(tmp_path).free
     with pytest.raises(OutputDirError, match=r"4 more checkpoint\(s\) .* checkpoints_total_limit 3"):
-        outputs.check_space(config, free // 4 + 1, 0, existing_checkpoints=0)
-    outputs.check_space(config, free // 4 + 1, 0, existing_checkpoints=3)  # 3 exist: one more at a time
+        outputs.check_space(config.output_dir, config.checkpoints_total_limit, free // 4 + 1, 0, existing_checkpoints=0)
+    outputs.check_space(config.output_dir, config.checkpoints_total_limit, free // 4 + 1, 0, existing_checkpoints=3)  # 3 exist: one more at a time
     blocker = tmp_path / "file"
     blocker.write_text("x")
     os.chmod(tmp_path, 0o500)
     try:
         if not os.access(tmp_path, os.W_OK):  # root may write anyway: then only the space check applies
             with pytest.raises(OutputDirError, match="not writable"):
-                outputs.check_space(config, 1, 0, 0)
+                outputs.check_space(config.output_dir, config.checkpoints_total_limit, 1, 0, 0)
     finally:
         os.chmod(tmp_path, 0o700)
 
@@ -452,21 +457,21 @@ from pathlib import Path
 import numpy as np
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
-from trainer import outputs
 from trainer.config import TrainingConfig
 from trainer.errors import OutputDirError
+from trainer.run_dir import RunDir
 from trainer.model import SMALL_UNET
 
 out = Path(sys.argv[1])
 config = TrainingConfig(output_dir=out, image_size=8, model_preset="small")
 unet = UNet2DModel(**SMALL_UNET, sample_size=8)
-outputs.save_pipeline(config, unet, DDPMScheduler())  # the previous pipeline, saved with room to spare
+RunDir(out).save_pipeline(unet, DDPMScheduler())  # the previous pipeline, saved with room to spare
 grid = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
 resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
 results = {}
-for what, save in (("pipeline", lambda: outputs.save_pipeline(config, unet, DDPMScheduler())),
-                   ("model card", lambda: outputs.write_model_card(config, None, 7)),
-                   ("grid", lambda: outputs.save_grid(grid, out / "samples" / "0003.png"))):
+for what, save in (("pipeline", lambda: RunDir(out).save_pipeline(unet, DDPMScheduler())),
+                   ("model card", lambda: RunDir(out).write_model_card(config, 7, None)),
+                   ("grid", lambda: RunDir(out).save_grid(grid, 3))):
     try:
         save()
         results[what] = "saved"
@@ -505,15 +510,15 @@ def test_the_pipeline_model_card_and_grid_under_a_full_disk_say_so_and_leave_not
 
 def test_run_id_is_kept_on_resume_and_new_for_an_extension_and_history_records_changes(tmp_path):
     config = TrainingConfig(output_dir=tmp_path, max_train_steps=10)
-    first = run_record.begin(config, step=0, environ={})
-    again = run_record.begin(config, step=4, environ={})
+    first = run_record.record_start(config, RunDir(tmp_path), step=0, environ={})
+    again = run_record.record_start(config, RunDir(tmp_path), step=4, environ={})
     assert again.run_id == first.run_id and again.changes == {}
-    tuned = run_record.begin(config.model_copy(update={"max_grad_norm": 0.5}), step=6, environ={})
+    tuned = run_record.record_start(config.model_copy(update={"max_grad_norm": 0.5}), RunDir(tmp_path), step=6, environ={})
     assert tuned.run_id == first.run_id and tuned.changes == {"max_grad_norm": [1.0, 0.5]}
-    longer = run_record.begin(config.model_copy(update={"max_grad_norm": 0.5, "max_train_steps": 20}), step=10,
-                              environ={})
+    longer = run_record.record_start(config.model_copy(update={"max_grad_norm": 0.5, "max_train_steps": 20}),
+                                     RunDir(tmp_path), step=10, environ={})
     assert longer.run_id != first.run_id
-    history = run_record.read_history(tmp_path)
+    history = RunDir(tmp_path).read_history()
     assert [(h["step"], h["changes"]) for h in history] == [
         (0, {}), (6, {"max_grad_norm": [1.0, 0.5]}), (10, {"max_train_steps": [10, 20]})]
     assert history[-1]["config"]["max_grad_norm"] == 0.5
@@ -524,14 +529,14 @@ def test_the_workload_is_part_of_the_run_id_and_the_marker(tmp_path):
     config = TrainingConfig(output_dir=tmp_path / "a")
     env = {"POD_NAME": "ddpm-train-0-x", "POD_NAMESPACE": "vision", "TRAINING_WORKLOAD": "Job/ddpm-train"}
     (tmp_path / "a").mkdir()
-    record = run_record.begin(config, 0, env)
-    assert run_record.read_history(tmp_path / "a")[0]["kubernetes"] == {
+    record = run_record.record_start(config, RunDir.of(config), 0, env)
+    assert RunDir(tmp_path / "a").read_history()[0]["kubernetes"] == {
         "pod": "ddpm-train-0-x", "namespace": "vision", "workload": "Job/ddpm-train"}
     (tmp_path / "a" / "model_index.json").write_text("{}")
-    marker = json.loads(run_record.write_marker(config, record, 3, 0, env).read_text())
+    marker = json.loads(run_record.write_marker(config, RunDir.of(config), record, 3, 0, env).read_text())
     assert marker["kubernetes"]["workload"] == "Job/ddpm-train" and marker["run_id"] == record.run_id
-    assert run_record.marker_matches(config, "Job/ddpm-train")[0]
-    assert not run_record.marker_matches(config, "Job/other-train")[0]
+    assert run_record.marker_matches(config, RunDir.of(config), "Job/ddpm-train")[0]
+    assert not run_record.marker_matches(config, RunDir.of(config), "Job/other-train")[0]
 
 
 def finished_run(out: Path, steps: int = 4) -> list:
@@ -549,14 +554,14 @@ def test_marker_is_removed_when_training_starts_and_an_extension_never_pushes_th
     assert marker["global_step"] == 4 and set(marker["pipeline"]) >= {"model_index.json",
                                                                        "unet/diffusion_pytorch_model.safetensors"}
     config = TrainingConfig(**yaml.safe_load((out / "training_config.yaml").read_text()))
-    assert run_record.marker_matches(config) == (True, f"run {marker['run_id']} finished at step 4")
+    assert run_record.marker_matches(config, RunDir(out)) == (True, f"run {marker['run_id']} finished at step 4")
 
     # The extension dies hard (os._exit, as on SIGKILL) in its first update, after it has started training.
     crash = _crash_after_start([*args, "--max_train_steps", "8"])
     assert crash.returncode == 9, crash.stderr
     assert not (out / "training_complete.json").exists(), "the old marker was removed when training started"
     longer = config.model_copy(update={"max_train_steps": 8})
-    matches, why = run_record.marker_matches(longer)
+    matches, why = run_record.marker_matches(longer, RunDir(out))
     assert not matches and "no completion marker" in why
     push = ddpm("push", "--output_dir", out, "--hub_model_id", "me/x", "--dry-run", check=False)
     assert push.returncode == EXIT_CONFIG and "is not complete" in push.stderr

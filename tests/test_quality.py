@@ -13,9 +13,10 @@ from torchvision.transforms.functional import gaussian_blur
 
 from conftest import ddpm
 from helpers import scalar_series
-from trainer import quality
+from trainer import data, quality
 from trainer.cli import main
-from trainer.config import TrainingConfig, read_config_file
+from trainer.config import TrainingConfig
+from trainer.run_dir import RunDir
 
 
 def butterflies(image_size: int, **fields) -> TrainingConfig:
@@ -80,9 +81,9 @@ def test_swd_identical_sets_score_zero_and_are_deterministic(monkeypatch):
 
 def test_to_uint8_keeps_uint8_and_quantises_model_range_floats():
     floats = torch.tensor([-1.0, 0.0, 1.0, 2.0]).reshape(1, 1, 1, 4).expand(1, 3, 1, 4)
-    assert quality.to_uint8(floats)[0, 0, :, 0].tolist() == [0, 128, 255, 255]
+    assert data.to_uint8(floats)[0, 0, :, 0].tolist() == [0, 128, 255, 255]
     images = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
-    assert torch.equal(quality.to_uint8(images), images.permute(0, 2, 3, 1))
+    assert torch.equal(data.to_uint8(images), images.permute(0, 2, 3, 1))
 
 
 def test_swd_sees_a_global_colour_shift_and_color_w1_measures_it():
@@ -108,19 +109,19 @@ def test_swd_rejects_what_it_cannot_compare():
 @pytest.fixture(scope="module")
 def halves():
     """Two disjoint sets of 64 built-in butterflies at 32 px."""
-    images = quality.real_images(butterflies(32, builtin_num_images=200), 128)
+    images = data.real_images(butterflies(32, builtin_num_images=200), 128)
     return images[:64], images[64:]
 
 
 def test_real_images_are_deterministic_distinct_training_images(halves):
     a, b = halves
     assert a.shape == (64, 32, 32, 3) and a.dtype == torch.uint8
-    assert torch.equal(torch.cat([a, b]), quality.real_images(butterflies(32, builtin_num_images=200), 128))
+    assert torch.equal(torch.cat([a, b]), data.real_images(butterflies(32, builtin_num_images=200), 128))
     assert len({bytes(x.numpy()) for x in torch.cat([a, b])}) == 128
     from trainer.data import DataError
 
     with pytest.raises(DataError, match="has 200"):
-        quality.real_images(butterflies(32, builtin_num_images=200), 201)
+        data.real_images(butterflies(32, builtin_num_images=200), 201)
 
 
 def test_real_vs_real_scores_far_better_than_noise_and_blur(halves):
@@ -164,7 +165,7 @@ def untrained(run, tmp_path_factory):
 
     out, _ = run
     folder = tmp_path_factory.mktemp("untrained")
-    config = TrainingConfig(**read_config_file(out / "training_config.yaml"))
+    config = TrainingConfig(**RunDir(out).saved_config())
     set_seed(config.seed)
     DDPMPipeline(unet=build_unet(config), scheduler=build_noise_scheduler(config)).save_pretrained(folder)
     shutil.copy(out / "training_config.yaml", folder / "training_config.yaml")
@@ -236,12 +237,12 @@ def test_eval_rejects_an_image_size_the_model_does_not_make_and_too_few_real_ima
 
 
 def test_quality_images_config_field():
-    from trainer.config import cross_field_problems
+    from trainer.config_loading import cross_field_problems
 
     assert TrainingConfig.model_fields["eval_quality_images"].default == 32
     assert any("eval_quality_images must be 0 (off) or at least 2" in p
                for p in cross_field_problems(butterflies(16, eval_quality_images=1)))
     config = butterflies(16, eval_quality_images=64)
-    assert quality.num_quality_images(config, 1000) == 64
-    assert quality.num_quality_images(config, 40) == 40  # capped at the dataset: the reference set has no repeats
-    assert quality.num_quality_images(butterflies(16, eval_quality_images=0), 1000) == 0
+    assert data.num_quality_images(config, 1000) == 64
+    assert data.num_quality_images(config, 40) == 40  # capped at the dataset: the reference set has no repeats
+    assert data.num_quality_images(butterflies(16, eval_quality_images=0), 1000) == 0

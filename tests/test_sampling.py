@@ -20,7 +20,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from conftest import REPO, TINY, clean_env
 from helpers import free_port, scalar_series
-from trainer import quality
+from trainer import data, quality
 from trainer.cli import main
 from trainer.config import TrainingConfig
 from trainer.errors import EXIT_DIVERGED, NonFiniteSamples
@@ -257,7 +257,7 @@ def test_quantising_and_scoring_refuse_non_finite_images():
         images = torch.zeros(2, 3, 8, 8)
         images[1, 0, 3, 3] = value
         with pytest.raises(ValueError, match="NaN/inf"):
-            quality.to_uint8(images)
+            data.to_uint8(images)
         with pytest.raises(ValueError, match="uint8"):  # the metric takes quantised images only
             quality.swd(images.permute(0, 2, 3, 1), images.permute(0, 2, 3, 1))
 

@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import REPO, TINY, clean_env
 from trainer import checkpoint
 from trainer.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from trainer.run_dir import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +63,7 @@ def test_sigterm_during_the_final_save_exits_143_and_the_retry_completes(tmp_pat
     assert proc.returncode == EXIT_PREEMPTED, proc.stderr
     assert "the retry marks the run complete" in proc.stderr
     assert not (out / "training_complete.json").exists(), "never marked complete when stopped"
-    assert [c.name for c in checkpoint.complete_checkpoints(out)] == ["checkpoint-3"]
+    assert [c.name for c in checkpoint.complete_checkpoints(RunDir(out))] == ["checkpoint-3"]
     assert not list(out.glob(".tmp-*")), "the pipeline save finished or left nothing"
     retry = subprocess.run([sys.executable, "-m", "trainer", "train", *map(str, args)], capture_output=True,
                            text=True, cwd=REPO, env=clean_env())
@@ -77,7 +78,7 @@ def test_a_signal_in_training_checkpoints_then_exits_with_its_code(tmp_path, sig
                  "--checkpointing_steps", "1000", "--save_image_epochs", "100", "--eval_quality_images", "0")
     assert proc.returncode == code, proc.stderr
     assert "checkpoint saved at step 2" in proc.stderr
-    assert [c.name for c in checkpoint.complete_checkpoints(out)] == ["checkpoint-2"]
+    assert [c.name for c in checkpoint.complete_checkpoints(RunDir(out))] == ["checkpoint-2"]
     assert checkpoint.damage(out / "checkpoints" / "checkpoint-2") == ""
 
 
@@ -94,7 +95,7 @@ def test_sigterm_during_an_evaluation_checkpoints_within_a_sampler_step_and_the_
     after = int(proc.stderr.split("sampler steps after the signal: ")[1].split()[0])
     assert after <= 1, f"{after} sampler steps ran after SIGTERM"
     assert "evaluation interrupted" in proc.stderr and "checkpoint saved at step 8" in proc.stderr, proc.stderr
-    assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["checkpoint-8"]
+    assert [p.name for p in checkpoint.complete_checkpoints(RunDir(out))] == ["checkpoint-8"]
     assert not list((out / "samples").glob("*.png")), "an interrupted evaluation writes no grid"
 
     retry = subprocess.run([sys.executable, "-m", "trainer", "train", *map(str, args)], capture_output=True,

@@ -8,7 +8,8 @@ import io
 import pytest
 
 from fake_kube import condition, kube_server, pod_env, put_training_run  # noqa: F401 (fixture)
-from trainer.events import RunEvents
+from trainer.errors import EXIT_FAILED, exit_code
+from trainer.events import MilestoneEvents
 from trainer.status import STATUS_FAILED, STATUS_OK, STATUS_UNKNOWN, status
 
 CKPT = "/data/runs/ddpm/checkpoints/checkpoint-{}"
@@ -23,7 +24,7 @@ def ddpm_status(fake, tmp_path, release: str = "ddpm", namespace: str | None = N
 
 def post(fake, tmp_path, run, rank_pod: int = 0, **calls) -> None:
     """Rank 0 posts in the cluster (service account), as the training loop does."""
-    events = RunEvents(pod_env(fake, fake.write_service_account(tmp_path / "sa"), run, rank=rank_pod),
+    events = MilestoneEvents(pod_env(fake, fake.write_service_account(tmp_path / "sa"), run, rank=rank_pod),
                        checkpoint_interval_s=0)
     for method, args in calls.items():
         for one in args:
@@ -146,7 +147,7 @@ def test_a_trainjob_is_found_when_the_pytorchjob_crd_is_missing_and_jobs_may_not
 def test_a_jobset_release_is_found_and_its_pods_ranked(kube_server, tmp_path):
     put_training_run(kube_server, "JobSet")
     code, lines = ddpm_status(kube_server, tmp_path, release="ddpm")
-    assert code == 0 and "workload    JobSet/ddpm-train: running" in lines, lines
+    assert code == STATUS_OK and "workload    JobSet/ddpm-train: running" in lines, lines
     rows = [line.split()[:2] for line in lines if line.strip()[:1].isdigit() and "ddpm-train-node-0-" in line]
     assert [rank for rank, _ in rows] == ["0", "1"] and rows[0][1].startswith("ddpm-train-node-0-0-")
 
@@ -193,7 +194,7 @@ def test_a_binary_token_file_is_exit_1_without_a_traceback(kube_server, tmp_path
     (sa / "token").write_bytes(b"\xff\xfe\x00\x01binary")
     for key, value in kube_server.in_cluster_env(sa).items():
         monkeypatch.setenv(key, value)
-    assert main(["status"]) == STATUS_UNKNOWN
+    assert main(["status"]) == exit_code(STATUS_UNKNOWN) == EXIT_FAILED
     out, err = capsys.readouterr()
     assert out.startswith("error: no Kubernetes access: in-cluster config from ") and "token" in out
     assert "Traceback" not in out + err

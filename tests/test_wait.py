@@ -9,6 +9,7 @@ import time
 import pytest
 
 from fake_kube import FakeKube, closed_port, condition, kube_server, put_training_run  # noqa: F401 (fixture)
+from trainer.errors import EXIT_FAILED, exit_code
 from trainer.wait import WAIT_FAILED, WAIT_OK, WAIT_TIMEOUT, wait_for_training
 
 
@@ -164,7 +165,7 @@ def test_an_unusable_token_falls_back_to_polling_the_marker(kube_server, tmp_pat
     for key, value in kube_server.in_cluster_env(sa).items():
         monkeypatch.setenv(key, value)
     assert main(["wait-for-training", "--workload", "Job/ddpm-train", "--output_dir", str(tmp_path / "run"),
-                 "--poll-seconds", "0.05", "--timeout-seconds", "0.2"]) == WAIT_TIMEOUT
+                 "--poll-seconds", "0.05", "--timeout-seconds", "0.2"]) == exit_code(WAIT_TIMEOUT) == EXIT_FAILED
     out, err = capsys.readouterr()
     assert "polling the completion marker every 0.05s instead" in out and "timed out after 0.2s" in out
     assert "Traceback" not in out + err

@@ -27,9 +27,9 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from trainer.config import TrainingConfig
 from trainer.errors import CheckpointError
-from trainer.outputs import ABANDONED_PREFIX, CHECKPOINTS_NAME, DAMAGED_PREFIX, disk_full, inside, sha256_file
+from trainer.outputs import ABANDONED_PREFIX, DAMAGED_PREFIX, inside
+from trainer.run_dir import RunDir, disk_full, sha256_file
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -55,17 +55,13 @@ class TrainState:
                 setattr(self, f.name, state[f.name])
 
 
-def checkpoints_dir(output_dir: Path) -> Path:
-    return Path(output_dir) / CHECKPOINTS_NAME
-
-
 def step_of(path: Path) -> int:
     return int(_NAME.match(path.name).group(1))
 
 
-def complete_checkpoints(output_dir: Path) -> list[Path]:
+def complete_checkpoints(run_dir: RunDir) -> list[Path]:
     """Checkpoints renamed into place (not .tmp, not set aside as damaged), oldest first."""
-    root = checkpoints_dir(output_dir)
+    root = run_dir.checkpoints
     found = [p for p in root.iterdir() if _NAME.match(p.name) and p.is_dir()] if root.is_dir() else []
     return sorted(found, key=step_of)
 
@@ -152,24 +148,23 @@ class Resume:
     continued: bool = False  # the same rollback as the recorded branch: a retry, continuing it
 
 
-def resolve_resume(config: TrainingConfig) -> Resume:
-    """resume_from_checkpoint = auto | latest | none | <path>, verified. Raises CheckpointError when a checkpoint
-    is required (latest, a path, or auto with checkpoints present) and none is intact."""
-    mode = config.resume_from_checkpoint
+def resolve_resume(mode: str, run_dir: RunDir) -> Resume:
+    """resume_from_checkpoint (`mode`) = auto | latest | none | <path>, verified. Raises CheckpointError when a
+    checkpoint is required (latest, a path, or auto with checkpoints present) and none is intact."""
     if mode == "none":
         return Resume(None)
     if mode not in ("auto", "latest"):
-        return _rollback(config, Path(mode))
-    candidates = list(reversed(complete_checkpoints(config.output_dir)))
+        return _rollback(run_dir, Path(mode))
+    candidates = list(reversed(complete_checkpoints(run_dir)))
     if not candidates:
         if mode == "latest":
             raise CheckpointError(f"resume_from_checkpoint latest: no checkpoint in "
-                                  f"{checkpoints_dir(config.output_dir)}; use auto to start fresh when there is none")
+                                  f"{run_dir.checkpoints}; use auto to start fresh when there is none")
         return Resume(None)
-    return _newest_intact(candidates, mode, config.output_dir)
+    return _newest_intact(candidates, mode, run_dir)
 
 
-def _newest_intact(candidates: list[Path], mode: str, output_dir: Path) -> Resume:
+def _newest_intact(candidates: list[Path], mode: str, run_dir: RunDir) -> Resume:
     damaged = []
     for path in candidates:
         problem = damage(path)
@@ -178,31 +173,28 @@ def _newest_intact(candidates: list[Path], mode: str, output_dir: Path) -> Resum
         damaged.append((path, problem))
     listing = "\n".join(f"  - {path.name}: {problem}" for path, problem in damaged)
     raise CheckpointError(
-        f"no intact checkpoint in {checkpoints_dir(output_dir)} ({mode}); every one is damaged:\n{listing}\n"
+        f"no intact checkpoint in {run_dir.checkpoints} ({mode}); every one is damaged:\n{listing}\n"
         "Restore one from a backup, or start again in a new output_dir (or with resume_from_checkpoint none)")
 
 
-def branch_key(path: Path, output_dir: Path) -> str:
+def branch_key(path: Path, run_dir: RunDir) -> str:
     """How a rollback's checkpoint is recorded: relative to output_dir when inside it (so a volume mounted
     elsewhere is still the same run), else its absolute path."""
-    resolved, root = Path(path).resolve(), Path(output_dir).resolve()
+    resolved, root = Path(path).resolve(), run_dir.root.resolve()
     return resolved.relative_to(root).as_posix() if inside(resolved, root) else str(resolved)
 
 
-def recorded_branch(output_dir: Path) -> dict | None:
+def recorded_branch(run_dir: RunDir) -> dict | None:
     """The rollback the run's newest record was started with (None: the newest start named no checkpoint)."""
-    from trainer.run_record import read_history
-
-    history = read_history(output_dir)
+    history = run_dir.read_history()
     branch = history[-1].get("branch") if history else None
     return branch if isinstance(branch, dict) and "from" in branch and "step" in branch else None
 
 
-def _rollback(config: TrainingConfig, path: Path) -> Resume:
+def _rollback(out: RunDir, path: Path) -> Resume:
     """resume_from_checkpoint <path>. The first time: that checkpoint, verified, and this run's checkpoints at its
     step or later set aside (they are another branch: auto-resume must never take them). The same command again
     (the recorded branch): the branch's newest intact checkpoint, else the chosen one."""
-    out = config.output_dir
     branch = recorded_branch(out)
     if branch is not None and branch["from"] == branch_key(path, out):
         damaged = []
@@ -265,8 +257,8 @@ def _brief(unet: dict | None) -> str:
     return f"block_out_channels {list(unet.get('block_out_channels') or [])}, sample_size {unet.get('sample_size')}"
 
 
-def remove_incomplete(output_dir: Path) -> None:
-    root = checkpoints_dir(output_dir)
+def remove_incomplete(run_dir: RunDir) -> None:
+    root = run_dir.checkpoints
     if root.is_dir():
         for path in root.glob(".tmp-checkpoint-*"):
             shutil.rmtree(path, ignore_errors=True)
@@ -274,11 +266,11 @@ def remove_incomplete(output_dir: Path) -> None:
 
 # ---- saving ------------------------------------------------------------------------------------------------------
 
-def save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: Path, total_limit: int | None,
+def save_checkpoint(accelerator: Accelerator, state: TrainState, run_dir: RunDir, total_limit: int | None,
                     size_estimate: int = 0) -> Path:
     """Every rank writes its part (Accelerate names per-rank files); rank 0 writes the manifest, publishes and
     rotates. A failed save (disk full, ...) removes its temporary folder and leaves the previous checkpoint."""
-    final = checkpoints_dir(output_dir) / f"checkpoint-{state.global_step}"
+    final = run_dir.checkpoint(state.global_step)
     tmp = final.with_name(f".tmp-{final.name}")
     try:
         if accelerator.is_main_process:
@@ -295,7 +287,7 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: Pat
             if final.exists():  # same step saved twice (e.g. preempted right after a periodic save)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            rotate(output_dir, total_limit)
+            rotate(run_dir, total_limit)
     except Exception as e:  # OSError, or a writer's own error type: SafetensorError, torch's RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         full = disk_full(e, f"checkpoint {final.name}", tmp.parent, size_estimate)
@@ -306,23 +298,23 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: Pat
     return final
 
 
-def rotate(output_dir: Path, total_limit: int | None) -> None:
+def rotate(run_dir: RunDir, total_limit: int | None) -> None:
     """Remove the oldest complete checkpoints beyond total_limit (only called after a newer one is complete). The
     checkpoint the run's current command rolled back to is kept: the same command must stay valid for a retry."""
     if total_limit is None:
         return
-    keep = branch_point(output_dir)
-    for old in complete_checkpoints(output_dir)[:-total_limit]:
+    keep = branch_point(run_dir)
+    for old in complete_checkpoints(run_dir)[:-total_limit]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def branch_point(output_dir: Path) -> Path | None:
+def branch_point(run_dir: RunDir) -> Path | None:
     """The checkpoint of this output_dir that the recorded rollback went back to, if it is one of its own."""
-    branch = recorded_branch(output_dir)
+    branch = recorded_branch(run_dir)
     if branch is None or Path(branch["from"]).is_absolute():
         return None
-    return Path(output_dir) / branch["from"]
+    return run_dir.root / branch["from"]
 
 
 def _fsync_tree(root: Path, only: str | None = None) -> None:

@@ -7,17 +7,12 @@ import math
 import sys
 from pathlib import Path
 
-from trainer.config import (
-    CONFIG_FILE_ENV,
-    RESOLVED_CONFIG_NAME,
-    TrainingConfig,
-    build_cli_parser,
-    config_yaml,
-    hub_repo_id_problems,
-    load_config,
-    sampler_steps_problems,
-)
-from trainer.errors import EXIT_OK, ConfigError, DdpmError, Stopped
+from trainer.config import TrainingConfig
+from trainer.config_loading import (CONFIG_FILE_ENV, build_cli_parser, hub_repo_id_problems, load_config,
+                                    sampler_steps_problems)
+from trainer.run_dir import config_yaml
+from trainer.errors import ConfigError, DdpmError, Outcome, Stopped, exit_code
+from trainer.run_dir import CONFIG_NAME, PIPELINE_INDEX, RunDir
 
 EPILOG = """Config sources, lowest to highest: defaults < --config FILE (or $DDPM_CONFIG_FILE) < DDPM_<FIELD> env < --<field> VALUE.
 Exit codes: 0 done, 1 unexpected or network error (retry), 2 bad configuration/input, 3 diverged (non-finite
@@ -60,7 +55,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                     "with as many images of the configured dataset (dataset_name, train_data_dir, ...) at the model's "
                     "sample_size: sliced Wasserstein distance per Laplacian-pyramid level, x1e3, lower is better "
                     "(README: Sample quality). The config is read from the usual sources; when neither --config nor "
-                    f"${CONFIG_FILE_ENV} is given, the run's own {RESOLVED_CONFIG_NAME} in --model is used if present.",
+                    f"${CONFIG_FILE_ENV} is given, the run's own {CONFIG_NAME} in --model is used if present.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli_sources["eval"] = build_cli_parser(evaluate)
     evaluate.add_argument("--model", required=True, type=Path, help="a DDPMPipeline folder, e.g. a run's output_dir")
@@ -119,14 +114,14 @@ def config_file_of(args) -> Path | None:
     return Path(given) if given else None
 
 
-def cmd_train(config: TrainingConfig, config_file: Path | None) -> int:
+def cmd_train(config: TrainingConfig, config_file: Path | None) -> Outcome:
     from trainer.loop import train
 
     train(config, config_file=config_file)
-    return EXIT_OK
+    return Outcome.OK
 
 
-def cmd_launch(train_args: list[str]) -> int:
+def cmd_launch(train_args: list[str]) -> Outcome:
     from trainer.launch import launch
 
     # Validate once here (same sources as the workers will see) so a bad config fails fast with exit 2.
@@ -142,7 +137,7 @@ def cmd_launch(train_args: list[str]) -> int:
     return launch(train_args, config.preemption_grace_seconds)
 
 
-def cmd_push(config: TrainingConfig, args) -> int:
+def cmd_push(config: TrainingConfig, args) -> Outcome:
     from trainer.hub import PushOptions, push
 
     problems = [f"--max-attempts must be at least 1, got {args.max_attempts}"] if args.max_attempts < 1 else []
@@ -154,11 +149,11 @@ def cmd_push(config: TrainingConfig, args) -> int:
     problems += hub_repo_id_problems(config, pushing=True)
     if problems:
         raise ConfigError(problems)
-    push(config, PushOptions(dry_run=args.dry_run, include_checkpoints=args.include_checkpoints,
+    push(config, RunDir.of(config), PushOptions(dry_run=args.dry_run, include_checkpoints=args.include_checkpoints,
                              include_logs=args.include_logs, max_attempts=args.max_attempts,
                              retry_delay_s=args.retry_delay, deadline_s=args.deadline_seconds,
                              request_timeout_s=args.request_timeout))
-    return EXIT_OK
+    return Outcome.OK
 
 
 def not_finite(*flags: tuple[str, float]) -> list[str]:
@@ -167,9 +162,8 @@ def not_finite(*flags: tuple[str, float]) -> list[str]:
     return [f"{flag} must be a finite number, got {value}" for flag, value in flags if not math.isfinite(value)]
 
 
-def cmd_sample(args) -> int:
-    problems = [] if (args.model / "model_index.json").is_file() else [
-        f"--model {args.model} is not a DDPMPipeline folder (no model_index.json)"]
+def cmd_sample(args) -> Outcome:
+    problems = not_a_pipeline(args.model)
     for flag, value in (("--num-images", args.num_images), ("--num_inference_steps", args.num_inference_steps),
                         ("--batch-size", args.batch_size)):
         if value < 1:
@@ -201,7 +195,12 @@ def cmd_sample(args) -> int:
     paths = save_images(images, args.out)
     to_grid(images).save(args.out / "grid.png")
     print(f"wrote {len(paths)} images and {args.out / 'grid.png'}")
-    return EXIT_OK
+    return Outcome.OK
+
+
+def not_a_pipeline(model: Path) -> list[str]:
+    return [] if RunDir(model).has_pipeline() else [
+        f"--model {model} is not a DDPMPipeline folder (no {PIPELINE_INDEX})"]
 
 
 def load_pipeline(model: Path):
@@ -217,26 +216,26 @@ def load_pipeline(model: Path):
                            "give a folder written by save_pretrained, e.g. a finished run's output_dir"]) from e
 
 
-def cmd_eval(args, unknown, cli_source) -> int:
+def cmd_eval(args, unknown, cli_source) -> Outcome:
     import json
     import os
 
-    from trainer.quality import eval_config, evaluate_pipeline, format_report
+    from trainer.evaluate import eval_config, evaluate_pipeline, format_report
 
-    problems = [] if (args.model / "model_index.json").is_file() else [
-        f"--model {args.model} is not a DDPMPipeline folder (no model_index.json)"]
+    problems = not_a_pipeline(args.model)
     problems += [f"--num-images must be at least 2, got {args.num_images}"] if args.num_images < 2 else []
     if problems:
         raise ConfigError(problems)
-    if args.config is None and CONFIG_FILE_ENV not in os.environ and (args.model / RESOLVED_CONFIG_NAME).is_file():
-        args.config = str(args.model / RESOLVED_CONFIG_NAME)  # the run's own config: its data, sampler and seed
+    model = RunDir(args.model)
+    if args.config is None and CONFIG_FILE_ENV not in os.environ and model.config_file.is_file():
+        args.config = str(model.config_file)  # the run's own config: its data, sampler and seed
     config, sources = load_config(args, unknown, cli_source)
-    result = evaluate_pipeline(args.model, eval_config(config, sources, args.model), args.num_images)
+    result = evaluate_pipeline(args.model, eval_config(config, sources, model), args.num_images)
     print(json.dumps(result) if args.json else format_report(result), flush=True)
-    return EXIT_OK
+    return Outcome.OK
 
 
-def cmd_wait(config: TrainingConfig, args) -> int:
+def cmd_wait(config: TrainingConfig, args) -> Outcome:
     import os
 
     from trainer.run_record import marker_matches
@@ -251,20 +250,21 @@ def cmd_wait(config: TrainingConfig, args) -> int:
     if problems:
         raise ConfigError(problems)
     try:
-        return wait_for_training(workload, args.namespace, lambda: marker_matches(config, workload),
+        run_dir = RunDir.of(config)
+        return wait_for_training(workload, args.namespace, lambda: marker_matches(config, run_dir, workload),
                                  poll_seconds=args.poll_seconds, timeout_seconds=args.timeout_seconds,
                                  say=lambda line: print(line, flush=True), context=args.context)
     except ValueError as e:
         raise ConfigError([str(e)]) from e
 
 
-def cmd_status(args) -> int:
+def cmd_status(args) -> Outcome:
     from trainer.status import status
 
     return status(args.release, args.namespace, context=args.context)
 
 
-def run_command(argv: list[str]) -> int:
+def run_command(argv: list[str]) -> Outcome:
     if argv[:1] == ["launch"]:  # everything after `launch` belongs to `ddpm train`, verbatim
         rest = argv[1:]
         return cmd_launch(rest[1:] if rest[:1] == ["--"] else rest)
@@ -283,7 +283,7 @@ def run_command(argv: list[str]) -> int:
     config, sources = _load(args, unknown, cli_sources)
     if args.command == "config":
         sys.stdout.write(config_yaml(config, sources))
-        return EXIT_OK
+        return Outcome.OK
     if args.command == "push":
         return cmd_push(config, args)
     if args.command == "wait-for-training":
@@ -291,23 +291,27 @@ def run_command(argv: list[str]) -> int:
     return cmd_train(config, config_file_of(args))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The one place where errors become exit codes and messages (with the HF token redacted)."""
+def outcome_of(argv: list[str]) -> Outcome:
+    """The one place where errors become outcomes and messages (with the HF token redacted)."""
     from trainer.distributed import ErrorOnMainProcess
-    from trainer.hub import redact
+    from trainer.hf_token import redact
 
     from trainer.signals import SIGNALS
 
     try:
-        return run_command(sys.argv[1:] if argv is None else list(argv))
+        return run_command(list(argv))
     except ErrorOnMainProcess as e:
-        SIGNALS.exiting(e.exit_code)
-        return e.exit_code  # rank 0 prints it
+        SIGNALS.exiting(e.outcome)
+        return e.outcome  # rank 0 prints it
     except DdpmError as e:
-        SIGNALS.exiting(e.exit_code)  # a signal while printing (torchrun stopping this rank) keeps this code
+        SIGNALS.exiting(e.outcome)  # a signal while printing (torchrun stopping this rank) keeps this outcome
         print(redact(f"{e.prefix}{e}"), file=sys.stderr, flush=True)
-        return e.exit_code
+        return e.outcome
     except Stopped as e:
         print(redact(str(e)), file=sys.stderr, flush=True)
-        return e.exit_code
+        return e.outcome
 
+
+def main(argv: list[str] | None = None) -> int:
+    """`ddpm` as a function: the exit code of `argv`'s outcome (trainer.errors.EXIT_CODES)."""
+    return exit_code(outcome_of(sys.argv[1:] if argv is None else argv))

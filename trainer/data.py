@@ -225,3 +225,43 @@ def build_dataloader(config: TrainingConfig, dataset, local_world_size: int) -> 
         persistent_workers=workers > 0,
         worker_init_fn=worker_init,
     )
+
+
+# ---- real reference images (the quality metric's) -----------------------------------------------------------------------------------
+def real_images(config, num_images: int, *, dataset=None, seed: int | None = None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """`num_images` distinct training images as uint8 (N, image_size, image_size, 3), drawn without replacement in
+    an order fixed by `seed` (default config.seed). `dataset` is the training dataset the loop built (items
+    (3, H, W), preprocessed as for training); by default one is built from the config with load_image_source and
+    build_transform. With random_flip, each image is mirrored with probability 1/2, as the model saw them.
+    Raises DataError if the dataset has fewer images."""
+    if dataset is None:
+        dataset = TrainDataset(load_image_source(config), build_transform(config))
+    if num_images > len(dataset):
+        raise DataError(f"{num_images} real images requested but dataset {config.dataset_name} has "
+                        f"{len(dataset)}; compare fewer images")
+    generator = torch.Generator("cpu").manual_seed(config.seed if seed is None else seed)
+    order = torch.randperm(len(dataset), generator=generator)[:num_images]
+    flips = torch.rand(num_images, generator=generator) < 0.5
+    images = to_uint8(torch.stack([dataset[int(i)] for i in order]))
+    if config.random_flip:
+        images[flips] = images[flips].flip(2)
+    return images.to(device)
+
+
+def num_quality_images(config, dataset_size: int) -> int:
+    """Images the training loop scores at each evaluation: eval_quality_images, at most the dataset's size
+    (the reference set has no repeats); 0 when off or when fewer than 2 would be left."""
+    count = min(config.eval_quality_images, dataset_size)
+    return count if count >= 2 else 0
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Training images (N, 3, H, W) -> uint8 (N, H, W, 3). uint8 values are kept; floats are read as the model's
+    [-1, 1] range and quantised as the diffusers pipelines quantise generated images. Non-finite floats are refused:
+    clamping would make NaN black and inf white, an image that looks like a result."""
+    if images.dtype != torch.uint8:
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError("images with NaN/inf values cannot be quantised (or scored)")
+        images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return images.permute(0, 2, 3, 1).contiguous()

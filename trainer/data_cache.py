@@ -28,6 +28,7 @@ import json
 import os
 import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,8 @@ from trainer.data import (
     worker_init,
 )
 from trainer.errors import DataError
-from trainer.outputs import CACHE_TEMPORARY_PREFIX, disk_full
+from trainer.outputs import CACHE_TEMPORARY_PREFIX
+from trainer.run_dir import disk_full
 
 CACHE_VERSION = 2  # bump when build_transform's output changes (2: 16-bit greyscale scaled, not clipped)
 CONTENT_WINDOW = 16 << 10  # bytes read at the head, middle and tail of each source file for the content digest
@@ -67,13 +69,14 @@ class CachedImages(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(self.array[self.rows[i]]))  # a copy: the memmap is read-only
 
 
-def cache_path(config: TrainingConfig, source: ImageSource) -> Path:
-    """<slug>-<size>px-<digest>.npy: the shape trainer.outputs.CACHE_FILE recognises as ours."""
-    identity = {"version": CACHE_VERSION, "dataset": source.name, "fingerprint": source.fingerprint,
+def cache_path(config: TrainingConfig, source: ImageSource, cache_dir: Path) -> Path:
+    """<slug>-<size>px-<digest>.npy in `cache_dir` (RunDir.data_cache): the shape trainer.outputs.CACHE_FILE
+    recognises as ours."""
+    key = {"version": CACHE_VERSION, "dataset": source.name, "fingerprint": source.fingerprint,
                 "length": source.length, "image_size": config.image_size, "center_crop": config.center_crop}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9]+", "-", source.name).strip("-")[-40:]
-    return config.resolved_data_cache_dir / f"{slug}-{config.image_size}px-{digest}.npy"
+    return cache_dir / f"{slug}-{config.image_size}px-{digest}.npy"
 
 
 def content_digest(source: ImageSource) -> str:
@@ -109,8 +112,14 @@ def _blocks_to_verify(count: int, nbytes: int) -> list[int]:
     return sorted({0, count - 1, *(round(i * (count - 1) / (SAMPLED_BLOCKS + 1)) for i in range(1, SAMPLED_BLOCKS + 1))})
 
 
-class Changed(str):
-    """_open's reason when the images changed (not the file): said so in the log line."""
+@dataclass(frozen=True)
+class CacheFile:
+    """What _open found: the mapped array and its sidecar, or why the file cannot be used (then it is rebuilt)."""
+
+    array: np.ndarray | None = None
+    meta: dict | None = None
+    unusable: str = ""  # why not; "" when it can be used
+    images_changed: bool = False  # unusable because the images changed since it was built (not the file)
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -133,7 +142,7 @@ def _build_workers(num_images: int) -> int:
     return 0 if num_images < 512 else min(8, available_cpus())  # starting workers costs more than a few images
 
 
-def _identity(item):
+def _as_is(item):
     return item
 
 
@@ -182,7 +191,7 @@ def _write(config: TrainingConfig, source: ImageSource, tmp: Path) -> dict:
     array = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(source.length, 3, size, size))
     rows, skipped = [], []
     loader = torch.utils.data.DataLoader(_Decode(source, build_transform(config)), batch_size=None,
-                                         num_workers=_build_workers(source.length), collate_fn=_identity,
+                                         num_workers=_build_workers(source.length), collate_fn=_as_is,
                                          worker_init_fn=worker_init)
     for i, image in loader:
         if isinstance(image, str):
@@ -199,8 +208,7 @@ def _write(config: TrainingConfig, source: ImageSource, tmp: Path) -> dict:
     return {"dataset": source.name, "rows": rows, "skipped": skipped, "checksum": checksum}
 
 
-def _open(config: TrainingConfig, source: ImageSource, path: Path,
-          content: str | None = None) -> tuple[np.ndarray, dict] | str:
+def _open(config: TrainingConfig, source: ImageSource, path: Path, content: str | None = None) -> CacheFile:
     """The mapped cache and its sidecar, or why the file on disk cannot be used (then it is rebuilt). With
     `content` (the sources' digest now) the cache is also checked against the images and its own checksum."""
     try:
@@ -211,43 +219,43 @@ def _open(config: TrainingConfig, source: ImageSource, path: Path,
         if checksum["block_bytes"] != CHECKSUM_BLOCK_BYTES:
             raise ValueError(f"checksum blocks of {checksum['block_bytes']} bytes, expected {CHECKSUM_BLOCK_BYTES}")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{type(e).__name__}: {e}"
+        return CacheFile(unusable=f"{type(e).__name__}: {e}")
     shape = (source.length, 3, config.image_size, config.image_size)
     if array.shape != shape or array.dtype != np.uint8:
-        return f"it holds {array.dtype} {array.shape}, expected uint8 {shape}"
+        return CacheFile(unusable=f"it holds {array.dtype} {array.shape}, expected uint8 {shape}")
     if not isinstance(rows, list) or not isinstance(skipped, list) or any(not 0 <= r < source.length for r in rows):
-        return "its sidecar lists rows outside the dataset"
+        return CacheFile(unusable="its sidecar lists rows outside the dataset")
     if content is not None:
         if meta.get("content", "") != content:
-            return Changed("same file names and times, other bytes: content digest "
-                           f"{meta.get('content') or 'none'} -> {content or 'none'}")
+            return CacheFile(unusable="same file names and times, other bytes: content digest "
+                             f"{meta.get('content') or 'none'} -> {content or 'none'}", images_changed=True)
         count = -(-array.size // CHECKSUM_BLOCK_BYTES)
         if len(stored) != count:
-            return f"its checksum lists {len(stored)} blocks, expected {count}"
+            return CacheFile(unusable=f"its checksum lists {len(stored)} blocks, expected {count}")
         verified = _blocks_to_verify(count, array.nbytes)
         bad = [i for i, digest in _block_digests(array, verified).items() if digest != stored[i]]
         if bad:
-            return (f"its content does not match its checksum: block {bad[0]} of {count}"
-                    + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
-                    + ("" if len(verified) == count else f" ({len(verified)} sampled)"))
-    return array, meta
+            return CacheFile(unusable=f"its content does not match its checksum: block {bad[0]} of {count}"
+                             + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                             + ("" if len(verified) == count else f" ({len(verified)} sampled)"))
+    return CacheFile(array, meta)
 
 
-def cached_dataset(config: TrainingConfig, source: ImageSource) -> tuple[CachedImages, str]:
+def cached_dataset(config: TrainingConfig, source: ImageSource, cache_dir: Path) -> tuple[CachedImages, str]:
     """The cache for (config, source), built first if missing or damaged; also fills source.skipped/indices.
     Returns (dataset, what happened: 'reused', 'built now' or 'rebuilt: <why>'). Call it on one process per node
     first (Accelerate's local_main_process_first); concurrent builders on a shared volume are safe, each renames a
     finished file. Raises DataError when no image is readable (and then leaves no cache behind)."""
-    path = cache_path(config, source)
+    path = cache_path(config, source, cache_dir)
     remove_orphans(path.parent)
     # The node's first process checks the cache (module doc); the others open what it has just checked or built.
     content = content_digest(source) if int(os.environ.get("LOCAL_RANK", "0")) == 0 else None
-    opened = _open(config, source, path, content) if path.exists() else "missing"
+    opened = _open(config, source, path, content) if path.exists() else None
     note = "reused"
-    if isinstance(opened, str):
-        note = ("built now" if opened == "missing" else
-                f"rebuilt: the images changed since the cache was built ({opened})" if isinstance(opened, Changed) else
-                f"rebuilt: the cache file was damaged ({opened})")
+    if opened is None or opened.unusable:
+        note = ("built now" if opened is None else
+                f"rebuilt: the images changed since the cache was built ({opened.unusable})" if opened.images_changed
+                else f"rebuilt: the cache file was damaged ({opened.unusable})")
         for stale in (path, path.with_suffix(".json")):
             stale.unlink(missing_ok=True)
         try:
@@ -261,19 +269,21 @@ def cached_dataset(config: TrainingConfig, source: ImageSource) -> tuple[CachedI
             raise DataError(f"dataset {source.name} has no readable images ({len(meta['skipped'])} unreadable: "
                             + "; ".join(meta["skipped"][:3]) + ")")
         opened = _open(config, source, path)
-        if isinstance(opened, str):
-            raise DataError(f"the data cache {path} just built cannot be read back ({opened}); check the volume")
-    array, meta = opened
+        if opened.unusable:
+            raise DataError(f"the data cache {path} just built cannot be read back ({opened.unusable}); check the "
+                            "volume")
+    array, meta = opened.array, opened.meta
     source.skipped, source.indices = meta["skipped"], meta["rows"]
     return CachedImages(array, meta["rows"]), note
 
 
-def training_dataset(config: TrainingConfig, main_process_first) -> tuple[ImageSource, torch.utils.data.Dataset, str]:
+def training_dataset(config: TrainingConfig, cache_dir: Path,
+                     main_process_first) -> tuple[ImageSource, torch.utils.data.Dataset, str]:
     """The images the loop trains on: (source, dataset, a line for the log). `main_process_first` is Accelerate's
     local_main_process_first: one process per node builds the cache, the others then map it."""
     source = load_image_source(config, scan=not config.data_cache)
     if not config.data_cache:
         return source, TrainDataset(source, build_transform(config)), "data cache off: decoding every epoch"
     with main_process_first():
-        dataset, note = cached_dataset(config, source)
-    return source, dataset, f"data cache {cache_path(config, source)} ({note})"
+        dataset, note = cached_dataset(config, source, cache_dir)
+    return source, dataset, f"data cache {cache_path(config, source, cache_dir)} ({note})"

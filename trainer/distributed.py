@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Callable, TypeVar
 
-from trainer.errors import DdpmError
+from trainer.errors import DdpmError, Outcome, exit_code
 from trainer.signals import SIGNALS
 
 T = TypeVar("T")
@@ -26,9 +26,9 @@ def local_world_size() -> int:
 class ErrorOnMainProcess(DdpmError):
     """Raised on the other ranks when rank 0's decision failed; rank 0 prints the message, they stay quiet."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, outcome: Outcome):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.outcome = outcome
 
 
 def decided_by_main(accelerator, decide: Callable[[], T]) -> T:
@@ -42,11 +42,11 @@ def decided_by_main(accelerator, decide: Callable[[], T]) -> T:
         except DdpmError as e:
             failure = e
     if accelerator.num_processes > 1:
-        box = [(result, (str(failure), failure.exit_code) if failure else None)]
+        box = [(result, (str(failure), failure.outcome) if failure else None)]
         broadcast_object_list(box, from_process=0)
         result, shared = box[0]
         if shared:
-            SIGNALS.exiting(shared[1])  # every rank leaves with this code, whichever one torchrun sees exit first
+            SIGNALS.exiting(shared[1])  # every rank leaves with this outcome, whichever one torchrun sees exit first
         if shared and not accelerator.is_main_process:
             raise ErrorOnMainProcess(*shared)
     if failure is not None:
@@ -87,8 +87,8 @@ def communication_failure(error: BaseException) -> BaseException | None:
     return None
 
 
-def leave_process_group(code: int) -> None:
-    """At the end of a process that joined a process group: leave it and exit at once with `code`.
+def leave_process_group(outcome: Outcome) -> None:
+    """At the end of a process that joined a process group: leave it and exit at once with the code of `outcome`.
 
     Left to the interpreter's shutdown, the gloo group's threads can be destroyed while still joinable ('terminate
     called without an active exception': SIGABRT) once the other rank has gone, and the shutdown is slow enough for
@@ -99,8 +99,8 @@ def leave_process_group(code: int) -> None:
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return
-    if code != 0:
-        SIGNALS.exiting(code)
+    if outcome != Outcome.OK:
+        SIGNALS.exiting(outcome)
     try:
         dist.destroy_process_group()
     except Exception as e:  # a peer already gone can make the group's teardown complain; the exit code stands
@@ -108,4 +108,4 @@ def leave_process_group(code: int) -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(exit_code(outcome))

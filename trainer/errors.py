@@ -1,30 +1,84 @@
-"""Exit codes and the errors a user can act on. Library code raises these; only the CLI turns them into exit codes.
+"""Outcomes, their exit codes, and the errors a user can act on. Library code raises these or returns an outcome; only
+the CLI turns them into exit codes, through EXIT_CODES.
 
 A Kubernetes Job (podFailurePolicy), a Kubeflow operator (ExitCode restart policy: 1-127 permanent, 128-255
-retryable) and a shell all act on the exit code, so each error class carries the one code that says what to do.
+retryable) and a shell all act on the exit code, so each error class carries the one outcome that says what to do.
 """
 
 from __future__ import annotations
 
-# Exit codes (README: Fault tolerance).
-EXIT_OK = 0
-EXIT_FAILED = 1  # an unexpected or transient error (network): a retry may help
-EXIT_CONFIG = 2  # bad configuration or input: retrying cannot help
-EXIT_DIVERGED = 3  # non-finite losses, weights or samples: retrying cannot help
-EXIT_STALLED = 124  # no progress for stall_timeout_seconds (trainer/stall.py): a retry may help but counts (< 128)
-EXIT_PREEMPTED = 143  # stopped on SIGTERM (128 + 15; checkpoint saved if training had started): retry to resume
-EXIT_INTERRUPTED = 130  # stopped on SIGINT (Ctrl-C), checkpoint saved if training had started: 128 + SIGINT
+from enum import Enum
+
+
+class Outcome(Enum):
+    """How a command ended, in the terms a scheduler acts on. EXIT_CODES below is the one place that turns an
+    outcome into an exit code; errors carry their outcome, commands return one (trainer.cli)."""
+
+    OK = "ok"  # finished (train), uploaded (push), the workload succeeded (wait-for-training), ...
+    FAILED = "failed"  # an unexpected or transient error (network), a wait that timed out: a retry may help
+    REFUSED = "refused"  # bad configuration or input, or a workload that failed: retrying cannot help
+    DIVERGED = "diverged"  # non-finite losses, weights or samples: retrying cannot help
+    STALLED = "stalled"  # no progress for stall_timeout_seconds (trainer/stall.py): a retry may help but counts
+    PREEMPTED = "preempted"  # SIGTERM or a lost peer (checkpoint saved if training had started): retry to resume
+    INTERRUPTED = "interrupted"  # SIGINT (Ctrl-C), checkpoint saved if training had started
+
+
+# The one mapping (README: Fault tolerance, exit codes). A Kubeflow operator's ExitCode restart policy treats 1-127
+# as permanent and 128-255 as retryable, hence 143 (128 + SIGTERM) for a preemption and 124 (< 128) for a stall.
+EXIT_CODES: dict[Outcome, int] = {
+    Outcome.OK: 0,
+    Outcome.FAILED: 1,
+    Outcome.REFUSED: 2,
+    Outcome.DIVERGED: 3,
+    Outcome.STALLED: 124,  # as GNU timeout
+    Outcome.PREEMPTED: 143,  # 128 + SIGTERM
+    Outcome.INTERRUPTED: 130,  # 128 + SIGINT
+}
+_OUTCOMES = {code: outcome for outcome, code in EXIT_CODES.items()}
+
+
+def exit_code(outcome: Outcome) -> int:
+    return EXIT_CODES[outcome]
+
+
+def outcome_of_exit_code(code: int) -> Outcome:
+    """A child process's exit code read back (`ddpm launch`'s workers); any code not in the mapping (a crash, a
+    process killed by a signal: negative) is FAILED."""
+    return _OUTCOMES.get(code, Outcome.FAILED)
+
+
+EXIT_OK = exit_code(Outcome.OK)
+EXIT_FAILED = exit_code(Outcome.FAILED)
+EXIT_CONFIG = exit_code(Outcome.REFUSED)
+EXIT_DIVERGED = exit_code(Outcome.DIVERGED)
+EXIT_STALLED = exit_code(Outcome.STALLED)
+EXIT_PREEMPTED = exit_code(Outcome.PREEMPTED)
+EXIT_INTERRUPTED = exit_code(Outcome.INTERRUPTED)
+
+
+def causes(error: BaseException | None):
+    """The error and what caused it, outermost first (libraries wrap: huggingface_hub an HTTP error in a RuntimeError,
+    safetensors an OSError in its own error); each once, so a cycle in the chain ends."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 class DdpmError(Exception):
-    """An error with a message for the user and the exit code that tells a scheduler what to do."""
+    """An error with a message for the user and the outcome that tells a scheduler what to do."""
 
-    exit_code = EXIT_FAILED
+    outcome = Outcome.FAILED
     prefix = "error: "  # how the CLI introduces the message
 
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.outcome)
 
     def __str__(self) -> str:
         return self.message
@@ -33,7 +87,7 @@ class DdpmError(Exception):
 class UserError(DdpmError):
     """Something the user must fix; retrying the same command cannot help (exit 2)."""
 
-    exit_code = EXIT_CONFIG
+    outcome = Outcome.REFUSED
 
 
 class ConfigError(UserError):
@@ -78,20 +132,20 @@ class PeerLost(DdpmError):
     launch` restarts its workers without using up a restart, and every rank resumes from the newest checkpoint.
     The same failure before any update stays exit 1 (counted): a network that never works must not retry forever."""
 
-    exit_code = EXIT_PREEMPTED
+    outcome = Outcome.PREEMPTED
     prefix = ""
 
 
 class Diverged(DdpmError):
     """Too many consecutive non-finite losses, or non-finite weights where a model would be written (exit 3)."""
 
-    exit_code = EXIT_DIVERGED
+    outcome = Outcome.DIVERGED
 
 
 class NonFiniteSamples(DdpmError):
     """Sampled images hold NaN/inf values: they are never quantised, saved or scored (exit 3)."""
 
-    exit_code = EXIT_DIVERGED
+    outcome = Outcome.DIVERGED
 
     def __init__(self, sampler: str, bad: int, checked: int):
         self.sampler, self.bad, self.checked = sampler, bad, checked
@@ -107,9 +161,13 @@ class Stopped(BaseException):
     A BaseException, like KeyboardInterrupt: the signal handler may raise it anywhere, and a library's broad
     `except Exception` (an image decoder's, say) must not mistake it for a corrupt file and carry on."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, outcome: Outcome):
         super().__init__(message)
-        self.message, self.exit_code = message, exit_code
+        self.message, self.outcome = message, outcome
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.outcome)
 
     def __str__(self) -> str:
         return self.message

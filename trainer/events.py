@@ -1,6 +1,6 @@
 """Best-effort Kubernetes Events for the run's milestones, so `kubectl describe` and `kubectl get events` show them.
 
-Rank 0 creates one `RunEvents`; each milestone (started, checkpoint, evaluated, non-finite samples, preempted,
+Rank 0 creates one `MilestoneEvents`; each milestone (started, checkpoint, evaluated, non-finite samples, preempted,
 diverged, stalled, failed, completed) becomes one core/v1 Event on this pod and one on the workload that owns it
 (trainer.kube.resolve_workload), with a human message and machine-readable annotations (`ddpm-trainer/<key>`) that `ddpm status` reads instead of
 parsing prose.
@@ -90,16 +90,30 @@ def _first_line(text: str) -> str:
 _CLOSE = object()
 
 
-class RunEvents:
+class MilestoneEvents:
     """Posts the run's milestones as Events from a background thread. Every method returns at once."""
 
-    def __init__(self, environ: Mapping[str, str] | None = None, *, checkpoint_interval_s: float = 60.0,
-                 queue_size: int = 256, request_timeout: tuple[float, float] = kube.REQUEST_TIMEOUT,
-                 clock=time.monotonic):
-        self._init_state(checkpoint_interval_s, queue_size, clock)
+    def __init__(self, environ: Mapping[str, str] | None = None, *, post: bool = True,
+                 checkpoint_interval_s: float = 60.0, queue_size: int = 256,
+                 request_timeout: tuple[float, float] = kube.REQUEST_TIMEOUT, clock=time.monotonic):
+        """`post` False: a silent no-op (ranks other than 0), whatever the environment says."""
+        self.checkpoint_interval_s = checkpoint_interval_s  # at most one CheckpointSaved per interval
+        self.dropped = 0  # milestones not posted because the queue was full
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last_checkpoint_at: float | None = None
+        self._pending_checkpoint: Milestone | None = None  # the newest rate-limited one, posted later
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._pod: kube.PodRef | None = None
+        self._off = True  # until the thread starts; for good once the API refused or could not be reached
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._warned_other = False
+        if not post:
+            return
         env = dict(os.environ if environ is None else environ)
         try:
-            self._pod = kube.PodIdentity.from_env(env)
+            self._pod = kube.PodRef.from_env(env)
         except ValueError as e:  # a malformed TRAINING_WORKLOAD: the chart's bug, not a reason to stop training
             log.warning("Kubernetes events off: %s", e)
             return
@@ -111,31 +125,10 @@ class RunEvents:
                                         daemon=True)
         self._thread.start()
 
-    def _init_state(self, checkpoint_interval_s: float, queue_size: int, clock) -> None:
-        self.checkpoint_interval_s = checkpoint_interval_s  # at most one CheckpointSaved per interval
-        self.dropped = 0  # milestones not posted because the queue was full
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._last_checkpoint_at: float | None = None
-        self._pending_checkpoint: Milestone | None = None  # the newest rate-limited one, posted later
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._pod: kube.PodIdentity | None = None
-        self._off = True  # until the thread starts; for good once the API refused or could not be reached
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        self._warned_other = False
-
     @classmethod
-    def off(cls) -> "RunEvents":
+    def off(cls) -> "MilestoneEvents":
         """A silent no-op, for ranks other than 0."""
-        events = cls.__new__(cls)
-        events._init_state(0.0, 1, time.monotonic)
-        return events
-
-    @property
-    def active(self) -> bool:
-        """False outside a pod and once the API refused, timed out or could not be reached."""
-        return not self._off
+        return cls(post=False)
 
     # ---- milestones --------------------------------------------------------------------------------------------
     def started(self, global_batch: int, processes: int, step: int, total_steps: int,

@@ -1,6 +1,6 @@
 """`ddpm push`: upload a finished run's pipeline, model card and last sample grid to the Hugging Face Hub.
 
-What goes up (paths relative to output_dir, the layout trainer/outputs.py writes):
+What goes up (paths relative to output_dir, the layout of trainer/run_dir.py):
   model_index.json, unet/, scheduler/   the DDPMPipeline
   README.md                              the model card
   training_config.yaml                   the resolved config of the run
@@ -12,12 +12,12 @@ run id, same step, the same SHA-256 for every pipeline file, all weights finite)
 or replaced since can never send its old or half-written model.
 
 The token comes only from $HF_TOKEN and never appears in output: every message printed here, tracebacks included,
-goes through `_redact`. Pushing is idempotent: the repo is created with exist_ok, and huggingface_hub leaves out of
+goes through trainer.hf_token's redaction. Pushing is idempotent: the repo is created with exist_ok, and huggingface_hub leaves out of
 the commit every file whose content the repo already holds, so a second push of the same run changes nothing.
 
 Nothing waits forever: every HTTP request has connect and read timeouts (huggingface_hub's own client has none by
 default), transient failures (connection errors, timeouts, HTTP 408/429/5xx) are retried with exponential backoff,
-and the whole push has a deadline after which it stops with exit 1. The whole create_repo + upload_folder is
+and the whole push has a deadline after which it stops with exit 1 (the retries and the deadline: trainer.retry). The whole create_repo + upload_folder is
 retried; that resumes cleanly because content the Hub already has is not re-sent (huggingface_hub's own
 `http_backoff` already retries the single LFS uploads inside it).
 """
@@ -27,25 +27,19 @@ from __future__ import annotations
 import glob
 import os
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.config import RESOLVED_CONFIG_NAME, TrainingConfig
-from trainer.errors import DdpmError, PushError, PushFailed
-from trainer.outputs import COMPLETE_MARKER, all_finite
-from trainer.run_record import pipeline_mismatch, read_history, read_marker
+from trainer.config import TrainingConfig
+from trainer.errors import DdpmError, PushError, PushFailed, causes
+from trainer.hf_token import TOKEN_ENV, TOKEN_HELP, redact_token, token as hf_token
+from trainer.retry import describe, status_code, with_retries, within
+from trainer.run_dir import (CHECKPOINTS_NAME, CONFIG_NAME, LOGS_NAME, MODEL_CARD_NAME, PIPELINE_FOLDERS,
+                             PIPELINE_INDEX, RunDir, all_finite)
 
-TOKEN_ENV = "HF_TOKEN"
-TOKEN_HELP = (
-    "create a write token at https://huggingface.co/settings/tokens and export HF_TOKEN=hf_... "
-    "(on Kubernetes: the Secret named by push.tokenSecret, key push.tokenSecretKey)"
-)
-PIPELINE_FOLDERS = ("unet", "scheduler")  # with model_index.json: what DDPMPipeline.save_pretrained writes
-MAX_RETRY_DELAY_S = 60.0  # the backoff doubles from the base delay up to this
 
 
 CONNECT_TIMEOUT_S = 10.0  # to open a connection to the Hub
@@ -69,37 +63,31 @@ def _files_under(out: Path, folder: str) -> list[str]:
     return sorted(p.relative_to(out).as_posix() for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
 
 
-def last_sample_grid(out: Path) -> str | None:
-    """samples/<epoch>.png with the highest epoch, compared as numbers."""
-    samples = out / "samples"
-    grids = [p for p in samples.glob("*.png") if p.stem.isdigit()] if samples.is_dir() else []
-    return max(grids, key=lambda p: int(p.stem)).relative_to(out).as_posix() if grids else None
-
-
-def check_complete(out: Path) -> dict:
-    """The completion marker of the run in `out`, checked against what would be uploaded; PushError saying what to
-    do when the run is not finished, or when the pipeline is not the one the marker describes."""
-    marker = read_marker(out)
+def check_complete(run_dir: RunDir) -> dict:
+    """The completion marker of the run in `run_dir`, checked against what would be uploaded; PushError saying what
+    to do when the run is not finished, or when the pipeline is not the one the marker describes."""
+    out = run_dir.root
+    marker = run_dir.read_marker()
     if marker is None:
         raise PushError(
-            f"the run in {out} is not complete: {out / COMPLETE_MARKER} does not exist (rank 0 writes it last, when "
+            f"the run in {out} is not complete: {run_dir.marker_file} does not exist (rank 0 writes it last, when "
             f"training finishes). Wait for the run to end, or finish it with `ddpm train` and the same config, then "
             f"push again; if the run is elsewhere, set output_dir to its folder.")
-    if not (out / "model_index.json").is_file():
-        raise PushError(f"{out} has {COMPLETE_MARKER} but no model_index.json: no pipeline to push")
-    history = read_history(out)
+    if not run_dir.has_pipeline():
+        raise PushError(f"{out} has {run_dir.marker_file.name} but no {PIPELINE_INDEX}: no pipeline to push")
+    history = run_dir.read_history()
     if history and history[-1].get("run_id") != marker.get("run_id"):
         raise PushError(f"the completion marker is from run {marker.get('run_id')} but {out} now holds run "
                         f"{history[-1].get('run_id')} (started {history[-1].get('run_started_at')}), which has not "
                         "finished; wait for it to finish and push again")
-    mismatch = pipeline_mismatch(out, marker)
+    mismatch = run_dir.pipeline_mismatch(marker)
     if mismatch:
         raise PushError(f"the pipeline in {out} is not the one the completion marker describes (run "
                         f"{marker.get('run_id')}, step {marker.get('global_step')}): {mismatch}. A newer training may "
                         "be writing there: wait for it to finish, then push again")
     from safetensors.torch import load_file
 
-    for weights in sorted((out / "unet").glob("*.safetensors")):
+    for weights in sorted(run_dir.unet.glob("*.safetensors")):
         if not all_finite(load_file(weights).values()):
             raise PushError(f"{weights} holds NaN/inf weights; refusing to push a broken model")
     return marker
@@ -110,50 +98,32 @@ def allow_patterns_for(paths: list[str]) -> list[str]:
     return [glob.escape(p) for p in paths]
 
 
-def upload_plan(config: TrainingConfig, options: PushOptions) -> list[str]:
+def upload_plan(run_dir: RunDir, options: PushOptions) -> list[str]:
     """Exactly the files upload_folder will send: paths relative to output_dir, sorted."""
     from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
-    out = Path(config.output_dir)
-    wanted = ["model_index.json", *(f for folder in PIPELINE_FOLDERS for f in _files_under(out, folder))]
-    wanted += [name for name in ("README.md", RESOLVED_CONFIG_NAME) if (out / name).is_file()]
-    if grid := last_sample_grid(out):
-        wanted.append(grid)
+    out = run_dir.root
+    wanted = [PIPELINE_INDEX, *(f for folder in PIPELINE_FOLDERS for f in _files_under(out, folder))]
+    wanted += [name for name in (MODEL_CARD_NAME, CONFIG_NAME) if (out / name).is_file()]
+    if grid := run_dir.last_grid():
+        wanted.append(grid.relative_to(out).as_posix())
     if options.include_checkpoints:  # complete ones only: .tmp-checkpoint-* is a save that never finished
-        wanted += [f for f in _files_under(out, "checkpoints") if not f.split("/")[1].startswith(".tmp-")]
+        wanted += [f for f in _files_under(out, CHECKPOINTS_NAME) if not f.split("/")[1].startswith(".tmp-")]
     if options.include_logs:
-        wanted += _files_under(out, "logs")
+        wanted += _files_under(out, LOGS_NAME)
     # upload_folder's own filter, with the patterns push() gives it: the plan is what it really selects.
     return list(filter_repo_objects(sorted(set(wanted)), allow_patterns=allow_patterns_for(wanted),
                                     ignore_patterns=DEFAULT_IGNORE_PATTERNS))
 
 
-# ---- retries -----------------------------------------------------------------------------------------------------
-
-def _chain(error: BaseException | None):
-    """The error and what caused it (huggingface_hub wraps HTTP errors, e.g. in RuntimeError for LFS uploads)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        yield error
-        error = error.__cause__ or error.__context__
-
-
-def status_code(error: BaseException) -> int | None:
-    """The HTTP status anywhere in the exception chain, if the error came from a response."""
-    for cause in _chain(error):
-        status = getattr(getattr(cause, "response", None), "status_code", None)
-        if status is not None:
-            return status
-    return None
-
+# ---- what is worth retrying -----------------------------------------------------------------------------------
 
 def is_transient(error: BaseException) -> bool:
     """Connection problems, timeouts, HTTP 408/429/5xx: worth retrying. Not other 4xx, not offline mode."""
     import httpx2
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    for cause in _chain(error):
+    for cause in causes(error):
         if isinstance(cause, OfflineModeIsEnabled):
             return False
         if isinstance(cause, (httpx2.TransportError, ConnectionError, TimeoutError)):
@@ -162,52 +132,7 @@ def is_transient(error: BaseException) -> bool:
     return status is not None and (status in (408, 429) or status >= 500)
 
 
-def retry_after_s(error: BaseException) -> float | None:
-    for cause in _chain(error):
-        response = getattr(cause, "response", None)
-        headers = getattr(response, "headers", None) or {}
-        value = next((str(v).strip() for k, v in headers.items() if k.lower() == "retry-after"), "")
-        if value.isdigit():
-            return float(value)
-    return None
-
-
-def backoff_delays(attempts: int, base_s: float, cap_s: float = MAX_RETRY_DELAY_S) -> list[float]:
-    """The waits before attempts 2..attempts: base, 2 base, 4 base, ..., at most cap_s."""
-    return [min(cap_s, base_s * 2**i) for i in range(max(attempts - 1, 0))]
-
-
-def with_retries(action: Callable[[], object], attempts: int, base_delay_s: float, log: Callable[[str], None],
-                 sleep: Callable[[float], None] = time.sleep, deadline: float | None = None):
-    """Run `action`; after a transient error wait (the backoff, or the server's Retry-After if longer) and rerun it.
-    No retry starts whose wait would end after `deadline` (time.monotonic()): the last error is raised instead."""
-    delays = backoff_delays(attempts, base_delay_s)
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except Exception as error:
-            error.attempts = attempt  # how many were made, for the message
-            if attempt == attempts or not is_transient(error):
-                raise
-            delay = max(delays[attempt - 1], min(retry_after_s(error) or 0.0, MAX_RETRY_DELAY_S))
-            if deadline is not None and time.monotonic() + delay >= deadline:
-                error.deadline = True
-                raise
-            log(f"transient error ({describe(error)}); retry {attempt}/{attempts - 1} in {delay:g}s")
-            sleep(delay)
-
-
 # ---- the push ----------------------------------------------------------------------------------------------------
-
-def _redact(text: str, token: str | None) -> str:
-    return text.replace(token, "<HF_TOKEN>") if token else text
-
-
-def describe(error: BaseException) -> str:
-    first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    status = status_code(error)
-    return f"HTTP {status}: {first_line}" if status else first_line
-
 
 def _size(n: float) -> str:
     for unit in ("B", "kB", "MB"):
@@ -217,17 +142,11 @@ def _size(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def redact(text: str, environ: dict[str, str] | None = None) -> str:
-    """`text` with the HF_TOKEN value replaced: for every message that might echo a request or a header."""
-    token = (os.environ if environ is None else environ).get(TOKEN_ENV, "").strip()
-    return _redact(text, token or None)
-
-
 def check_can_push(environ: dict[str, str] | None = None) -> None:
     """What a push needs from the environment, checked before minutes of training (push_to_hub) or uploading."""
     from huggingface_hub import constants
 
-    if not (os.environ if environ is None else environ).get(TOKEN_ENV, "").strip():
+    if not hf_token(environ):
         raise PushError(f"{TOKEN_ENV} is not set; {TOKEN_HELP}")
     if constants.HF_HUB_OFFLINE:
         raise PushError("HF_HUB_OFFLINE is set, so huggingface_hub will not contact the Hub; unset it to push")
@@ -237,45 +156,44 @@ def use_timeouts(request_timeout_s: float) -> None:
     """huggingface_hub's shared HTTP client has no timeout at all: a server that accepts the connection and never
     answers would hang the push forever. Give every request connect and read/write timeouts."""
     import httpx2
-    from huggingface_hub.utils import set_client_factory
-    from huggingface_hub.utils._http import default_client_factory
+    from huggingface_hub.utils import get_session, set_client_factory
 
-    def client():
-        made = default_client_factory()
-        made.timeout = httpx2.Timeout(request_timeout_s, connect=CONNECT_TIMEOUT_S)
-        return made
-
-    set_client_factory(client)
+    # The clients made from now on keep huggingface_hub's own request hooks (offline mode, request ids), copied from
+    # the session its default factory made: the factory itself is not public.
+    hooks = get_session().event_hooks
+    timeout = httpx2.Timeout(request_timeout_s, connect=CONNECT_TIMEOUT_S)
+    set_client_factory(lambda: httpx2.Client(event_hooks=hooks, follow_redirects=True, timeout=timeout))
 
 
-def push(config: TrainingConfig, options: PushOptions, environ: dict[str, str] | None = None,
+def push(config: TrainingConfig, run_dir: RunDir, options: PushOptions, environ: dict[str, str] | None = None,
          say: Callable[[str], None] | None = None) -> str:
     """`ddpm push` (and `push_to_hub` at the end of training). Returns the repo URL; raises PushError (exit 2) or
     PushFailed (exit 1). Every message goes through `redact`."""
     environ = dict(os.environ if environ is None else environ)
-    token = environ.get(TOKEN_ENV, "").strip() or None
+    token = hf_token(environ)
     emit = say or (lambda message, stream=None: print(message, file=stream or sys.stdout, flush=True))
 
     def say(message: str, stream=None) -> None:
-        emit(_redact(message, token), stream)
+        emit(redact_token(message, token), stream)
 
     try:
-        return _push(config, options, token, environ, say)
+        return _push(config, run_dir, options, token, environ, say)
     except DdpmError:
         raise
     except Exception as e:  # unexpected: print the traceback (it helps), but it must not carry the token either
-        say(_redact("".join(traceback.format_exception(e)).rstrip(), token), sys.stderr)
-        raise PushFailed(_redact(f"pushing to {config.hub_repo_id} failed: {describe(e)}; `ddpm push` is safe to run "
+        say(redact_token("".join(traceback.format_exception(e)).rstrip(), token), sys.stderr)
+        raise PushFailed(redact_token(f"pushing to {config.hub_repo_id} failed: {describe(e)}; `ddpm push` is safe to run "
                                  "again", token)) from None
 
 
-def _push(config: TrainingConfig, options: PushOptions, token: str | None, environ: dict, say) -> str:
+def _push(config: TrainingConfig, run_dir: RunDir, options: PushOptions, token: str | None, environ: dict,
+          say) -> str:
     from huggingface_hub import constants
 
-    out = Path(config.output_dir)
+    out = run_dir.root
     repo_id = config.hub_repo_id
-    marker = check_complete(out)
-    files = upload_plan(config, options)
+    marker = check_complete(run_dir)
+    files = upload_plan(run_dir, options)
     sizes = {f: (out / f).stat().st_size for f in files}
     visibility = {True: "private", False: "public", None: "default visibility"}[config.hub_private_repo]
     what = f"{len(files)} files ({_size(sum(sizes.values()))}) from {out} to {constants.ENDPOINT}/{repo_id} ({visibility})"
@@ -307,6 +225,7 @@ def _push(config: TrainingConfig, options: PushOptions, token: str | None, envir
 
     def attempts():
         return with_retries(upload, options.max_attempts, options.retry_delay_s, lambda m: say(m, sys.stderr),
+                            retryable=is_transient,
                             deadline=deadline)
 
     try:
@@ -332,31 +251,10 @@ def _push(config: TrainingConfig, options: PushOptions, token: str | None, envir
                 f"`ddpm push` again later: it resumes, content already uploaded is not sent again"
             ) from None
         raise
-    mismatch = pipeline_mismatch(out, marker)
+    mismatch = run_dir.pipeline_mismatch(marker)
     if mismatch:  # something rewrote the pipeline while it was being read
         raise PushFailed(f"the pipeline in {out} changed during the upload ({mismatch}); the repo may hold a mix. "
                          "Run `ddpm push` again once training there has finished")
     say(f"{repo_id} is at commit {commit.oid}")
     say(f"pushed: {url}")
     return str(url)
-
-
-def within(deadline: float, action: Callable[[], object]):
-    """Run `action` in a daemon thread and give up at `deadline` (monotonic) with TimeoutError: a request stuck
-    below the HTTP timeouts (DNS, a TLS handshake) must not hold the process past its deadline."""
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["value"] = action()
-        except BaseException as e:  # handed to the waiting thread as is
-            outcome["error"] = e
-
-    worker = threading.Thread(target=run, daemon=True, name="hub-push")
-    worker.start()
-    worker.join(max(0.0, deadline - time.monotonic()))
-    if worker.is_alive():
-        raise TimeoutError
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]

@@ -1,4 +1,5 @@
-"""Cluster access through the official `kubernetes` client: configuration, owner resolution, workload state.
+"""Cluster access through the official `kubernetes` client: configuration, calls, owner resolution, and every call as
+RBAC sees it (the chart's Roles are made from that table). A workload's state from its status is trainer.workload_state.
 
 Used by trainer.events (rank 0 posts Events), trainer.wait (the push Job's init container) and trainer.status
 (`ddpm status` on a laptop). Every call has short timeouts and no retries, and fails with a typed `KubeError`, so a
@@ -15,12 +16,6 @@ What this relies on (Kubernetes docs and sources):
   apiVersion, kind, name and uid (namespace = the dependent's). The Job controller owns its pods; the JobSet
   controller (jobset.x-k8s.io) owns its Jobs; the Kubeflow Trainer v2 controller owns the JobSet of a TrainJob; the
   Training Operator v1 owns a PyTorchJob's pods directly.
-- Conditions: Job https://kubernetes.io/docs/concepts/workloads/controllers/job/#terminal-job-conditions
-  (JobConditionType Complete, Failed, Suspended, FailureTarget -- FailureTarget is set as soon as the Job is going to
-  fail, before its pods are gone); PyTorchJob: kubeflow/training-operator `pkg/apis/kubeflow.org/v1/common_types.go`
-  (Created, Running, Restarting, Succeeded, Suspended, Failed); JobSet: kubernetes-sigs/jobset
-  `api/jobset/v1alpha2/jobset_types.go` (Completed, Failed, Suspended); TrainJob: kubeflow/trainer
-  `pkg/apis/trainer/v1alpha1/trainjob_types.go` (Complete, Failed, Suspended).
 - Request verbs: https://kubernetes.io/docs/reference/access-authn-authz/authorization/#determine-the-request-verb --
   GET on one object is `get`, on a collection `list`, with ?watch=true `watch`; POST `create`; PATCH `patch`.
 """
@@ -129,7 +124,7 @@ def wait_calls(workload_kind: str) -> Calls:
 
 def role_rules(calls: Calls) -> list[dict]:
     """`calls` (trainer_calls, wait_calls) as the `rules` of an rbac.authorization.k8s.io/v1 Role: one rule per
-    resource, sorted. Each pod identity gets a Role of exactly its own calls."""
+    resource, sorted. Each pod's service account gets a Role of exactly its own calls."""
     return [{"apiGroups": [group], "resources": [resource], "verbs": sorted(verbs)}
             for (group, resource), verbs in sorted(calls.items())]
 
@@ -142,7 +137,7 @@ API_CALLS: Calls = _merge(*(trainer_calls(kind) for kind in WORKLOAD_KINDS),
                           *(wait_calls(kind) for kind in WORKLOAD_KINDS), STATUS_CALLS)
 
 
-# ---- identity ------------------------------------------------------------------------------------------------------
+# ---- which pod and workload ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WorkloadRef:
     """A workload named by kind and name, as in TRAINING_WORKLOAD=Job/ddpm-train."""
@@ -164,7 +159,7 @@ class WorkloadRef:
 
 
 @dataclass(frozen=True)
-class PodIdentity:
+class PodRef:
     """This pod, from the downward API (metadata.name, .namespace, .uid) and the chart's TRAINING_WORKLOAD."""
 
     name: str
@@ -173,7 +168,7 @@ class PodIdentity:
     workload: WorkloadRef | None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "PodIdentity | None":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "PodRef | None":
         env = os.environ if environ is None else environ
         name, namespace = env.get("POD_NAME"), env.get("POD_NAMESPACE")
         if not name or not namespace:
@@ -430,7 +425,7 @@ def controller_of(obj: dict) -> dict | None:
     return next((r for r in obj.get("metadata", {}).get("ownerReferences") or [] if r.get("controller")), None)
 
 
-def resolve_workload(cluster: Cluster, pod: PodIdentity) -> tuple[ObjectRef, ObjectRef | None]:
+def resolve_workload(cluster: Cluster, pod: PodRef) -> tuple[ObjectRef, ObjectRef | None]:
     """(this pod, the workload that owns it) from the pod's controller ownerReferences, going up through the kinds
     above (Pod -> Job -> JobSet -> TrainJob, Pod -> PyTorchJob). With TRAINING_WORKLOAD set, that is the workload
     and only the owners below it are read; a chain that does not reach it raises NotOwner. Without it, the top
@@ -451,51 +446,3 @@ def resolve_workload(cluster: Cluster, pod: PodIdentity) -> tuple[ObjectRef, Obj
         raise NotOwner(f"{WORKLOAD_ENV}={pod.workload} does not own pod {pod.name} "
                         f"(its owners: {' -> '.join(chain) or 'none'})")
     return pod_ref, found
-
-
-# ---- workload state ------------------------------------------------------------------------------------------------
-PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "pending", "running", "succeeded", "failed", "suspended"
-
-# Per kind: condition type -> state, in the order checked (a terminal condition wins over Suspended/Running).
-_CONDITIONS = {
-    "Job": (("Complete", SUCCEEDED), ("Failed", FAILED), ("FailureTarget", FAILED), ("Suspended", SUSPENDED)),
-    "PyTorchJob": (("Succeeded", SUCCEEDED), ("Failed", FAILED), ("Suspended", SUSPENDED), ("Restarting", RUNNING),
-                   ("Running", RUNNING)),
-    "JobSet": (("Completed", SUCCEEDED), ("Failed", FAILED), ("Suspended", SUSPENDED)),
-    "TrainJob": (("Complete", SUCCEEDED), ("Failed", FAILED), ("Suspended", SUSPENDED)),
-}
-
-
-@dataclass(frozen=True)
-class WorkloadStatus:
-    state: str  # pending | running | succeeded | failed | suspended
-    reason: str = ""
-    message: str = ""
-
-    @property
-    def finished(self) -> bool:
-        return self.state in (SUCCEEDED, FAILED)
-
-    def describe(self) -> str:
-        detail = ": ".join(part for part in (self.reason, self.message) if part)
-        return f"{self.state} ({detail})" if detail else self.state
-
-
-def workload_status(kind: str, obj: dict) -> WorkloadStatus:
-    status = obj.get("status") or {}
-    true = {c["type"]: c for c in status.get("conditions") or [] if str(c.get("status")) == "True"}
-    for condition_type, state in _CONDITIONS[kind]:
-        if condition_type in true:
-            c = true[condition_type]
-            return WorkloadStatus(state, c.get("reason") or condition_type, c.get("message") or "")
-    return WorkloadStatus(RUNNING if _has_active_pods(kind, status) else PENDING)
-
-
-def _has_active_pods(kind: str, status: dict) -> bool:
-    if kind == "Job":
-        return (status.get("active") or 0) > 0
-    if kind == "PyTorchJob":
-        return any((s.get("active") or 0) > 0 for s in (status.get("replicaStatuses") or {}).values())
-    if kind == "JobSet":
-        return any((s.get("active") or 0) > 0 for s in status.get("replicatedJobsStatus") or [])
-    return any((s.get("active") or 0) > 0 for s in status.get("jobsStatus") or [])  # TrainJob

@@ -24,20 +24,11 @@ import signal
 import sys
 from collections import Counter
 
-from trainer.errors import (
-    EXIT_CONFIG,
-    EXIT_DIVERGED,
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_PREEMPTED,
-    LaunchError,
-    TransientError,
-)
+from trainer.errors import EXIT_PREEMPTED, LaunchError, Outcome, TransientError, outcome_of_exit_code
 
 # Seconds torchrun waits, after forwarding SIGTERM, beyond the trainer's own grace before it SIGKILLs workers.
 SHUTDOWN_MARGIN_S = 15
-PERMANENT_EXIT_CODES = (EXIT_CONFIG, EXIT_DIVERGED)  # a restart cannot help: stop restarting
+PERMANENT_OUTCOMES = (Outcome.REFUSED, Outcome.DIVERGED)  # a restart cannot help: stop restarting
 # A pod whose node 0 (the rendezvous store's host) starts later than its own pod must wait for it as long as for the
 # other nodes: torch connects to the store with `read_timeout` as the TCPStore timeout, retrying (DNS failures too)
 # until it passes, and only then starts counting `join_timeout` (torch/distributed/elastic/rendezvous/
@@ -149,16 +140,17 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def exit_code_of(worker_codes: list[int]) -> int:
-    """One exit code for the pod: preempted wins (retry); else a permanent one (config, diverged); else the
-    workers' common code; else failure. Codes of workers killed by a signal (negative) count as failures."""
-    if EXIT_PREEMPTED in worker_codes:
-        return EXIT_PREEMPTED
-    for code in PERMANENT_EXIT_CODES:
-        if code in worker_codes:
-            return code
-    code, _ = Counter(worker_codes).most_common(1)[0] if worker_codes else (EXIT_FAILED, 0)
-    return code if code > 0 else EXIT_FAILED
+def outcome_of_workers(worker_codes: list[int]) -> Outcome:
+    """One outcome for the pod from its workers' exit codes: preempted wins (retry); else a permanent one (config,
+    diverged); else the workers' most common one; else failure. A worker killed by a signal (a negative code) or
+    ending with a code of no outcome of ours counts as a failure."""
+    outcomes = [outcome_of_exit_code(code) for code in worker_codes]
+    if Outcome.PREEMPTED in outcomes:
+        return Outcome.PREEMPTED
+    for outcome in PERMANENT_OUTCOMES:
+        if outcome in outcomes:
+            return outcome
+    return Counter(outcomes).most_common(1)[0][0] if outcomes else Outcome.FAILED
 
 
 def permanent_failure_agent():
@@ -181,10 +173,10 @@ def permanent_failure_agent():
 
         def _monitor_workers(self, worker_group):
             result = super()._monitor_workers(worker_group)
-            codes = [failure.exitcode for failure in result.failures.values()]
-            if result.state == WorkerState.FAILED and any(code in PERMANENT_EXIT_CODES for code in codes):
+            outcomes = [outcome_of_exit_code(failure.exitcode) for failure in result.failures.values()]
+            if result.state == WorkerState.FAILED and any(outcome in PERMANENT_OUTCOMES for outcome in outcomes):
                 self._remaining_restarts = 0
-            elif result.state == WorkerState.FAILED and codes and all(code == EXIT_PREEMPTED for code in codes):
+            elif result.state == WorkerState.FAILED and outcomes and all(o == Outcome.PREEMPTED for o in outcomes):
                 # _invoke_run takes one restart before each restart and has no hook to skip that: give it back.
                 self._remaining_restarts += 1
                 print(f"ddpm launch: the workers exited {EXIT_PREEMPTED} (a peer was preempted or lost): restarting "
@@ -195,7 +187,7 @@ def permanent_failure_agent():
     return PermanentFailureAgent
 
 
-def launch(train_args: list[str], grace_seconds: float, environ: dict[str, str] | None = None) -> int:
+def launch(train_args: list[str], grace_seconds: float, environ: dict[str, str] | None = None) -> Outcome:
     import torch.distributed.launcher.api as launcher_api
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -218,9 +210,9 @@ def launch(train_args: list[str], grace_seconds: float, environ: dict[str, str] 
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as e:
-        return exit_code_of([failure.exitcode for failure in e.failures.values()])
+        return outcome_of_workers([failure.exitcode for failure in e.failures.values()])
     except SignalException as e:  # the workers got the signal too, and up to the grace period to checkpoint
-        return EXIT_INTERRUPTED if e.sigval == signal.SIGINT else EXIT_PREEMPTED
+        return Outcome.INTERRUPTED if e.sigval == signal.SIGINT else Outcome.PREEMPTED
     except (RendezvousError, DistError) as e:
         if not agent.workers_started:
             raise TransientError(f"the rendezvous was never completed ({type(e).__name__}: {e}); check "
@@ -230,5 +222,5 @@ def launch(train_args: list[str], grace_seconds: float, environ: dict[str, str] 
         # training operator's ExitCode policy; an exit 1 would fail a PyTorchJob for good).
         print(f"ddpm launch: lost the rendezvous after training started ({type(e).__name__}: {e}); exiting "
               f"{EXIT_PREEMPTED} to be retried", file=sys.stderr, flush=True)
-        return EXIT_PREEMPTED
-    return EXIT_OK
+        return Outcome.PREEMPTED
+    return Outcome.OK

@@ -19,19 +19,18 @@ import time
 from pathlib import Path
 
 from trainer.errors import OutputDirError, TransientError
-from trainer.outputs import LOCK_NAME
 
 SAME_WORKLOAD_WAIT_S = 180.0  # two NFSv4 lease periods: a dead predecessor's lock is gone by then
 POLL_S = 2.0
 
 
-class RunLock:
-    def __init__(self, output_dir: Path):
-        self.path = Path(output_dir) / LOCK_NAME
+class OutputDirLock:
+    def __init__(self, path: Path):
+        self.path = Path(path)  # RunDir.lock_file
         self.created_file = False
         self._fd: int | None = None
 
-    def acquire(self, holder: dict[str, str], wait_if_same_workload: float = SAME_WORKLOAD_WAIT_S) -> "RunLock":
+    def acquire(self, holder: dict[str, str], wait_if_same_workload: float = SAME_WORKLOAD_WAIT_S) -> "OutputDirLock":
         """Take the lock or raise OutputDirError naming the holder. A holder from the same Kubernetes workload is
         this run's previous pod (its lock not yet released by the file server): wait for it, then TransientError."""
         self.created_file = not self.path.exists()

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint, outputs, quality, run_record, sampling
+from trainer import checkpoint, quality, run_record, sampling
 from trainer.checkpoint import TrainState
 from trainer.data import to_model_range
 from trainer.diffusion import training_loss
 from trainer.distributed import any_process, communication_failure, decided_by_main, sum_over_processes
 from trainer.errors import DdpmError, Diverged, NonFiniteSamples, PeerLost, Stopped
-from trainer.events import RunEvents
+from trainer.events import MilestoneEvents
 from trainer.model import ema_weights
+from trainer.run_dir import disk_full
 from trainer.sampling import SamplingInterrupted, sample_for_eval, shard, to_grid
 from trainer.setup import Run, setup
 from trainer.signals import SIGNALS
@@ -31,7 +32,7 @@ from trainer.tracking import StepStats
 
 def train(config, stream=None, config_file: Path | None = None) -> TrainState:
     # Rank 0 posts the run's milestones as Kubernetes Events (best effort, never blocking: trainer.events).
-    events = RunEvents() if int(os.environ.get("RANK", "0")) == 0 else RunEvents.off()
+    events = MilestoneEvents() if int(os.environ.get("RANK", "0")) == 0 else MilestoneEvents.off()
     run = None
     try:
         run = setup(config, stream, config_file, events)
@@ -49,7 +50,7 @@ def train(config, stream=None, config_file: Path | None = None) -> TrainState:
         return run.state
     except Stopped:
         step = run.state.global_step if run else 0
-        events.preempted(step, str(checkpoint.checkpoints_dir(config.output_dir) / f"checkpoint-{step}") if run else "")
+        events.preempted(step, str(run.run_dir.checkpoint(step)) if run else "")
         raise
     except Diverged as e:
         events.diverged(run.state.global_step if run else 0, str(e))
@@ -60,7 +61,7 @@ def train(config, stream=None, config_file: Path | None = None) -> TrainState:
     except BaseException as e:
         if (lost := peer_lost(run, e)) is not None:  # not a failure of this run: no Failed event
             raise lost from e
-        full = outputs.disk_full(e, "the run's outputs", config.output_dir, 0) if isinstance(e, Exception) and \
+        full = disk_full(e, "the run's outputs", config.output_dir, 0) if isinstance(e, Exception) and \
             not isinstance(e, DdpmError) else None  # any other write (the record, the marker): exit 2, says so
         events.failed(str(full or e).strip().splitlines()[0] if str(full or e).strip() else type(e).__name__)
         if full is not None:
@@ -266,8 +267,7 @@ def evaluate(run: Run, epoch: int) -> Path | None:
         run.tracker.message(f"sample quality at step {step}: {quality.format_scores(scores)}")
         run.events.evaluated(step, scores)
     grid = to_grid(images[: config.eval_batch_size])
-    path = Path(config.output_dir) / outputs.SAMPLES_NAME / f"{epoch:04d}.png"
-    outputs.save_grid(grid, path)
+    path = run.run_dir.save_grid(grid, epoch)
     run.tracker.image("samples", grid, step)
     run.tracker.message(f"saved sample grid {path}")
     return path
@@ -279,8 +279,8 @@ def save_model(run: Run) -> None:
         if run.accelerator.is_main_process:
             model = run.accelerator.unwrap_model(run.unet)
             with ema_weights(model, run.ema):
-                outputs.save_pipeline(run.config, model, run.noise_scheduler)
-            run.tracker.message(f"saved pipeline to {run.config.output_dir}")
+                run.run_dir.save_pipeline(model, run.noise_scheduler)
+            run.tracker.message(f"saved pipeline to {run.run_dir.root}")
         run.accelerator.wait_for_everyone()
     run.stall.progress(f"the pipeline saved at step {run.state.global_step}")
 
@@ -293,7 +293,7 @@ def check_saved_pipeline(run: Run) -> None:
     tick = run.stall.ticker("a sampler step of the saved pipeline's check")
     with run.stall.phase("the saved pipeline's check"):
         drawn = decided_by_main(run.accelerator, lambda: sampling.check_saved_pipeline(
-            Path(config.output_dir), num_inference_steps=config.num_inference_steps, seed=config.seed,
+            run.run_dir.root, num_inference_steps=config.num_inference_steps, seed=config.seed,
             device=run.accelerator.device, should_stop=tick))
     run.tracker.message(f"the saved pipeline samples finite images ({drawn}, its own scheduler)")
 
@@ -301,7 +301,7 @@ def check_saved_pipeline(run: Run) -> None:
 def save_checkpoint(run: Run) -> None:
     run.state.training_seconds = run.clock.seconds()  # rank 0's is the one written
     with run.stall.phase(f"the save of checkpoint-{run.state.global_step}"):
-        path = checkpoint.save_checkpoint(run.accelerator, run.state, run.config.output_dir,
+        path = checkpoint.save_checkpoint(run.accelerator, run.state, run.run_dir,
                                           run.config.checkpoints_total_limit, run.checkpoint_bytes)
     run.stall.progress(f"checkpoint-{run.state.global_step} saved")
     run.last_checkpoint_step = run.state.global_step
@@ -318,7 +318,7 @@ def finish(run: Run) -> None:
     if run.last_checkpoint_step != state.global_step:
         save_checkpoint(run)
     if run.last_grid is None and accelerator.is_main_process:
-        run.last_grid = outputs.last_grid(config.output_dir)
+        run.last_grid = run.run_dir.last_grid()
     save_model(run)
     check_saved_pipeline(run)
     if any_process(accelerator, SIGNALS.received is not None):
@@ -326,16 +326,16 @@ def finish(run: Run) -> None:
                               "complete")
     run.stall.stop()  # the rest is rank 0's few writes and the push, which has its own deadline
     if accelerator.is_main_process:
-        outputs.write_model_card(config, run.last_grid, state.global_step)
-        run_record.write_marker(config, run.record, state.global_step, state.epoch)
-        run.events.completed(state.global_step, str(config.output_dir))
+        run.run_dir.write_model_card(config, state.global_step, run.last_grid)
+        run_record.write_marker(config, run.run_dir, run.record, state.global_step, state.epoch)
+        run.events.completed(state.global_step, str(run.run_dir.root))
         run.tracker.message(
             f"done: {state.global_step} steps (run {run.record.run_id}).\n"
-            f"  samples:     {Path(config.output_dir) / 'samples'}\n"
-            f"  pipeline:    {config.output_dir} (DDPMPipeline.from_pretrained)\n"
-            f"  tensorboard: tensorboard --logdir {config.logging_dir}")
+            f"  samples:     {run.run_dir.samples}\n"
+            f"  pipeline:    {run.run_dir.root} (DDPMPipeline.from_pretrained)\n"
+            f"  tensorboard: tensorboard --logdir {run.run_dir.logs}")
         if config.push_to_hub:
             from trainer.hub import PushOptions, push
 
-            push(config, PushOptions(), say=lambda message, stream=None: run.tracker.message(message))
+            push(config, run.run_dir, PushOptions(), say=lambda message, stream=None: run.tracker.message(message))
     accelerator.wait_for_everyone()

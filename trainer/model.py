@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from diffusers.training_utils import EMAModel
 
 from trainer.config import TrainingConfig
+from trainer.errors import ConfigError
+from trainer.run_dir import RunDir
 
 # The diffusers tutorial's UNet, verbatim (sample_size is set from image_size).
 TUTORIAL_UNET: dict[str, Any] = dict(
@@ -42,8 +46,8 @@ def unet_config(config: TrainingConfig) -> dict[str, Any]:
     if config.model_config_name_or_path:
         path = Path(config.model_config_name_or_path)
         path = path / "config.json" if path.is_dir() else path
-        if not path.is_file() and (path.parent / "unet" / "config.json").is_file():
-            path = path.parent / "unet" / "config.json"  # a DDPMPipeline folder
+        if not path.is_file() and (RunDir(path.parent).unet / "config.json").is_file():
+            path = RunDir(path.parent).unet / "config.json"  # a DDPMPipeline folder
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -76,6 +80,13 @@ def unet_build_problem(config: TrainingConfig) -> str | None:
     except Exception as e:  # diffusers raises ValueError, TypeError, KeyError... for arguments it cannot use
         return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
     return None
+
+
+def set_backend_flags(config: TrainingConfig) -> None:
+    """How the UNet's kernels run on a GPU: TF32 matmuls and convolutions, cuDNN's autotuner."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.allow_tf32
+        torch.backends.cudnn.benchmark = config.cudnn_benchmark
 
 
 def build_unet(config: TrainingConfig) -> UNet2DModel:
@@ -117,10 +128,36 @@ def build_ema(config: TrainingConfig, unet: UNet2DModel) -> EMAModel | None:
 
 
 
-def model_identity(config: TrainingConfig) -> dict[str, Any]:
-    """What a checkpoint records of its model, so a resume can refuse another one (JSON-normalised kwargs)."""
-    return {"preset": config.model_config_name_or_path or config.model_preset,
-            "config": json.loads(json.dumps(unet_config(config)))}
+def downsampling_factor(config: TrainingConfig) -> int:
+    """How many times the UNet halves the image: image_size must be a multiple of this."""
+    where = f"model_config_name_or_path {config.model_config_name_or_path}"
+    try:
+        blocks = unet_config(config)["down_block_types"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError([f"{where}: cannot read a UNet2DModel config: {e}"]) from e
+    if config.model_config_name_or_path and (problem := unet_build_problem(config)):
+        raise ConfigError([f"{where}: diffusers cannot build a UNet2DModel from it ({problem})"])
+    return 2 ** (len(blocks) - 1)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The run's UNet as a checkpoint records it (a resume refuses another), and its size."""
+
+    preset: str
+    config: dict  # the UNet2DModel kwargs, JSON-normalised
+    parameters: int
+
+    def recorded(self) -> dict:
+        return {"preset": self.preset, "config": self.config}
+
+
+def model_spec(config: TrainingConfig) -> ModelSpec:
+    kwargs = unet_config(config)
+    with torch.device("meta"):  # counted without memory or compute
+        parameters = UNet2DModel(**kwargs).num_parameters()
+    return ModelSpec(config.model_config_name_or_path or config.model_preset, json.loads(json.dumps(kwargs)),
+                     parameters)
 
 
 @contextmanager

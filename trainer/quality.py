@@ -24,13 +24,11 @@ Everything is vectorised torch on the inputs' device; random draws come from a C
 
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 
 NEIGHBOURHOOD = 7  # descriptor side, pixels
 DESCRIPTORS_PER_IMAGE = 128  # per image and level, as Karras et al.
@@ -199,112 +197,6 @@ def swd(real: torch.Tensor, fake: torch.Tensor, *, seed: int = 0,
     return scores
 
 
-# --- real reference images ---------------------------------------------------------------------------------------
-def real_images(config, num_images: int, *, dataset=None, seed: int | None = None,
-                device: torch.device | str = "cpu") -> torch.Tensor:
-    """`num_images` distinct training images as uint8 (N, image_size, image_size, 3), drawn without replacement in
-    an order fixed by `seed` (default config.seed). `dataset` is the training dataset the loop built (items
-    (3, H, W), preprocessed as for training); by default one is built from the config with load_image_source and
-    build_transform. With random_flip, each image is mirrored with probability 1/2, as the model saw them.
-    Raises DataError if the dataset has fewer images."""
-    from trainer.data import DataError, TrainDataset, build_transform, load_image_source
-
-    if dataset is None:
-        dataset = TrainDataset(load_image_source(config), build_transform(config))
-    if num_images > len(dataset):
-        raise DataError(f"{num_images} real images requested but dataset {config.dataset_name} has "
-                        f"{len(dataset)}; compare fewer images")
-    generator = torch.Generator("cpu").manual_seed(config.seed if seed is None else seed)
-    order = torch.randperm(len(dataset), generator=generator)[:num_images]
-    flips = torch.rand(num_images, generator=generator) < 0.5
-    images = to_uint8(torch.stack([dataset[int(i)] for i in order]))
-    if config.random_flip:
-        images[flips] = images[flips].flip(2)
-    return images.to(device)
-
-
-def num_quality_images(config, dataset_size: int) -> int:
-    """Images the training loop scores at each evaluation: eval_quality_images, at most the dataset's size
-    (the reference set has no repeats); 0 when off or when fewer than 2 would be left."""
-    count = min(config.eval_quality_images, dataset_size)
-    return count if count >= 2 else 0
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Training images (N, 3, H, W) -> uint8 (N, H, W, 3). uint8 values are kept; floats are read as the model's
-    [-1, 1] range and quantised as the diffusers pipelines quantise generated images. Non-finite floats are refused:
-    clamping would make NaN black and inf white, an image that looks like a result."""
-    if images.dtype != torch.uint8:
-        if not bool(torch.isfinite(images).all()):
-            raise ValueError("images with NaN/inf values cannot be quantised (or scored)")
-        images = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return images.permute(0, 2, 3, 1).contiguous()
-
-
-# --- `ddpm eval` ---------------------------------------------------------------------------------------------------
-def eval_config(config, sources: dict[str, str], model_dir: Path):
-    """The config `ddpm eval` scores with: image_size is the model's sample_size unless set explicitly (then it
-    must match). Raises ConfigError."""
-    from trainer.config import ConfigError
-
-    try:
-        sample_size = json.loads((Path(model_dir) / "unet" / "config.json").read_text())["sample_size"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError([f"--model {model_dir}: cannot read unet/config.json's sample_size: {e}"]) from e
-    if not isinstance(sample_size, int):
-        raise ConfigError([f"--model {model_dir}: square models only, unet sample_size is {sample_size}"])
-    if sources.get("image_size", "default") == "default":
-        return config.model_copy(update={"image_size": sample_size})
-    if config.image_size != sample_size:
-        raise ConfigError([f"image_size {config.image_size} (from {sources['image_size']}) differs from the model's "
-                           f"sample_size {sample_size}; leave image_size unset to use the model's"])
-    return config
-
-
-def evaluate_pipeline(model_dir: Path, config, num_images: int) -> dict:
-    """Score the DDPMPipeline in model_dir: `num_images` samples drawn as the training loop draws them
-    (sample_for_eval: the config's sampler, steps, eta, eval precision and seed) against as many real images
-    (real_images). Returns the swd() scores plus what was measured and how long sampling and scoring took."""
-    from diffusers import DDPMPipeline
-    from diffusers.utils import logging as diffusers_logging
-
-    from trainer.sampling import sample_for_eval
-
-    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars: noise in logs
-    real = real_images(config, num_images)  # first: a too-small dataset fails before minutes of sampling
-    pipeline = DDPMPipeline.from_pretrained(model_dir)
-    pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
-    start = time.perf_counter()
-    fake = sample_for_eval(pipeline.unet, config, pipeline.scheduler.config, range(num_images))
-    sample_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    scores = swd(real.to(fake.device), fake, seed=config.seed)
-    return {
-        **scores,
-        "levels": pyramid_resolutions(config.image_size), "num_images": num_images, "image_size": config.image_size,
-        "dataset": config.dataset_name, "model": str(model_dir), "sampler": config.eval_scheduler,
-        "num_inference_steps": config.num_inference_steps, "ddim_eta": config.ddim_eta,
-        "eval_mixed_precision": config.eval_mixed_precision, "seed": config.seed,
-        "sample_seconds": round(sample_seconds, 3), "metric_seconds": round(time.perf_counter() - start, 3),
-    }
-
-
 def format_scores(scores: dict[str, float]) -> str:
     """One line: 'swd_32px 41.0 swd_16px 61.6 swd_mean 51.3 color_w1 6.2'."""
     return " ".join(f"{name} {value:.1f}" for name, value in scores.items())
-
-
-def format_report(result: dict) -> str:
-    """The human-readable `ddpm eval` output."""
-    levels = [f"swd_{size}px" for size in result["levels"]]
-    lines = [
-        f"{result['num_images']} generated vs {result['num_images']} real images ({result['dataset']}, "
-        f"{result['image_size']} px); {result['sampler']} {result['num_inference_steps']} steps, eta "
-        f"{result['ddim_eta']}, {result['eval_mixed_precision']}, seed {result['seed']}; sampling "
-        f"{result['sample_seconds']:.1f} s",
-        "sliced Wasserstein distance x1e3 (lower is better; Laplacian pyramid, 7x7 patches; last level low-pass):",
-        *(f"  {name:<12} {result[name]:8.2f}" for name in levels),
-        f"  {'swd_mean':<12} {result['swd_mean']:8.2f}",
-        f"colour W1 distance: {result['color_w1']:.2f} grey levels (pixel values per channel, 0..255)",
-    ]
-    return "\n".join(lines)

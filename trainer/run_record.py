@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from trainer.config import RESOLVED_CONFIG_NAME, RUN_IDENTITY_FIELDS, RUN_LENGTH_FIELDS, TrainingConfig
-from trainer.outputs import (COMPLETE_MARKER, HISTORY_NAME, PIPELINE_ENTRIES, sha256_file, temporary,
-                             write_resolved_config)
+from trainer.config import RUN_IDENTITY_FIELDS, RUN_LENGTH_FIELDS, TrainingConfig
+from trainer.errors import OutputDirError
+from trainer.run_dir import RunDir
 
 KUBERNETES_ENV = {"namespace": "POD_NAMESPACE", "pod": "POD_NAME", "pod_uid": "POD_UID",
                   "workload": "TRAINING_WORKLOAD"}  # the chart sets these (downward API and a literal)
@@ -47,40 +47,26 @@ def run_digest(config: TrainingConfig) -> str:
     return hashlib.sha256(_json(wanted).encode()).hexdigest()[:16]
 
 
-def kubernetes_identity(environ: dict[str, str] | None = None) -> dict[str, str]:
+def kubernetes_workload(environ: dict[str, str] | None = None) -> dict[str, str]:
     environ = os.environ if environ is None else environ
     return {key: environ[var] for key, var in KUBERNETES_ENV.items() if environ.get(var)}
 
 
-def read_history(output_dir: Path) -> list[dict]:
-    path = Path(output_dir) / HISTORY_NAME
-    if not path.is_file():
-        return []
-    entries = []
-    for line in path.read_text().splitlines():
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a crash mid-append: the others still tell the story
-    return entries
-
-
 @dataclass(frozen=True)
-class RunRecord:
+class RecordedStart:
     run_id: str
     started_at: str
     changes: dict  # field -> [old, new] since the previous start, empty when nothing changed or the run is new
 
 
-def begin(config: TrainingConfig, step: int, environ: dict[str, str] | None = None,
-          branch: dict | None = None) -> RunRecord:
+def record_start(config: TrainingConfig, run_dir: RunDir, step: int, environ: dict[str, str] | None = None,
+                 branch: dict | None = None) -> RecordedStart:
     """Rank 0, once every check has passed and before training: record the config in effect from `step` (and the
     rollback it continues, `branch`: trainer.checkpoint), write training_config.yaml and remove the completion
     marker. Returns the run's id (kept on resume)."""
-    out = Path(config.output_dir)
     values, digest = config_values(config), run_digest(config)
-    kubernetes = kubernetes_identity(environ)
-    history = read_history(out)
+    kubernetes = kubernetes_workload(environ)
+    history = run_dir.read_history()
     last = history[-1] if history else None
     if last and last.get("run_digest") == digest:
         run_id, started_at = last["run_id"], last["run_started_at"]
@@ -96,90 +82,41 @@ def begin(config: TrainingConfig, step: int, environ: dict[str, str] | None = No
                  "changes": changes, "config": values, "kubernetes": kubernetes}
         if branch is not None:
             entry["branch"] = branch
-        with open(out / HISTORY_NAME, "a") as f:
-            f.write(_json(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    write_resolved_config(config)
-    (out / COMPLETE_MARKER).unlink(missing_ok=True)
-    return RunRecord(run_id, started_at, changes)
+        run_dir.append_history(entry)
+    run_dir.write_config(config)
+    run_dir.remove_marker()
+    return RecordedStart(run_id, started_at, changes)
 
 
 # ---- the completion marker --------------------------------------------------------------------------------------
 
-def pipeline_files(output_dir: Path) -> list[str]:
-    out = Path(output_dir)
-    files = []
-    for entry in PIPELINE_ENTRIES:
-        path = out / entry
-        files += [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [p.relative_to(out).as_posix() for p in files]
-
-
-def pipeline_hashes(output_dir: Path) -> dict[str, str]:
-    return {name: sha256_file(Path(output_dir) / name) for name in pipeline_files(output_dir)}
-
-
-def write_marker(config: TrainingConfig, record: RunRecord, global_step: int, epoch: int,
+def write_marker(config: TrainingConfig, run_dir: RunDir, record: RecordedStart, global_step: int, epoch: int,
                  environ: dict[str, str] | None = None) -> Path:
     """Written last, after the pipeline: its presence means the run finished and the pipeline is its result."""
-    out = Path(config.output_dir)
-    marker = {"run_id": record.run_id, "run_started_at": record.started_at, "run_digest": run_digest(config),
+    return run_dir.write_marker({"run_id": record.run_id, "run_started_at": record.started_at, "run_digest": run_digest(config),
               "global_step": global_step, "epoch": epoch, "finished_at": time.time(),
-              "kubernetes": kubernetes_identity(environ), "pipeline": pipeline_hashes(out)}
-    path, tmp = out / COMPLETE_MARKER, out / temporary(COMPLETE_MARKER)
-    tmp.write_text(json.dumps(marker, indent=1))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+              "kubernetes": kubernetes_workload(environ), "pipeline": run_dir.pipeline_hashes()})
 
 
-def read_marker(output_dir: Path) -> dict | None:
-    """The marker, or None when there is none (or it is unreadable: then the run is not known to be complete)."""
-    try:
-        marker = json.loads((Path(output_dir) / COMPLETE_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) else None
-
-
-def pipeline_mismatch(output_dir: Path, marker: dict) -> str:
-    """'' when the pipeline files are exactly those the marker lists, else what differs."""
-    expected = marker.get("pipeline") or {}
-    present = pipeline_files(output_dir)
-    if not expected:
-        return "the marker lists no pipeline files (written by an older ddpm-trainer?)"
-    missing = sorted(set(expected) - set(present))
-    extra = sorted(set(present) - set(expected))
-    if missing or extra:
-        return f"pipeline files differ from the marker's (missing {missing or 'none'}, unexpected {extra or 'none'})"
-    changed = [name for name in sorted(expected) if sha256_file(Path(output_dir) / name) != expected[name]]
-    return f"{', '.join(changed)} changed since the run finished" if changed else ""
-
-
-def marker_matches(config: TrainingConfig, workload: str | None = None) -> tuple[bool, str]:
+def marker_matches(config: TrainingConfig, run_dir: RunDir, workload: str | None = None) -> tuple[bool, str]:
     """For the push gate: whether output_dir holds the finished result of the run this config describes
     (same identity and length, and when `workload` is given, trained by that Kubernetes workload)."""
-    out = Path(config.output_dir)
-    marker = read_marker(out)
+    out = run_dir.root
+    marker = run_dir.read_marker()
     if marker is None:
         return False, f"no completion marker in {out} yet"
     if config.global_batch_size is None:  # as the trainer resolved it: the run's own (trainer.setup.with_global_batch)
-        import yaml
-
         try:
-            saved = yaml.safe_load((out / RESOLVED_CONFIG_NAME).read_text()) or {}
-        except (OSError, ValueError):
-            saved = {}
-        config = config.model_copy(update={"global_batch_size": saved.get("global_batch_size")})
+            config = config.model_copy(update={"global_batch_size": run_dir.run_global_batch(config)})
+        except OutputDirError as e:  # the trainer refuses such a folder too: this config's run cannot finish there
+            return False, str(e)
     if marker.get("run_digest") != run_digest(config):
-        return False, (f"{out / COMPLETE_MARKER} is from another run or length (run {marker.get('run_id')}, step "
+        return False, (f"{run_dir.marker_file} is from another run or length (run {marker.get('run_id')}, step "
                        f"{marker.get('global_step')}); waiting for this config's run to finish")
     trained_by = (marker.get("kubernetes") or {}).get("workload")
     if workload and trained_by and trained_by != workload:
         return False, f"the marker was written by {trained_by}, not {workload}; waiting"
-    mismatch = pipeline_mismatch(out, marker)
+    mismatch = run_dir.pipeline_mismatch(marker)
     if mismatch:
         return False, f"the pipeline does not match the completion marker: {mismatch}"
     return True, f"run {marker['run_id']} finished at step {marker['global_step']}"

@@ -23,7 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from trainer.errors import NonFiniteSamples
-from trainer.quality import to_uint8
+from trainer.data import to_uint8
 
 # DDIM's direction sqrt(1 - a_prev - eta^2 var) is sqrt(0) at eta 1 when a_t = 0 (zero terminal SNR), and float32
 # rounding made it NaN on some CPUs at some step counts (diffusers #5969). The variance is taken this much (relative)

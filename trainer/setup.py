@@ -11,7 +11,6 @@ so the corrected command simply works.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -24,18 +23,20 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
-from trainer import checkpoint, outputs, quality, run_record
+from trainer import checkpoint, outputs, run_record
 from trainer.budget import TrainClock, budget_lr_scheduler
 from trainer.checkpoint import Resume, TrainState
-from trainer.config import RUN_IDENTITY_FIELDS, TrainingConfig, config_yaml
-from trainer.data import build_dataloader
+from trainer.config import TrainingConfig
+from trainer.run_dir import config_yaml
+from trainer.data import build_dataloader, num_quality_images, real_images
 from trainer.data_cache import cache_path, training_dataset
 from trainer.distributed import decided_by_main, local_world_size
 from trainer.errors import ConfigError, OutputDirError
-from trainer.events import RunEvents
-from trainer.lock import RunLock, holder_info
-from trainer.model import build_ema, build_noise_scheduler, build_unet, model_identity
+from trainer.events import MilestoneEvents
+from trainer.lock import OutputDirLock, holder_info
+from trainer.model import ModelSpec, build_ema, build_noise_scheduler, build_unet, model_spec, set_backend_flags
 from trainer.perf import peak_flops, training_flops_per_image
+from trainer.run_dir import HISTORY_NAME, TRACKER_RUN_NAME, RunDir
 from trainer.signals import SIGNALS
 from trainer.stall import StallWatchdog
 from trainer.tracking import Tracker
@@ -46,10 +47,11 @@ class Run:
     """One training run, as set up: what the loop reads and updates."""
 
     config: TrainingConfig
+    run_dir: RunDir  # output_dir: every file the run reads or writes there
     accelerator: Accelerator
     tracker: Tracker
-    record: run_record.RunRecord
-    lock: RunLock | None
+    record: run_record.RecordedStart
+    lock: OutputDirLock | None
     unet: torch.nn.Module  # prepared (DDP-wrapped with several processes)
     forward: torch.nn.Module  # the same, compiled when torch_compile
     ema: object | None
@@ -57,7 +59,6 @@ class Run:
     lr_scheduler: object
     noise_scheduler: object
     dataloader: torch.utils.data.DataLoader
-    dataset_size: int
     state: TrainState
     steps_per_epoch: int
     total_steps: int
@@ -69,7 +70,7 @@ class Run:
     last_checkpoint_step: int = -1
     last_grid: Path | None = None
     checkpoint_bytes: int = 0
-    events: RunEvents = field(default_factory=RunEvents.off)  # Kubernetes Events (rank 0; no-op elsewhere)
+    events: MilestoneEvents = field(default_factory=MilestoneEvents.off)  # Kubernetes Events (rank 0; no-op elsewhere)
     clock: TrainClock = field(default_factory=lambda: TrainClock(None))  # max_train_seconds (trainer/budget.py)
     stall: StallWatchdog = field(default_factory=StallWatchdog.off)  # stall_timeout_seconds (trainer/stall.py)
 
@@ -100,13 +101,13 @@ class Run:
             yield epoch * self.steps_per_epoch + i // accumulation, (i % accumulation) * self.world + self.rank, images
 
 
-def build_accelerator(config: TrainingConfig) -> Accelerator:
+def build_accelerator(config: TrainingConfig, run_dir: RunDir) -> Accelerator:
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # Accelerate sets up gloo for several CPU processes only when told
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(config.output_dir), logging_dir=str(config.logging_dir)),
+        project_config=ProjectConfiguration(project_dir=str(run_dir.root), logging_dir=str(run_dir.logs)),
         dataloader_config=DataLoaderConfiguration(
             use_seedable_sampler=True, data_seed=config.seed, non_blocking=torch.cuda.is_available()  # with pinned memory
         ),
@@ -115,46 +116,30 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
     )
 
 
-def set_backend_flags(config: TrainingConfig) -> None:
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.allow_tf32
-        torch.backends.cudnn.benchmark = config.cudnn_benchmark
-
-
 # ---- (1) checks, rank 0 ------------------------------------------------------------------------------------------
 
 @dataclass
-class Checked:
+class Preflight:
+    """What the read-only checks decided: what to do with output_dir, and which checkpoint to resume (its state)."""
+
     plan: outputs.OutputPlan
     resume: Resume
     resume_state: dict | None
+    checkpoint_bytes: int  # the size of one checkpoint of this model, estimated
 
 
-class FirstWrites:
+class UndoableWrites:
     """Rank 0's writes before the run begins (output_dir itself if it was missing, the lock file, the data cache it
     built), undone when a check fails so that an exit 2 leaves output_dir as it was, or not there at all."""
 
-    def __init__(self, config: TrainingConfig):
-        self.config = config
-        self.out = Path(config.output_dir)
-        self.cache_dir = config.resolved_data_cache_dir
+    def __init__(self, run_dir: RunDir):
+        self.run_dir = run_dir
+        self.out = run_dir.root
+        self.cache_dir = run_dir.data_cache
         self.out_existed, self.cache_existed = self.out.exists(), self.cache_dir.exists()
         self.cache_before = set(os.listdir(self.cache_dir)) if self.cache_dir.is_dir() else set()
         self.cache_files: Path | None = None  # the cache this run uses: its files are removed if this run made them
-        self.lock: RunLock | None = None
-
-    def take_lock(self) -> RunLock:
-        """The first write: output_dir itself if missing, and the lock. Refused (exit 2) on a read-only volume or a
-        folder this uid may not write, before anything is created."""
-        outputs.check_writable(self.config)
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.lock = RunLock(self.out).acquire(holder_info(run_record.kubernetes_identity()))
-        except OSError as e:
-            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise
-            raise outputs.not_writable(self.out, Path(e.filename or self.out), e) from e
-        return self.lock
+        self.lock: OutputDirLock | None = None
 
     def undo(self) -> None:
         if self.lock is not None:
@@ -169,35 +154,38 @@ class FirstWrites:
                 folder.rmdir()
 
 
-def check_before_writing(config: TrainingConfig, config_file: Path | None, writes: FirstWrites) -> Checked:
-    plan = outputs.plan_output_dir(config, config_file)
-    writes.take_lock()
+def check_before_writing(config: TrainingConfig, run_dir: RunDir, config_file: Path | None,
+                         writes: UndoableWrites, spec: ModelSpec) -> tuple[TrainingConfig, Preflight]:
+    """Rank 0's read-only checks (and the lock) for `config` as resolved (its global batch): the config, and what
+    the checks decided. `spec` is the run's model (trainer.model.model_spec)."""
+    plan = outputs.plan_output_dir(config, run_dir, config_file)
+    writes.lock = outputs.take_lock(run_dir, holder_info(run_record.kubernetes_workload()))
     resume = Resume(None)
     if plan.action != "clear":  # a cleared run's checkpoints are the old run's, never resumed
-        resume = checkpoint.resolve_resume(config)
+        resume = checkpoint.resolve_resume(config.resume_from_checkpoint, run_dir)
     elif Path(config.resume_from_checkpoint).is_dir() and outputs.inside(
-            Path(config.resume_from_checkpoint).resolve(), Path(config.output_dir).resolve()):
+            Path(config.resume_from_checkpoint).resolve(), run_dir.root.resolve()):
         raise OutputDirError(f"resume_from_checkpoint {config.resume_from_checkpoint} is inside the old run that "
                              "overwrite_output_dir would delete; copy it elsewhere first")
     resume_state = None
     if resume.path is not None:
         resume_state = json.loads((resume.path / checkpoint.STATE_FILE).read_text())
-        identity = model_identity(config)
-        checkpoint.check_model(resume_state, identity["config"], resume.path, identity["preset"])
-    num_params = sum(p.numel() for p in build_unet_on_meta(config).parameters())
-    existing = len(checkpoint.complete_checkpoints(config.output_dir)) - len(resume.damaged) - len(resume.abandoned)
+        checkpoint.check_model(resume_state, spec.config, resume.path, spec.preset)
+    num_params = spec.parameters
+    checkpoint_bytes = checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema)
+    existing = len(checkpoint.complete_checkpoints(run_dir)) - len(resume.damaged) - len(resume.abandoned)
     if resume.branch is not None and not Path(resume.branch["from"]).is_absolute():
         existing -= 1  # the checkpoint gone back to stays besides the newest checkpoints_total_limit
-    outputs.check_space(config, checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema), num_params * 4,
+    outputs.check_space(run_dir.root, config.checkpoints_total_limit, checkpoint_bytes, num_params * 4,
                         0 if plan.action == "clear" else existing)
     if config.push_to_hub:
         from trainer.hub import check_can_push
 
         check_can_push()
-    return Checked(plan, resume, resume_state)
+    return config, Preflight(plan, resume, resume_state, checkpoint_bytes)
 
 
-def check_not_shorter(config: TrainingConfig, checked: Checked, steps_per_epoch: int) -> None:
+def check_not_shorter(config: TrainingConfig, checked: Preflight, steps_per_epoch: int) -> None:
     """A run cannot end before the step it resumes at: finishing would mark it complete at that step under a config
     that asks for fewer (and a push would take that model for the shorter run). Going back is a rollback by path."""
     resumed = (checked.resume_state or {}).get("global_step", 0)
@@ -213,17 +201,12 @@ def check_not_shorter(config: TrainingConfig, checked: Checked, steps_per_epoch:
         "start the shorter run in a new output_dir"])
 
 
-def with_global_batch(config: TrainingConfig, world: int) -> TrainingConfig:
+def with_global_batch(config: TrainingConfig, run_dir: RunDir, world: int) -> TrainingConfig:
     """The config with the run's global batch fixed and gradient_accumulation_steps derived for `world` processes.
     Without global_batch_size, the run in output_dir keeps the one it started with (when it is the same run), else
     it is train_batch_size x gradient_accumulation_steps x processes."""
-    total = config.global_batch_size
-    if total is None:
-        saved = _saved_config(config)
-        mine = run_record.config_values(config)
-        same_run = saved and all(saved.get(k) == mine[k] for k in RUN_IDENTITY_FIELDS if k != "global_batch_size")
-        total = saved.get("global_batch_size") if same_run else None
-        total = total or config.train_batch_size * config.gradient_accumulation_steps * world
+    total = (config.global_batch_size or run_dir.run_global_batch(config)
+             or config.train_batch_size * config.gradient_accumulation_steps * world)
     per_update = config.train_batch_size * world
     if total % per_update:
         micro = total // config.train_batch_size
@@ -234,33 +217,24 @@ def with_global_batch(config: TrainingConfig, world: int) -> TrainingConfig:
     return config.model_copy(update={"global_batch_size": total, "gradient_accumulation_steps": total // per_update})
 
 
-def _saved_config(config: TrainingConfig) -> dict:
-    import yaml
-
-    try:
-        return yaml.safe_load((Path(config.output_dir) / outputs.RESOLVED_CONFIG_NAME).read_text()) or {}
-    except (OSError, ValueError):
-        return {}
-
-
-def build_unet_on_meta(config: TrainingConfig):
-    with torch.device("meta"):
-        return build_unet(config)
-
-
 # ---- (3) the run begins, rank 0 ---------------------------------------------------------------------------------
 
-def begin(config: TrainingConfig, checked: Checked) -> run_record.RunRecord:
+def start_run(config: TrainingConfig, run_dir: RunDir, checked: Preflight,
+              steps_per_epoch: int) -> run_record.RecordedStart:
+    """Rank 0, once the run is known not to end before the step it resumes at (the last check): clear an old run if
+    asked, set aside damaged and abandoned checkpoints, remove leftovers of interrupted writes, and record the
+    start (the config in effect; the completion marker removed)."""
+    check_not_shorter(config, checked, steps_per_epoch)
     with SIGNALS.deferred():  # clearing and recording are not cut in half by a signal
         if checked.plan.action == "clear":
-            outputs.clear_output_dir(config)
+            outputs.clear_output_dir(run_dir)
         checked.resume.aside = checkpoint.set_aside(checked.resume.damaged)
         # Before the branch is recorded: a retry that finds the record must find the old branch already aside.
         checked.resume.abandoned_aside = checkpoint.set_aside_abandoned(checked.resume.abandoned)
-        checkpoint.remove_incomplete(config.output_dir)
-        outputs.remove_temporary(config.output_dir)
+        checkpoint.remove_incomplete(run_dir)
+        run_dir.remove_temporary()
         step = (checked.resume_state or {}).get("global_step", 0)
-        record = run_record.begin(config, step, branch=checked.resume.branch)
+        record = run_record.record_start(config, run_dir, step, branch=checked.resume.branch)
     if SIGNALS.received is not None:
         raise SIGNALS.stopped("stopped before training started")
     return record
@@ -270,24 +244,27 @@ def begin(config: TrainingConfig, checked: Checked) -> run_record.RunRecord:
 
 def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, events=None) -> Run:
     SIGNALS.grace_seconds = config.preemption_grace_seconds
-    accelerator = build_accelerator(config)
+    run_dir = RunDir.of(config)
+    accelerator = build_accelerator(config, run_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
     given_accumulation = config.gradient_accumulation_steps
-    config = decided_by_main(accelerator, lambda: with_global_batch(config, world))
-    accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
-    writes = FirstWrites(config) if accelerator.is_main_process else None
+    writes = UndoableWrites(run_dir) if accelerator.is_main_process else None  # before any write
+    spec = model_spec(config)
     try:
-        checked = decided_by_main(accelerator, lambda: check_before_writing(config, config_file, writes))
-        source, dataset, data_note = training_dataset(config, accelerator.local_main_process_first)
+        config, checked = decided_by_main(
+            accelerator, lambda: check_before_writing(with_global_batch(config, run_dir, world), run_dir, config_file,
+                                                      writes, spec))
+        accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
+        source, dataset, data_note = training_dataset(config, run_dir.data_cache, accelerator.local_main_process_first)
         if writes is not None and config.data_cache:
-            writes.cache_files = cache_path(config, source)
+            writes.cache_files = cache_path(config, source, run_dir.data_cache)
         if len(dataset) < config.global_batch_size:
             raise ConfigError([f"the dataset ({len(dataset)} images) is smaller than one global batch "
                                f"({config.global_batch_size} = {config.train_batch_size} per process x "
                                f"{config.gradient_accumulation_steps} accumulation x {world} processes); lower "
                                "train_batch_size or global_batch_size"])
-        check_not_shorter(config, checked, len(dataset) // config.global_batch_size)
-        record = decided_by_main(accelerator, lambda: begin(config, checked))
+        steps_per_epoch = len(dataset) // config.global_batch_size  # whole global batches only
+        record = decided_by_main(accelerator, lambda: start_run(config, run_dir, checked, steps_per_epoch))
     except BaseException:
         if writes is not None:
             writes.undo()
@@ -296,7 +273,7 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
     # --- (4) model, optimizer, schedule, resume ------------------------------------------------------------------
     set_seed(config.seed)  # weight init only: noise, flips and data order have their own seeded streams
     set_backend_flags(config)
-    unet = build_unet(config)
+    unet, noise_scheduler = build_unet(config), build_noise_scheduler(config)
     num_params = unet.num_parameters()
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     unet.to(memory_format=memory_format)
@@ -314,12 +291,11 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    steps_per_epoch = len(dataset) // config.global_batch_size  # whole global batches only
     total_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
     clock = TrainClock(config.max_train_seconds)
     lr_scheduler = build_lr_scheduler(config, optimizer.optimizer, total_steps, clock)
     accelerator.register_for_checkpointing(lr_scheduler)
-    state = TrainState(model=model_identity(config))
+    state = TrainState(model=spec.recorded())
     resume = checked.resume
     if resume.path is not None:
         accelerator.load_state(str(resume.path))
@@ -331,28 +307,30 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
     clock.before = clock.agreed = state.training_seconds  # a resumed run's clock goes on from its checkpoint
 
     # --- trackers and what the log says first ----------------------------------------------------------------------
-    accelerator.init_trackers(outputs.TRACKER_RUN_NAME, config=hparams(config))
-    flops, peak = training_flops_per_image(config), peak_flops(config, accelerator.device)
+    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)  # TensorBoard takes scalars and strings
+               for k, v in run_record.config_values(config).items()}
+    accelerator.init_trackers(TRACKER_RUN_NAME, config=hparams)
+    peak, flops = peak_flops(config, accelerator.device), training_flops_per_image(config)
     tracker = Tracker(accelerator, total_steps, state.global_step, stream, clock=clock,
                       flops_per_image=flops, peak_flops=peak * world if peak else None)  # MFU of all devices
-    run = Run(config=config, accelerator=accelerator, tracker=tracker, record=record,
+    run = Run(config=config, run_dir=run_dir, accelerator=accelerator, tracker=tracker, record=record,
               lock=writes.lock if writes else None, unet=unet, forward=forward, ema=ema, optimizer=optimizer,
-              lr_scheduler=lr_scheduler, noise_scheduler=build_noise_scheduler(config), dataloader=dataloader,
-              dataset_size=len(dataset), state=state, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+              lr_scheduler=lr_scheduler, noise_scheduler=noise_scheduler, dataloader=dataloader,
+              state=state, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
               num_epochs=math.ceil(total_steps / steps_per_epoch), memory_format=memory_format,
               resumed_step=state.global_step if resume.path else None, num_quality=0, reference=None,
               last_checkpoint_step=state.global_step if resume.path else -1,
-              checkpoint_bytes=checkpoint.checkpoint_bytes_estimate(num_params, config.use_ema), clock=clock,
-              events=events or RunEvents.off())
+              checkpoint_bytes=checked.checkpoint_bytes, clock=clock,
+              events=events or MilestoneEvents.off())
     announce(run, source, data_note, num_params, flops, resume)
     run.events.started(run.global_batch, world, state.global_step, total_steps,
                        str(resume.path) if resume.path else None)
     if config.gradient_accumulation_steps != given_accumulation:
         tracker.message(f"gradient_accumulation_steps {given_accumulation} -> {config.gradient_accumulation_steps}: the "
                         f"run's global batch of {config.global_batch_size} over {world} processes")
-    run.num_quality = quality.num_quality_images(config, len(dataset))
+    run.num_quality = num_quality_images(config, len(dataset))
     if run.num_quality and accelerator.is_main_process:
-        run.reference = quality.real_images(config, run.num_quality, dataset=dataset, device=accelerator.device)
+        run.reference = real_images(config, run.num_quality, dataset=dataset, device=accelerator.device)
         tracker.message(f"sample quality: {run.num_quality} generated vs {run.num_quality} training images at each "
                         "evaluation")
     return run
@@ -365,12 +343,6 @@ def build_lr_scheduler(config: TrainingConfig, optimizer, total_steps: int, cloc
         return budget_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, total_steps, clock)
     return get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                          num_training_steps=total_steps)
-
-
-def hparams(config: TrainingConfig) -> dict:
-    """The config as TensorBoard hparams (scalars and strings only)."""
-    values = run_record.config_values(config)
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
 
 
 def announce(run: Run, source, data_note: str, num_params: int, flops: float, resume: Resume) -> None:
@@ -397,14 +369,14 @@ def announce(run: Run, source, data_note: str, num_params: int, flops: float, re
                         "rotated; delete it when you no longer need it)")
     if resume.continued:
         tracker.message(f"resume_from_checkpoint {config.resume_from_checkpoint}: this run went back there already "
-                        f"(recorded in {outputs.HISTORY_NAME}), so this start continues that branch; to go back to "
+                        f"(recorded in {HISTORY_NAME}), so this start continues that branch; to go back to "
                         "another step, name that step's checkpoint")
     tracker.message(
         f"resumed from {resume.path} at step {state.global_step} epoch {state.global_step // run.steps_per_epoch}"
         if resume.path else "starting fresh at step 0 (no checkpoint to resume)")
     if run.record.changes:
         changed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in run.record.changes.items())
-        tracker.message(f"settings changed since the last start (recorded in {outputs.HISTORY_NAME}): {changed}")
+        tracker.message(f"settings changed since the last start (recorded in {HISTORY_NAME}): {changed}")
     tracker.text("config", "```yaml\n" + config_yaml(config) + "```")
     if source.skipped:
         tracker.text("data/skipped", "\n".join(source.skipped))

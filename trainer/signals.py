@@ -29,9 +29,9 @@ import threading
 import time
 from contextlib import contextmanager
 
-from trainer.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, Stopped
+from trainer.errors import Outcome, Stopped, exit_code
 
-EXIT_CODES = {signal.SIGTERM: EXIT_PREEMPTED, signal.SIGINT: EXIT_INTERRUPTED}
+OUTCOMES = {signal.SIGTERM: Outcome.PREEMPTED, signal.SIGINT: Outcome.INTERRUPTED}
 DEFAULT_GRACE_SECONDS = 90.0  # until the config's preemption_grace_seconds is known
 
 
@@ -41,18 +41,18 @@ class Signals:
         self.grace_seconds = DEFAULT_GRACE_SECONDS
         self._defer = 0  # nesting depth of deferred()
         self._installed = False
-        self._exiting_with: int | None = None  # set by exiting(): the code this process is already leaving with
+        self._exiting_with: Outcome | None = None  # set by exiting(): what this process is already leaving with
 
     def install(self) -> "Signals":
         if not self._installed and threading.current_thread() is threading.main_thread():
-            for signum in EXIT_CODES:
+            for signum in OUTCOMES:
                 signal.signal(signum, self._handle)
             self._installed = True
         return self
 
     @property
-    def exit_code(self) -> int | None:
-        return EXIT_CODES.get(self.received) if self.received is not None else None
+    def outcome(self) -> Outcome | None:
+        return OUTCOMES.get(self.received) if self.received is not None else None
 
     @property
     def stopping(self) -> bool:
@@ -76,20 +76,21 @@ class Signals:
         """The error to raise after an orderly stop, e.g. stopped('checkpoint saved at step 12'). On a rank that
         stops because another rank got the signal (torchrun sends it to all of them), it reads as SIGTERM."""
         signum = self.received if self.received is not None else signal.SIGTERM
-        code = EXIT_CODES[signum]
-        return Stopped(f"{signal.Signals(signum).name} received: {what}; exiting with {code}"
-                       + (" to be retried" if signum == signal.SIGTERM else ""), code)
+        outcome = OUTCOMES[signum]
+        return Stopped(f"{signal.Signals(signum).name} received: {what}; exiting with {exit_code(outcome)}"
+                       + (" to be retried" if signum == signal.SIGTERM else ""), outcome)
 
-    def exiting(self, code: int) -> None:
-        """This process is on its way out with `code`: from now on a signal only starts the grace watchdog."""
-        self._exiting_with = code
+    def exiting(self, outcome: Outcome) -> None:
+        """This process is on its way out with `outcome`: from now on a signal only starts the grace watchdog."""
+        self._exiting_with = outcome
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None:
             return  # already stopping: a second signal must not interrupt the cleanup or the save
         self.received = signum
         if self._exiting_with is not None:
-            print(f"{signal.Signals(signum).name} received while exiting with {self._exiting_with}: the code stays",
+            print(f"{signal.Signals(signum).name} received while exiting with {exit_code(self._exiting_with)}: the "
+                  "code stays",
                   file=sys.stderr, flush=True)
             threading.Thread(target=self._watchdog, daemon=True, name="signal-grace").start()
             return
@@ -104,7 +105,7 @@ class Signals:
         deadline = time.monotonic() + self.grace_seconds
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(left)  # the grace period itself, not a race workaround
-        code = self.exit_code if self._exiting_with is None else self._exiting_with
+        code = exit_code(self.outcome if self._exiting_with is None else self._exiting_with)
         print(f"grace of {self.grace_seconds:.0f}s after {self.name} exceeded; exiting {code} "
               "without a new checkpoint (the newest complete one is intact)", file=sys.stderr, flush=True)
         os._exit(code)

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from trainer.errors import EXIT_STALLED
+from trainer.errors import EXIT_STALLED, Outcome, exit_code
 from trainer.signals import SIGNALS
 
 STALL_MARGIN_S = 30.0  # ranks other than 0 wait this much longer (at most the timeout itself), so rank 0 reports
@@ -100,12 +100,12 @@ class StallWatchdog:
                 continue
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)  # where it is stuck
             print(message, file=sys.stderr, flush=True)
-            SIGNALS.exiting(EXIT_STALLED)
+            SIGNALS.exiting(Outcome.STALLED)
             if self._on_stall is not None:
                 try:
                     self._on_stall(message)
                 except Exception as e:  # reporting is best effort; the exit is not
                     print(f"stall report failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             sys.stdout.flush()
-            self._exit(EXIT_STALLED)
+            self._exit(exit_code(Outcome.STALLED))
             return

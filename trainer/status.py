@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 
 from trainer import events as ev
 from trainer import kube
+from trainer.errors import Outcome
+from trainer.workload_state import FAILED, WorkloadStatus, workload_status
 
-STATUS_OK, STATUS_UNKNOWN, STATUS_FAILED = 0, 1, 2
+# The status's outcomes: shown; the workload or the API could not be read (a retry may help); the workload failed.
+STATUS_OK, STATUS_UNKNOWN, STATUS_FAILED = Outcome.OK, Outcome.FAILED, Outcome.REFUSED
 INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 # The JobSet controller's label naming a pod's replicated Job (jobset api/jobset/v1alpha2 jobset_types.go).
 REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
@@ -64,7 +67,7 @@ class Progress:
 
 
 def status(release: str, namespace: str | None, *, environ: Mapping[str, str] | None = None, out=None,
-           context: str | None = None) -> int:
+           context: str | None = None) -> Outcome:
     def say(line: str = "") -> None:
         print(line, file=out or sys.stdout)  # the stdout of the call, not of the import
 
@@ -82,14 +85,14 @@ def status(release: str, namespace: str | None, *, environ: Mapping[str, str] | 
         cluster.close()
 
 
-def _report(cluster: kube.Cluster, release: str, namespace: str, say) -> int:
+def _report(cluster: kube.Cluster, release: str, namespace: str, say) -> Outcome:
     found = find_workload(cluster, release, namespace)
     if found is None:
         say(f"error: no training workload of release {release!r} in namespace {namespace!r} "
             f"(no {', '.join(k.kind for k in kube.CHART_WORKLOAD_KINDS)} labelled {release_selector(release)})")
         return STATUS_UNKNOWN
     kind, obj = found
-    state = kube.workload_status(kind.kind, obj)
+    state = workload_status(kind.kind, obj)
     name = obj["metadata"]["name"]
     selector = release_selector(release)
     pods = pod_rows(kind.kind, kube.list_objects(cluster, kube.POD, namespace, label_selector=selector),
@@ -98,7 +101,7 @@ def _report(cluster: kube.Cluster, release: str, namespace: str, say) -> int:
                                                field_selector=f"involvedObject.uid={obj['metadata']['uid']}"))
     for line in render(release, namespace, kind, name, state, pods, progress):
         say(line)
-    return STATUS_FAILED if state.state == kube.FAILED else STATUS_OK
+    return STATUS_FAILED if state.state == FAILED else STATUS_OK
 
 
 def find_workload(cluster: kube.Cluster, release: str, namespace: str) -> tuple[kube.Kind, dict] | None:
@@ -210,7 +213,7 @@ def _clock(seconds: int) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
-def render(release: str, namespace: str, kind: kube.Kind, name: str, state: kube.WorkloadStatus,
+def render(release: str, namespace: str, kind: kube.Kind, name: str, state: WorkloadStatus,
            pods: list[PodRow], progress: Progress) -> list[str]:
     lines = [f"release {release} in namespace {namespace}", f"workload    {kind.kind}/{name}: {state.describe()}"]
     lines += _pod_table(pods)

@@ -6,7 +6,7 @@ help: the Job controller has given up); pending, running or suspended -> keep wa
 Without access (no service account token, 401/403, API unreachable) it says so in one line and polls the completion
 marker every `poll_seconds` until the deadline, as the chart's shell loop did.
 
-The workload's states come from trainer.kube.workload_status (its docstring cites the condition types). A watch is
+The workload's states come from trainer.workload_state (its docstring names each kind's condition types). A watch is
 the API's way to wait without polling
 (https://kubernetes.io/docs/reference/using-api/api-concepts/#efficient-detection-of-changes): GET gives the object and its resourceVersion, a watch from there streams each change; a watch ends after its
 timeoutSeconds or with 410 Gone when that version is too old, and either way the object is read again.
@@ -19,14 +19,18 @@ import time
 from collections.abc import Callable, Mapping
 
 from trainer import kube
+from trainer.errors import Outcome
+from trainer.workload_state import FAILED, SUCCEEDED, workload_status
 
-WAIT_OK, WAIT_TIMEOUT, WAIT_FAILED = 0, 1, 2
+# The wait's outcomes: the workload finished with this config's run; the deadline passed (a retry may help); the
+# workload failed (the Job controller has given up: waiting or retrying cannot help).
+WAIT_OK, WAIT_TIMEOUT, WAIT_FAILED = Outcome.OK, Outcome.FAILED, Outcome.REFUSED
 MAX_WATCH_SECONDS = 300  # one watch request at most this long; then the object is read again
 
 
 def wait_for_training(workload: str, namespace: str | None, marker_matches: Callable[[], tuple[bool, str]], *,
                       poll_seconds: float, timeout_seconds: float, environ: Mapping[str, str] | None = None,
-                      say: Callable[[str], None] = print, context: str | None = None) -> int:
+                      say: Callable[[str], None] = print, context: str | None = None) -> Outcome:
     """`workload` is "<Kind>/<name>" (raises ValueError otherwise). `marker_matches()` -> (matches, description),
     e.g. the completion marker's run and step against the config's. Returns WAIT_OK, WAIT_TIMEOUT or WAIT_FAILED."""
     ref = kube.WorkloadRef.parse(workload)
@@ -65,11 +69,11 @@ class _Waiter:
             self._last_said = line
             self.say(line)
 
-    def timed_out(self, why: str) -> int:
+    def timed_out(self, why: str) -> Outcome:
         self.say(f"timed out after {self.timeout_seconds:g}s waiting for {self.ref}: {why}")
         return WAIT_TIMEOUT
 
-    def poll_marker(self) -> int:
+    def poll_marker(self) -> Outcome:
         while True:
             matches, why = self.marker_matches()
             if matches:
@@ -80,7 +84,7 @@ class _Waiter:
             self.tell(f"waiting for the completion marker: {why}")
             time.sleep(min(self.poll_seconds, self.remaining()))  # the poll interval itself
 
-    def watch(self, cluster: kube.Cluster, namespace: str) -> int:
+    def watch(self, cluster: kube.Cluster, namespace: str) -> Outcome:
         """Raises Refused/Unreachable for the caller to fall back to the marker."""
         while True:
             try:
@@ -104,8 +108,8 @@ class _Waiter:
             except (kube.NotFound, kube.ApiFailure):  # deleted, or 410 Gone / a server error: read it again
                 time.sleep(min(self.poll_seconds, max(0.0, self.remaining())))
 
-    def decide(self, obj: dict | None) -> int | None:
-        """An exit code when the wait is over, else None (and a line when the state changed)."""
+    def decide(self, obj: dict | None) -> Outcome | None:
+        """The outcome when the wait is over, else None (and a line when the state changed)."""
         if obj is None:
             matches, why = self.marker_matches()
             if matches:  # finished and already cleaned up (ttlSecondsAfterFinished)
@@ -114,12 +118,12 @@ class _Waiter:
             self.last_seen = "not found"
             self.tell(f"{self.ref} not found yet; waiting for it")
             return None
-        status = kube.workload_status(self.ref.kind, obj)
+        status = workload_status(self.ref.kind, obj)
         self.last_seen = status.describe()
-        if status.state == kube.FAILED:
+        if status.state == FAILED:
             self.say(f"{self.ref} failed: {': '.join(p for p in (status.reason, status.message) if p) or 'no reason'}")
             return WAIT_FAILED
-        if status.state == kube.SUCCEEDED:
+        if status.state == SUCCEEDED:
             matches, why = self.marker_matches()
             if matches:
                 self.say(f"{self.ref} succeeded; completion marker matches: {why}")
