@@ -57,11 +57,6 @@ class TrainClock:
         return self.budget is not None and self.agreed >= self.budget
 
 
-def rank0_seconds(clock: TrainClock, is_main: bool, device) -> torch.Tensor:
-    """Rank 0's clock reading as a tensor to sum in an all-reduce (0 on the other ranks)."""
-    return torch.tensor(clock.seconds() if is_main else 0.0, device=device)
-
-
 def budget_lr_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int, clock: TrainClock):
     """A LambdaLR of shape `name` (cosine, linear, constant, constant_with_warmup) whose progress after warmup is
     max(step fraction, time fraction). The lambda is a plain function, so the LambdaLR's state_dict (last_epoch)
