@@ -232,10 +232,9 @@ def inject_signal(phase: str, signame: str, count: int) -> None:
         target, real_step = int(phase[5:]), loop.train_step
 
         def train_step(run, *args):
-            updated = real_step(run, *args)
-            if updated and run.state.global_step + 1 == target:  # global_step is raised right after
+            real_step(run, *args)
+            if run.state.global_step == target:
                 send(signame, count)
-            return updated
 
         loop.train_step = train_step
     else:

@@ -1,6 +1,5 @@
 """Shared helpers for tests that run training as real processes."""
 
-import os
 import signal
 import socket
 import subprocess

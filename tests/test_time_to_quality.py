@@ -17,7 +17,6 @@ from helpers import run_train, scalar_series
 from trainer.budget import TrainClock, budget_lr_scheduler
 from trainer.config import TrainingConfig
 from trainer.config_loading import cross_field_problems
-from trainer.errors import ConfigError
 from trainer.diffusion import min_snr_weights, training_loss
 from trainer.model import build_noise_scheduler, build_unet
 from trainer.sampling import eval_scheduler, sample_for_eval

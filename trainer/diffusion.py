@@ -3,7 +3,7 @@
 Noise, timesteps and flips for one micro-batch are drawn from a generator seeded by (seed, optimizer update,
 position of the micro-batch in that update's global batch). The position is accumulation index x processes + rank:
 the same images sit at the same position whether the global batch is 2 processes x 1 micro-batch or 1 process x 2
-micro-batches (trainer.setup.Run.batches). So a run's randomness does not depend on the number of processes, on how
+micro-batches (trainer.loop.global_batches). So a run's randomness does not depend on the number of processes, on how
 the global batch is split into accumulation steps, or on where it was resumed; and no global RNG is touched.
 """
 

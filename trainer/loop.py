@@ -10,6 +10,7 @@ update is a lost peer (PeerLost, 143). Updates, sampler steps and finished saves
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,7 +27,6 @@ from trainer.run_dir import disk_full
 from trainer.sampling import SamplingInterrupted, sample_for_eval, shard, to_grid
 from trainer.setup import Run, setup
 from trainer.signals import SIGNALS
-from trainer.stall import StallWatchdog
 from trainer.tracking import StepStats
 
 
@@ -36,8 +36,6 @@ def train(config, stream=None, config_file: Path | None = None) -> TrainState:
     run = None
     try:
         run = setup(config, stream, config_file, events)
-        run.stall = StallWatchdog(config.stall_timeout_seconds, rank=run.rank,
-                                  on_stall=lambda message: report_stall(run, message))
         try:
             with SIGNALS.deferred():
                 fit(run)
@@ -71,12 +69,6 @@ def train(config, stream=None, config_file: Path | None = None) -> TrainState:
         events.close(timeout_s=5.0)
 
 
-def report_stall(run: Run, message: str) -> None:
-    """From the stall watchdog's thread, just before the process ends: rank 0 posts the Warning Event."""
-    run.events.stalled(run.state.global_step, message)
-    run.events.close(timeout_s=5.0)
-
-
 def peer_lost(run: Run | None, error: BaseException) -> PeerLost | None:
     """PeerLost when `error` is a failed collective (or store call) after this process completed an optimizer
     update: another rank is gone. Before any update (the process group, the first all-reduce) it stays the error
@@ -92,7 +84,8 @@ def peer_lost(run: Run | None, error: BaseException) -> PeerLost | None:
 
 
 def fit(run: Run) -> None:
-    """The step loop: one optimizer update per accumulation group; logs, checkpoints and grids on their cadence."""
+    """The step loop: one optimizer update per global batch (train_step); logs, stop checks, checkpoints and grids on
+    their cadence."""
     config, state = run.config, run.state
     stats = StepStats(run.accelerator.device)
     run.unet.train()
@@ -102,15 +95,9 @@ def fit(run: Run) -> None:
         if finished(run):
             break
         state.epoch = epoch
-        for update, position, images in run.batches(epoch):
-            if not train_step(run, stats, images, update, position):
-                continue  # gradients accumulate: no optimizer update yet
-            state.global_step += 1
-            run.stall.progress(f"optimizer update {state.global_step}")
-            run.tracker.step()
+        for update, micro_batches in global_batches(run, epoch):
+            train_step(run, stats, update, micro_batches)
             step = state.global_step
-            if run.world == 1:  # the only rank: its clock is the agreed one (several: shared at each log)
-                run.clock.agree(run.clock.seconds())
             if step % config.logging_steps == 0 or step == run.total_steps or run.clock.spent:
                 stop = log_interval(run, stats, epoch)  # the interval's one sync; raises Diverged
             elif run.world == 1 or step % config.preemption_check_steps == 0:
@@ -139,43 +126,67 @@ def fit(run: Run) -> None:
     run.clock.stop()
 
 
+def global_batches(run: Run, epoch: int):
+    """(optimizer update, [(position in its global batch, micro-batch), ...]) for `epoch`'s whole global batches,
+    continuing mid-epoch after a resume without replaying or skipping data. Rank r's m-th micro-batch is the
+    dataloader's batch m x processes + r (Accelerate shards by batches), so position accumulation-index x processes
+    + rank holds the same images for any split of the global batch into processes and accumulation steps."""
+    accumulation, per_epoch = run.config.gradient_accumulation_steps, run.steps_per_epoch
+    run.dataloader.set_epoch(epoch)
+    done = max(0, run.state.global_step - epoch * per_epoch)  # this epoch's updates before a resume
+    batches = run.accelerator.skip_first_batches(run.dataloader, done * accumulation) if done else run.dataloader
+    group = []
+    for images in run.tracker.timed(batches):
+        if done == per_epoch:
+            return  # the rest cannot fill a global batch: every epoch has the same whole updates
+        group.append((len(group) * run.world + run.rank, images))
+        if len(group) == accumulation:
+            yield epoch * per_epoch + done, group
+            done, group = done + 1, []
+
+
 def finished(run: Run) -> bool:
     """The run's length is reached: max_train_steps/num_epochs, or the max_train_seconds budget (the same answer on
     every rank at the same step: trainer/budget.py)."""
     return run.state.global_step >= run.total_steps or run.clock.spent
 
 
-def train_step(run: Run, stats: StepStats, images: torch.Tensor, update: int, position: int) -> bool:
-    """One micro-batch, forward and backward; True when it completed an optimizer update. No host sync."""
-    accelerator, config = run.accelerator, run.config
-    clean = to_model_range(images).contiguous(memory_format=run.memory_format)
-    with accelerator.accumulate(run.unet):
-        loss = training_loss(run.forward, run.noise_scheduler, clean, seed=config.seed, update=update,
-                             position=position, random_flip=config.random_flip,
-                             loss_weighting=config.loss_weighting, snr_gamma=config.snr_gamma)
-        accelerator.backward(loss)
-        update = True
-        if accelerator.sync_gradients:
-            grad_norm = accelerator.clip_grad_norm_(run.unet.parameters(), config.max_grad_norm)
-            bad = ~torch.isfinite(grad_norm)
-            update = skip_update_if_nonfinite(run.optimizer, bad, config.optimizer_impl)
-        if update:
-            run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-    stats.add_loss(loss.detach())
-    if not accelerator.sync_gradients:
-        return False
+def train_step(run: Run, stats: StepStats, update: int, micro_batches: list[tuple[int, torch.Tensor]]) -> None:
+    """One optimizer update, in order. No host sync (but foreach AdamW's skip decision); nothing here per micro-batch
+    that the maths does not need."""
+    accelerator, config, unet = run.accelerator, run.config, run.unet
+    accumulation = len(micro_batches)
+    for i, (position, images) in enumerate(micro_batches):
+        clean = to_model_range(images).contiguous(memory_format=run.memory_format)
+        # DDP all-reduces the summed gradients in the backward of the update's last micro-batch only
+        with accelerator.no_sync(unet) if i < accumulation - 1 else nullcontext():
+            # noise, timesteps and flips keyed by (seed, update, position); forward; MSE to the target
+            loss = training_loss(run.forward, run.noise_scheduler, clean, seed=config.seed, update=update,
+                                 position=position, random_flip=config.random_flip,
+                                 loss_weighting=config.loss_weighting, snr_gamma=config.snr_gamma)
+            accelerator.backward(loss / accumulation)  # gradients of the mean over the global batch
+        stats.add_loss(loss.detach())
+    grad_norm = accelerator.clip_grad_norm_(run.parameters, config.max_grad_norm)
+    bad = ~torch.isfinite(grad_norm)  # a non-finite loss or gradient: this update leaves the weights as they are
+    if skip_update_if_nonfinite(run.optimizer, bad, config.optimizer_impl):
+        run.optimizer.step()
+    run.lr_scheduler.step()  # counted in updates, skipped or not
     if run.ema is not None:
-        run.ema.step(accelerator.unwrap_model(run.unet).parameters())
-    run.lr_scheduler.step()
+        run.ema.step(run.parameters)
+    run.optimizer.zero_grad(set_to_none=True)
     stats.add_update(grad_norm, bad)
-    return True
+    run.state.global_step += 1
+    run.stall.progress(f"optimizer update {run.state.global_step}")
+    run.tracker.step()
+    if run.world == 1:  # the only rank: its clock is the agreed one (several: shared at each log, trainer/budget.py)
+        run.clock.agree(run.clock.seconds())
 
 
 def skip_update_if_nonfinite(optimizer, bad: torch.Tensor, impl: str) -> bool:
-    """Whether to call optimizer.step(). Fused AdamW skips on device (it reads `found_inf`, as under AMP): no
-    host sync. Foreach AdamW cannot, so it pays one host sync per update to decide."""
+    """Whether to call optimizer.step(). Fused AdamW skips on device: no host sync. Foreach AdamW cannot, so it
+    pays one host sync per update to decide."""
     if impl == "fused":
+        # No public argument takes it: fused AdamW reads the `found_inf` attribute that torch.amp.GradScaler sets.
         optimizer.optimizer.found_inf = bad.float()
         return True
     return not bad.item()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -52,27 +52,29 @@ class Run:
     tracker: Tracker
     record: run_record.RecordedStart
     lock: OutputDirLock | None
+    events: MilestoneEvents  # Kubernetes Events (rank 0; no-op elsewhere)
+    stall: StallWatchdog  # stall_timeout_seconds (trainer/stall.py)
     unet: torch.nn.Module  # prepared (DDP-wrapped with several processes)
     forward: torch.nn.Module  # the same, compiled when torch_compile
+    parameters: list[torch.nn.Parameter]  # the UNet's, listed once: clipped, updated and averaged every step
+    memory_format: torch.memory_format
     ema: object | None
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     noise_scheduler: object
     dataloader: torch.utils.data.DataLoader
-    state: TrainState
     steps_per_epoch: int
     total_steps: int
     num_epochs: int
-    memory_format: torch.memory_format
     resumed_step: int | None  # where this process started from a checkpoint (None: fresh)
     num_quality: int  # images scored at each evaluation (0: off)
     reference: torch.Tensor | None  # the real images they are scored against (rank 0)
+    checkpoint_bytes: int
+    # What the loop changes: the checkpointed state, the training clock, and where the last save and grid are.
+    state: TrainState
+    clock: TrainClock  # max_train_seconds (trainer/budget.py)
     last_checkpoint_step: int = -1
     last_grid: Path | None = None
-    checkpoint_bytes: int = 0
-    events: MilestoneEvents = field(default_factory=MilestoneEvents.off)  # Kubernetes Events (rank 0; no-op elsewhere)
-    clock: TrainClock = field(default_factory=lambda: TrainClock(None))  # max_train_seconds (trainer/budget.py)
-    stall: StallWatchdog = field(default_factory=StallWatchdog.off)  # stall_timeout_seconds (trainer/stall.py)
 
     @property
     def rank(self) -> int:
@@ -86,26 +88,11 @@ class Run:
     def global_batch(self) -> int:
         return self.config.global_batch_size
 
-    def batches(self, epoch: int):
-        """(optimizer update, position in its global batch, micro-batch) for `epoch`'s whole global batches, continuing
-        mid-epoch after a resume without replaying or skipping data. Rank r's m-th micro-batch is the dataloader's
-        batch m x processes + r (Accelerate shards by batches), so position accumulation-index x processes + rank
-        holds the same images for any split of the global batch into processes and accumulation steps."""
-        accumulation = self.config.gradient_accumulation_steps
-        self.dataloader.set_epoch(epoch)
-        first = max(0, self.state.global_step - epoch * self.steps_per_epoch) * accumulation
-        batches = self.accelerator.skip_first_batches(self.dataloader, first) if first else self.dataloader
-        for i, images in enumerate(self.tracker.timed(batches), start=first):
-            if i >= self.steps_per_epoch * accumulation:
-                return  # the rest cannot fill a global batch: every epoch has the same whole updates
-            yield epoch * self.steps_per_epoch + i // accumulation, (i % accumulation) * self.world + self.rank, images
-
 
 def build_accelerator(config: TrainingConfig, run_dir: RunDir) -> Accelerator:
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # Accelerate sets up gloo for several CPU processes only when told
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,  # accumulation is the loop's (loop.train_step), not Accelerate's
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir.root), logging_dir=str(run_dir.logs)),
         dataloader_config=DataLoaderConfiguration(
@@ -254,7 +241,6 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
         config, checked = decided_by_main(
             accelerator, lambda: check_before_writing(with_global_batch(config, run_dir, world), run_dir, config_file,
                                                       writes, spec))
-        accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
         source, dataset, data_note = training_dataset(config, run_dir.data_cache, accelerator.local_main_process_first)
         if writes is not None and config.data_cache:
             writes.cache_files = cache_path(config, source, run_dir.data_cache)
@@ -292,19 +278,15 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     total_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
-    clock = TrainClock(config.max_train_seconds)
-    lr_scheduler = build_lr_scheduler(config, optimizer.optimizer, total_steps, clock)
-    accelerator.register_for_checkpointing(lr_scheduler)
     state = TrainState(model=spec.recorded())
     resume = checked.resume
     if resume.path is not None:
-        accelerator.load_state(str(resume.path))
-        # load_state also restores Accelerate's micro-step counter (accelerate/checkpointing.py, states["step"]); a
-        # checkpoint is always taken on an update boundary, and with another number of processes the old count
-        # would misplace the next sync. Every resume starts a fresh accumulation.
-        accelerator.step = 0
         state.load_state_dict({**checked.resume_state, "model": state.model})
-    clock.before = clock.agreed = state.training_seconds  # a resumed run's clock goes on from its checkpoint
+    clock = TrainClock(config.max_train_seconds, state.training_seconds)  # a resumed run's clock goes on
+    lr_scheduler = build_lr_scheduler(config, optimizer.optimizer, total_steps, clock)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    if resume.path is not None:
+        accelerator.load_state(str(resume.path))
 
     # --- trackers and what the log says first ----------------------------------------------------------------------
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)  # TensorBoard takes scalars and strings
@@ -313,27 +295,36 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
     peak, flops = peak_flops(config, accelerator.device), training_flops_per_image(config)
     tracker = Tracker(accelerator, total_steps, state.global_step, stream, clock=clock,
                       flops_per_image=flops, peak_flops=peak * world if peak else None)  # MFU of all devices
+    num_quality = num_quality_images(config, len(dataset))
+    reference = real_images(config, num_quality, dataset=dataset, device=accelerator.device) \
+        if num_quality and accelerator.is_main_process else None
+    events = events or MilestoneEvents.off()
+    stall = StallWatchdog(config.stall_timeout_seconds, rank=rank, on_stall=lambda message: report_stall(
+        events, state.global_step, message))
     run = Run(config=config, run_dir=run_dir, accelerator=accelerator, tracker=tracker, record=record,
-              lock=writes.lock if writes else None, unet=unet, forward=forward, ema=ema, optimizer=optimizer,
-              lr_scheduler=lr_scheduler, noise_scheduler=noise_scheduler, dataloader=dataloader,
-              state=state, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-              num_epochs=math.ceil(total_steps / steps_per_epoch), memory_format=memory_format,
-              resumed_step=state.global_step if resume.path else None, num_quality=0, reference=None,
-              last_checkpoint_step=state.global_step if resume.path else -1,
-              checkpoint_bytes=checked.checkpoint_bytes, clock=clock,
-              events=events or MilestoneEvents.off())
+              lock=writes.lock if writes else None, events=events, stall=stall, unet=unet, forward=forward,
+              parameters=list(accelerator.unwrap_model(unet).parameters()), memory_format=memory_format, ema=ema,
+              optimizer=optimizer, lr_scheduler=lr_scheduler, noise_scheduler=noise_scheduler, dataloader=dataloader,
+              steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+              num_epochs=math.ceil(total_steps / steps_per_epoch),
+              resumed_step=state.global_step if resume.path else None, num_quality=num_quality, reference=reference,
+              checkpoint_bytes=checked.checkpoint_bytes, state=state, clock=clock,
+              last_checkpoint_step=state.global_step if resume.path else -1)
     announce(run, source, data_note, num_params, flops, resume)
     run.events.started(run.global_batch, world, state.global_step, total_steps,
                        str(resume.path) if resume.path else None)
     if config.gradient_accumulation_steps != given_accumulation:
         tracker.message(f"gradient_accumulation_steps {given_accumulation} -> {config.gradient_accumulation_steps}: the "
                         f"run's global batch of {config.global_batch_size} over {world} processes")
-    run.num_quality = num_quality_images(config, len(dataset))
-    if run.num_quality and accelerator.is_main_process:
-        run.reference = real_images(config, run.num_quality, dataset=dataset, device=accelerator.device)
-        tracker.message(f"sample quality: {run.num_quality} generated vs {run.num_quality} training images at each "
-                        "evaluation")
+    if reference is not None:
+        tracker.message(f"sample quality: {num_quality} generated vs {num_quality} training images at each evaluation")
     return run
+
+
+def report_stall(events: MilestoneEvents, step: int, message: str) -> None:
+    """From the stall watchdog's thread, just before the process ends: rank 0 posts the Warning Event."""
+    events.stalled(step, message)
+    events.close(timeout_s=5.0)
 
 
 def build_lr_scheduler(config: TrainingConfig, optimizer, total_steps: int, clock: TrainClock):
