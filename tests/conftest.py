@@ -54,6 +54,9 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    # The cluster group first: it is the longest unit by far, so one worker starts it at once while the other takes
+    # everything else (xdist hands out groups in collection order); last, it would end the run alone.
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group").args[0] != CLUSTER_GROUP)
 
 
 @pytest.fixture(scope="session")
