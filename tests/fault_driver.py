@@ -82,20 +82,25 @@ def inject_nan_samples(spec: str) -> None:
     sampling.check_saved_pipeline = during(real_check, where in ("final", "all"))
 
 
-def inject_adverse_rounding(ulps: int = 4) -> None:
+def adversely_rounded(real_get_variance, ulps: int):
+    """DDIM's `_get_variance` made `ulps` ulps too large, as a badly rounding CPU would (tests/test_sampling.py). An
+    exact 0 (the last step, a_prev = 1) stays 0: 0 * x is exact on every IEEE machine."""
     import torch
-    from diffusers import DDIMScheduler
-
-    real = DDIMScheduler._get_variance
 
     def nudged(self, timestep, prev_timestep):
-        variance = real(self, timestep, prev_timestep)
+        variance = real_get_variance(self, timestep, prev_timestep)
         up = variance
         for _ in range(ulps):
             up = torch.nextafter(up, torch.tensor(float("inf")))
-        return torch.where(variance > 0, up, variance)  # an exact 0 stays 0 on every machine
+        return torch.where(variance > 0, up, variance)
 
-    DDIMScheduler._get_variance = nudged
+    return nudged
+
+
+def inject_adverse_rounding(ulps: int = 4) -> None:
+    from diffusers import DDIMScheduler
+
+    DDIMScheduler._get_variance = adversely_rounded(DDIMScheduler._get_variance, ulps)
 
 
 def inject_death(update: int) -> None:

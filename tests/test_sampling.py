@@ -19,6 +19,7 @@ from PIL import Image
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from conftest import REPO, TINY, clean_env
+from fault_driver import adversely_rounded
 from helpers import free_port, scalar_series
 from trainer import data, quality
 from trainer.cli import main
@@ -71,16 +72,7 @@ def adverse_rounding(monkeypatch):
     """Every CPU rounds as badly as the EPYC did, and worse: DDIM's variance comes out ADVERSE_ULPS ulps too large,
     so std^2 exceeds 1 - a_prev wherever the margin is thinner than that. An exact 0 (the last step, a_prev = 1)
     stays 0: 0 * x is exact on every IEEE machine."""
-    real = DDIMScheduler._get_variance
-
-    def nudged(self, timestep, prev_timestep):
-        variance = real(self, timestep, prev_timestep)
-        up = variance
-        for _ in range(ADVERSE_ULPS):
-            up = torch.nextafter(up, torch.tensor(float("inf")))
-        return torch.where(variance > 0, up, variance)
-
-    monkeypatch.setattr(DDIMScheduler, "_get_variance", nudged)
+    monkeypatch.setattr(DDIMScheduler, "_get_variance", adversely_rounded(DDIMScheduler._get_variance, ADVERSE_ULPS))
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
