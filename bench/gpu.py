@@ -12,7 +12,7 @@ tutorial preset at 128 px (the built-in butterflies, batch 32) and checks:
   50 and 250 steps, its UNet in fp32 and in the run's precision;
 - speed: steady-state images/s (TensorBoard event times, after the first 20% of updates, as `make bench`) and MFU
   against the FLOP count `ddpm train` logs (372 GFLOP per image for the tutorial UNet at 128 px) and the GPU's
-  dense peak (trainer/perf.py);
+  dense peak (trainer/model.py);
 then one bf16 run with torch_compile (its first update, compile included, and images/s).
 
 `--quick` runs the same checks on whatever device there is (the CPU here: small preset, 16 px, a few updates, fp32
@@ -239,7 +239,7 @@ def child_flops(preset: str, image_size: int, batch: int) -> dict:
     import torch
 
     from trainer.config import TrainingConfig
-    from trainer.perf import PEAK_TFLOPS, training_flops_per_image
+    from trainer.model import PEAK_TFLOPS, training_flops_per_image
 
     config = TrainingConfig(model_preset=preset, image_size=int(image_size), train_batch_size=int(batch))
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

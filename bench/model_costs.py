@@ -31,10 +31,10 @@ def device_name() -> str:
 
 
 def flops_per_image(preset: str, image_size: int, batch: int) -> dict:
-    """ddpm train's own count (trainer.perf: forward + backward on a meta-device copy, so no compute), with the
+    """ddpm train's own count (trainer.model: forward + backward on a meta-device copy, so no compute), with the
     device's dense peak FLOP/s from the same table ddpm train uses for its `mfu` scalar."""
     from trainer.config import TrainingConfig
-    from trainer.perf import PEAK_TFLOPS, training_flops_per_image
+    from trainer.model import PEAK_TFLOPS, training_flops_per_image
 
     config = TrainingConfig(model_preset=preset, image_size=image_size, train_batch_size=batch)
     name = device_name()

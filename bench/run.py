@@ -200,7 +200,7 @@ def materialize_data(folder: Path) -> Path:
     done = folder / ".complete"
     if not done.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        code = ("import sys; from trainer.builtin_data import ButterflyImages; "
+        code = ("import sys; from trainer.data import ButterflyImages; "
                 f"imgs = ButterflyImages({DATA_IMAGES}, {DATA_SIZE}); "
                 "[imgs[i].save(f'{sys.argv[1]}/{i:04d}.png') for i in range(len(imgs))]")
         print(f"materializing the built-in dataset ({DATA_IMAGES} images, {DATA_SIZE} px) in {folder}", flush=True)

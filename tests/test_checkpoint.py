@@ -12,7 +12,7 @@ from trainer import checkpoint
 from trainer.checkpoint import TrainState
 from trainer.config import TrainingConfig
 from trainer.errors import EXIT_CONFIG, CheckpointError, OutputDirError
-from trainer.run_dir import RunDir, all_finite, disk_full
+from trainer.run_dir import RunDir, all_finite, disk_full, record_start, write_marker
 
 
 def resume_of(config: TrainingConfig) -> checkpoint.Resume:
@@ -205,12 +205,11 @@ def test_every_kind_of_full_is_recognised_through_the_exception_chain(tmp_path, 
 
 def branch_from(out, step):
     """What `ddpm train --resume_from_checkpoint .../checkpoint-<step>` decides and records when it begins."""
-    from trainer import run_record
 
     config = TrainingConfig(output_dir=out, resume_from_checkpoint=str(out / "checkpoints" / f"checkpoint-{step}"))
     resume = resume_of(config)
     moved = checkpoint.set_aside_abandoned(resume.abandoned)
-    run_record.record_start(config, RunDir.of(config), step, environ={}, branch=resume.branch)
+    record_start(config, RunDir.of(config), step, environ={}, branch=resume.branch)
     return resume, moved
 
 
@@ -235,13 +234,12 @@ def test_rolling_back_sets_the_newer_checkpoints_aside_and_a_retry_continues_the
 
 
 def test_a_different_command_in_between_makes_the_same_path_a_new_rollback(accelerator, tmp_path):
-    from trainer import run_record
 
     for step in (2, 4):
         save(accelerator, tmp_path, step)
     branch_from(tmp_path, 2)
     save(accelerator, tmp_path, 3)
-    run_record.record_start(TrainingConfig(output_dir=tmp_path), RunDir(tmp_path), 3, environ={})  # then `auto`: the branch is the run
+    record_start(TrainingConfig(output_dir=tmp_path), RunDir(tmp_path), 3, environ={})  # then `auto`: the branch is the run
     save(accelerator, tmp_path, 5, limit=1)
     assert names(tmp_path) == ["abandoned-checkpoint-4", "checkpoint-5"], "no longer kept for a retry"
     save(accelerator, tmp_path, 2)  # a checkpoint-2 again (copied back by the user, say), and back to it
@@ -380,13 +378,12 @@ def test_a_pipeline_with_nonfinite_weights_is_never_saved_or_pushed(tmp_path):
     weights = tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors"
     assert all_finite(load_file(weights).values()), "the earlier, finite pipeline is still there"
 
-    from trainer import run_record
 
-    record = run_record.record_start(config, RunDir.of(config), 0, environ={})
+    record = record_start(config, RunDir.of(config), 0, environ={})
     tampered = load_file(weights)
     tampered["conv_in.weight"][0, 0, 0, 0] = float("inf")
     save_file(tampered, weights)
-    run_record.write_marker(config, RunDir.of(config), record, 1, 0, environ={})  # even a marker over them does not make them pushable
+    write_marker(config, RunDir.of(config), record, 1, 0, environ={})  # even a marker over them does not make them pushable
     with pytest.raises(PushError, match="holds NaN/inf weights"):
         hub.check_complete(RunDir(tmp_path / "run"))
 

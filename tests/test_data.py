@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from trainer import data, data_cache
-from trainer.builtin_data import ButterflyImages, render_butterfly
+from trainer.data import ButterflyImages, render_butterfly
 from trainer.config import TrainingConfig
 from trainer.errors import EXIT_CONFIG, EXIT_FAILED, TransientError, UserError
 from trainer.run_dir import RunDir

@@ -10,10 +10,10 @@ import pytest
 
 from conftest import REPO, TINY, clean_env, ddpm
 from trainer.errors import EXIT_CONFIG, OutputDirError, TransientError
-from trainer.lock import OutputDirLock
+from trainer.outputs import OutputDirLock
 from trainer.run_dir import LOCK_NAME
 
-HOLD = ("import sys, time\nfrom pathlib import Path\nfrom trainer.lock import OutputDirLock\nfrom trainer.run_dir import RunDir\n"
+HOLD = ("import sys, time\nfrom pathlib import Path\nfrom trainer.outputs import OutputDirLock\nfrom trainer.run_dir import RunDir\n"
         "OutputDirLock(RunDir(Path(sys.argv[1])).lock_file).acquire({'host': 'gpu-node-7', 'pid': '4242', 'started': 'today', "
         "'pod': 'ddpm-train-0-abc', 'namespace': 'vision', 'workload': sys.argv[2]})\n"
         "print('held', flush=True)\nsys.stdin.read()\n")  # holds until stdin closes or it is killed

@@ -11,10 +11,10 @@ import yaml
 from PIL import Image
 
 from conftest import TINY, clean_env, ddpm
-from trainer import outputs, run_record
+from trainer import outputs
 from trainer.config import TrainingConfig
 from trainer.errors import EXIT_CONFIG, OutputDirError
-from trainer.run_dir import RunDir
+from trainer.run_dir import RunDir, marker_matches, record_start, write_marker
 
 
 def plan_for(config: TrainingConfig, config_file: Path | None = None) -> outputs.OutputPlan:
@@ -510,12 +510,12 @@ def test_the_pipeline_model_card_and_grid_under_a_full_disk_say_so_and_leave_not
 
 def test_run_id_is_kept_on_resume_and_new_for_an_extension_and_history_records_changes(tmp_path):
     config = TrainingConfig(output_dir=tmp_path, max_train_steps=10)
-    first = run_record.record_start(config, RunDir(tmp_path), step=0, environ={})
-    again = run_record.record_start(config, RunDir(tmp_path), step=4, environ={})
+    first = record_start(config, RunDir(tmp_path), step=0, environ={})
+    again = record_start(config, RunDir(tmp_path), step=4, environ={})
     assert again.run_id == first.run_id and again.changes == {}
-    tuned = run_record.record_start(config.model_copy(update={"max_grad_norm": 0.5}), RunDir(tmp_path), step=6, environ={})
+    tuned = record_start(config.model_copy(update={"max_grad_norm": 0.5}), RunDir(tmp_path), step=6, environ={})
     assert tuned.run_id == first.run_id and tuned.changes == {"max_grad_norm": [1.0, 0.5]}
-    longer = run_record.record_start(config.model_copy(update={"max_grad_norm": 0.5, "max_train_steps": 20}),
+    longer = record_start(config.model_copy(update={"max_grad_norm": 0.5, "max_train_steps": 20}),
                                      RunDir(tmp_path), step=10, environ={})
     assert longer.run_id != first.run_id
     history = RunDir(tmp_path).read_history()
@@ -529,14 +529,14 @@ def test_the_workload_is_part_of_the_run_id_and_the_marker(tmp_path):
     config = TrainingConfig(output_dir=tmp_path / "a")
     env = {"POD_NAME": "ddpm-train-0-x", "POD_NAMESPACE": "vision", "TRAINING_WORKLOAD": "Job/ddpm-train"}
     (tmp_path / "a").mkdir()
-    record = run_record.record_start(config, RunDir.of(config), 0, env)
+    record = record_start(config, RunDir.of(config), 0, env)
     assert RunDir(tmp_path / "a").read_history()[0]["kubernetes"] == {
         "pod": "ddpm-train-0-x", "namespace": "vision", "workload": "Job/ddpm-train"}
     (tmp_path / "a" / "model_index.json").write_text("{}")
-    marker = json.loads(run_record.write_marker(config, RunDir.of(config), record, 3, 0, env).read_text())
+    marker = json.loads(write_marker(config, RunDir.of(config), record, 3, 0, env).read_text())
     assert marker["kubernetes"]["workload"] == "Job/ddpm-train" and marker["run_id"] == record.run_id
-    assert run_record.marker_matches(config, RunDir.of(config), "Job/ddpm-train")[0]
-    assert not run_record.marker_matches(config, RunDir.of(config), "Job/other-train")[0]
+    assert marker_matches(config, RunDir.of(config), "Job/ddpm-train")[0]
+    assert not marker_matches(config, RunDir.of(config), "Job/other-train")[0]
 
 
 def finished_run(out: Path, steps: int = 4) -> list:
@@ -554,14 +554,14 @@ def test_marker_is_removed_when_training_starts_and_an_extension_never_pushes_th
     assert marker["global_step"] == 4 and set(marker["pipeline"]) >= {"model_index.json",
                                                                        "unet/diffusion_pytorch_model.safetensors"}
     config = TrainingConfig(**yaml.safe_load((out / "training_config.yaml").read_text()))
-    assert run_record.marker_matches(config, RunDir(out)) == (True, f"run {marker['run_id']} finished at step 4")
+    assert marker_matches(config, RunDir(out)) == (True, f"run {marker['run_id']} finished at step 4")
 
     # The extension dies hard (os._exit, as on SIGKILL) in its first update, after it has started training.
     crash = _crash_after_start([*args, "--max_train_steps", "8"])
     assert crash.returncode == 9, crash.stderr
     assert not (out / "training_complete.json").exists(), "the old marker was removed when training started"
     longer = config.model_copy(update={"max_train_steps": 8})
-    matches, why = run_record.marker_matches(longer, RunDir(out))
+    matches, why = marker_matches(longer, RunDir(out))
     assert not matches and "no completion marker" in why
     push = ddpm("push", "--output_dir", out, "--hub_model_id", "me/x", "--dry-run", check=False)
     assert push.returncode == EXIT_CONFIG and "is not complete" in push.stderr

@@ -4,10 +4,10 @@ import dataclasses
 
 import pytest
 
-from trainer import outputs, run_record
+from trainer import outputs
 from trainer.config import TrainingConfig
 from trainer.errors import OutputDirError
-from trainer.run_dir import RunDir
+from trainer.run_dir import RunDir, marker_matches, record_start
 from trainer.setup import with_global_batch
 
 
@@ -41,7 +41,7 @@ def test_an_unreadable_saved_config_is_the_same_exit_2_for_every_reader(tmp_path
     with pytest.raises(OutputDirError, match="training_config.yaml"):
         with_global_batch(config, run_dir, 1)
     (tmp_path / "training_complete.json").write_text("{}")
-    matches, why = run_record.marker_matches(config, run_dir)
+    matches, why = marker_matches(config, run_dir)
     assert not matches and "training_config.yaml" in why
 
 
@@ -50,13 +50,13 @@ def test_the_run_keeps_its_global_batch_from_either_record(tmp_path):
     history when a start stopped between its two records; another run never inherits it."""
     run_dir = RunDir(tmp_path)
     started = TrainingConfig(output_dir=tmp_path, train_batch_size=4, global_batch_size=16)
-    run_record.record_start(started, run_dir, 0, environ={})
+    record_start(started, run_dir, 0, environ={})
     same = TrainingConfig(output_dir=tmp_path, train_batch_size=4)
     assert run_dir.run_global_batch(same) == 16
     run_dir.config_file.unlink()
     assert run_dir.run_global_batch(same) == 16, "the history says it too"
     assert run_dir.run_global_batch(same.model_copy(update={"seed": 7})) is None, "another run"
-    assert run_record.marker_matches(same, run_dir)[1].startswith("no completion marker")
+    assert marker_matches(same, run_dir)[1].startswith("no completion marker")
 
 
 def test_last_grid_is_the_newest_of_ours_by_number(tmp_path):

@@ -50,7 +50,7 @@ def test_flops_per_image_match_a_real_forward_backward():
 
     from trainer.config import TrainingConfig
     from trainer.model import build_unet
-    from trainer.perf import training_flops_per_image
+    from trainer.model import training_flops_per_image
 
     config = TrainingConfig(model_preset="small", image_size=16, train_batch_size=3)
     unet = build_unet(config)

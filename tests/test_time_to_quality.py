@@ -180,7 +180,7 @@ def test_budget_schedule_follows_the_larger_of_step_and_time_fraction():
 
 def test_without_max_train_seconds_the_lr_schedule_is_diffusers_own():
     """Switched off (no budget), the schedule is the very get_scheduler the loop used before."""
-    from trainer.setup import build_lr_scheduler
+    from trainer.budget import build_lr_scheduler
 
     for name in ("cosine", "linear", "constant_with_warmup", "polynomial"):
         config = tiny(lr_scheduler=name, lr_warmup_steps=5)

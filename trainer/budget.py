@@ -21,6 +21,9 @@ import math
 import time
 
 import torch
+from diffusers.optimization import get_scheduler
+
+from trainer.config import TrainingConfig
 
 
 class TrainClock:
@@ -75,3 +78,12 @@ def budget_lr_scheduler(name: str, optimizer, warmup_steps: int, total_steps: in
         return 1.0  # constant, constant_with_warmup
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_lr_scheduler(config: TrainingConfig, optimizer, total_steps: int, clock: TrainClock):
+    """Counted in optimizer updates: warmup N means N updates whatever the accumulation and world size. With
+    max_train_seconds the schedule follows the budget too (above); without, it is diffusers' own."""
+    if config.max_train_seconds is not None:
+        return budget_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, total_steps, clock)
+    return get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=total_steps)

@@ -6,7 +6,7 @@ the checkpoint a rollback went back to). Set-aside ones are never loaded or rota
 <name>.2, and so on.
 
 A rollback (resume_from_checkpoint <path>, at step S) starts a branch: the run's checkpoints at S or later are set
-aside as abandoned, and the branch is recorded in config_history.jsonl (trainer.run_record). Running the same command
+aside as abandoned, and the branch is recorded in config_history.jsonl (trainer.run_dir). Running the same command
 again (a Job's retry) continues that branch from its newest intact checkpoint instead of going back again, and
 rotation keeps the branch point while the command names it, so the command stays valid.
 

@@ -238,7 +238,7 @@ def cmd_eval(args, unknown, cli_source) -> Outcome:
 def cmd_wait(config: TrainingConfig, args) -> Outcome:
     import os
 
-    from trainer.run_record import marker_matches
+    from trainer.run_dir import marker_matches
     from trainer.wait import wait_for_training
 
     workload = args.workload or os.environ.get("TRAINING_WORKLOAD", "")

@@ -158,7 +158,7 @@ class TrainingConfig(BaseSettings):
     allow_tf32: bool = setting(True, "CUDA: TF32 matmuls/convolutions for fp32 work (Ampere and newer)")
     cudnn_benchmark: bool = setting(True, "CUDA: let cuDNN pick the fastest convolution kernels for the fixed shapes")
     peak_tflops: float | None = setting(
-        None, "device peak TFLOP/s for the MFU scalar; default from a table of common GPUs (trainer/perf.py)", gt=0)
+        None, "device peak TFLOP/s for the MFU scalar; default from a table of common GPUs (trainer/model.py)", gt=0)
 
     # --- logging ---------------------------------------------------------------------------------
     logging_steps: int = setting(10, "optimizer updates between status lines / scalars", gt=0)

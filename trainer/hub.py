@@ -7,7 +7,7 @@ What goes up (paths relative to output_dir, the layout of trainer/run_dir.py):
   samples/<last epoch>.png               the newest sample grid only (the one the model card shows)
   checkpoints/, logs/                    only with --include-checkpoints / --include-logs
 
-Only a finished run is pushed, and only the pipeline its completion marker describes (trainer.run_record: same
+Only a finished run is pushed, and only the pipeline its completion marker describes (trainer.run_dir: same
 run id, same step, the same SHA-256 for every pipeline file, all weights finite), so a run that has been extended
 or replaced since can never send its old or half-written model.
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint, quality, run_record, sampling
+from trainer import checkpoint, quality, sampling
 from trainer.checkpoint import TrainState
 from trainer.data import to_model_range
 from trainer.diffusion import training_loss
@@ -23,7 +23,7 @@ from trainer.distributed import any_process, communication_failure, decided_by_m
 from trainer.errors import DdpmError, Diverged, NonFiniteSamples, PeerLost, Stopped
 from trainer.events import MilestoneEvents
 from trainer.model import ema_weights
-from trainer.run_dir import disk_full
+from trainer.run_dir import disk_full, write_marker
 from trainer.sampling import SamplingInterrupted, sample_for_eval, shard, to_grid
 from trainer.setup import Run, setup
 from trainer.signals import SIGNALS
@@ -338,7 +338,7 @@ def finish(run: Run) -> None:
     run.stall.stop()  # the rest is rank 0's few writes and the push, which has its own deadline
     if accelerator.is_main_process:
         run.run_dir.write_model_card(config, state.global_step, run.last_grid)
-        run_record.write_marker(config, run.run_dir, run.record, state.global_step, state.epoch)
+        write_marker(config, run.run_dir, run.record, state.global_step, state.epoch)
         run.events.completed(state.global_step, str(run.run_dir.root))
         run.tracker.message(
             f"done: {state.global_step} steps (run {run.record.run_id}).\n"

@@ -21,22 +21,21 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
-from diffusers.optimization import get_scheduler
 
-from trainer import checkpoint, outputs, run_record
-from trainer.budget import TrainClock, budget_lr_scheduler
+from trainer import checkpoint, outputs
+from trainer.budget import TrainClock, build_lr_scheduler
 from trainer.checkpoint import Resume, TrainState
 from trainer.config import TrainingConfig
-from trainer.run_dir import config_yaml
 from trainer.data import build_dataloader, num_quality_images, real_images
 from trainer.data_cache import cache_path, training_dataset
 from trainer.distributed import decided_by_main, local_world_size
 from trainer.errors import ConfigError, OutputDirError
 from trainer.events import MilestoneEvents
-from trainer.lock import OutputDirLock, holder_info
-from trainer.model import ModelSpec, build_ema, build_noise_scheduler, build_unet, model_spec, set_backend_flags
-from trainer.perf import peak_flops, training_flops_per_image
-from trainer.run_dir import HISTORY_NAME, TRACKER_RUN_NAME, RunDir
+from trainer.outputs import OutputDirLock, holder_info
+from trainer.model import (ModelSpec, build_ema, build_noise_scheduler, build_unet, model_spec, peak_flops,
+                           set_backend_flags, training_flops_per_image)
+from trainer.run_dir import (HISTORY_NAME, TRACKER_RUN_NAME, RecordedStart, RunDir, config_values, config_yaml,
+                             kubernetes_workload, record_start)
 from trainer.signals import SIGNALS
 from trainer.stall import StallWatchdog
 from trainer.tracking import Tracker
@@ -50,7 +49,7 @@ class Run:
     run_dir: RunDir  # output_dir: every file the run reads or writes there
     accelerator: Accelerator
     tracker: Tracker
-    record: run_record.RecordedStart
+    record: RecordedStart
     lock: OutputDirLock | None
     events: MilestoneEvents  # Kubernetes Events (rank 0; no-op elsewhere)
     stall: StallWatchdog  # stall_timeout_seconds (trainer/stall.py)
@@ -146,7 +145,7 @@ def check_before_writing(config: TrainingConfig, run_dir: RunDir, config_file: P
     """Rank 0's read-only checks (and the lock) for `config` as resolved (its global batch): the config, and what
     the checks decided. `spec` is the run's model (trainer.model.model_spec)."""
     plan = outputs.plan_output_dir(config, run_dir, config_file)
-    writes.lock = outputs.take_lock(run_dir, holder_info(run_record.kubernetes_workload()))
+    writes.lock = outputs.take_lock(run_dir, holder_info(kubernetes_workload()))
     resume = Resume(None)
     if plan.action != "clear":  # a cleared run's checkpoints are the old run's, never resumed
         resume = checkpoint.resolve_resume(config.resume_from_checkpoint, run_dir)
@@ -207,7 +206,7 @@ def with_global_batch(config: TrainingConfig, run_dir: RunDir, world: int) -> Tr
 # ---- (3) the run begins, rank 0 ---------------------------------------------------------------------------------
 
 def start_run(config: TrainingConfig, run_dir: RunDir, checked: Preflight,
-              steps_per_epoch: int) -> run_record.RecordedStart:
+              steps_per_epoch: int) -> RecordedStart:
     """Rank 0, once the run is known not to end before the step it resumes at (the last check): clear an old run if
     asked, set aside damaged and abandoned checkpoints, remove leftovers of interrupted writes, and record the
     start (the config in effect; the completion marker removed)."""
@@ -221,7 +220,7 @@ def start_run(config: TrainingConfig, run_dir: RunDir, checked: Preflight,
         checkpoint.remove_incomplete(run_dir)
         run_dir.remove_temporary()
         step = (checked.resume_state or {}).get("global_step", 0)
-        record = run_record.record_start(config, run_dir, step, branch=checked.resume.branch)
+        record = record_start(config, run_dir, step, branch=checked.resume.branch)
     if SIGNALS.received is not None:
         raise SIGNALS.stopped("stopped before training started")
     return record
@@ -261,6 +260,7 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
     set_backend_flags(config)
     unet, noise_scheduler = build_unet(config), build_noise_scheduler(config)
     num_params = unet.num_parameters()
+    peak, flops = peak_flops(config, accelerator.device), training_flops_per_image(config)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     unet.to(memory_format=memory_format)
     ema = build_ema(config, unet)
@@ -290,9 +290,8 @@ def setup(config: TrainingConfig, stream=None, config_file: Path | None = None, 
 
     # --- trackers and what the log says first ----------------------------------------------------------------------
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)  # TensorBoard takes scalars and strings
-               for k, v in run_record.config_values(config).items()}
+               for k, v in config_values(config).items()}
     accelerator.init_trackers(TRACKER_RUN_NAME, config=hparams)
-    peak, flops = peak_flops(config, accelerator.device), training_flops_per_image(config)
     tracker = Tracker(accelerator, total_steps, state.global_step, stream, clock=clock,
                       flops_per_image=flops, peak_flops=peak * world if peak else None)  # MFU of all devices
     num_quality = num_quality_images(config, len(dataset))
@@ -325,15 +324,6 @@ def report_stall(events: MilestoneEvents, step: int, message: str) -> None:
     """From the stall watchdog's thread, just before the process ends: rank 0 posts the Warning Event."""
     events.stalled(step, message)
     events.close(timeout_s=5.0)
-
-
-def build_lr_scheduler(config: TrainingConfig, optimizer, total_steps: int, clock: TrainClock):
-    """Counted in optimizer updates: warmup N means N updates whatever the accumulation and world size. With
-    max_train_seconds the schedule follows the budget too (trainer/budget.py); without, it is diffusers' own."""
-    if config.max_train_seconds is not None:
-        return budget_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, total_steps, clock)
-    return get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
-                         num_training_steps=total_steps)
 
 
 def announce(run: Run, source, data_note: str, num_params: int, flops: float, resume: Resume) -> None:
