@@ -548,18 +548,18 @@ def pod_env(fake: FakeKube, service_account: Path, run: TrainingRun, rank: int =
 
 
 def undeclared_calls(fake: FakeKube) -> set[tuple[str, str, str]]:
-    """Calls the server saw that trainer.kube.API_CALLS does not declare."""
-    from trainer.kube import API_CALLS
+    """Calls the server saw that trainer.rbac.API_CALLS does not declare."""
+    from trainer.rbac import API_CALLS
 
     return {(g, r, v) for g, r, v in fake.calls() if v not in API_CALLS.get((g, r), ())}
 
 
 @pytest.fixture
 def kube_server():
-    """A started FakeKube; afterwards, every call the code made must be one trainer.kube.API_CALLS declares."""
+    """A started FakeKube; afterwards, every call the code made must be one trainer.rbac.API_CALLS declares."""
     fake = FakeKube().start()
     try:
         yield fake
     finally:
         fake.stop()
-    assert not undeclared_calls(fake), f"calls not in trainer.kube.API_CALLS: {undeclared_calls(fake)}"
+    assert not undeclared_calls(fake), f"calls not in trainer.rbac.API_CALLS: {undeclared_calls(fake)}"

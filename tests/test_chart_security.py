@@ -11,7 +11,7 @@ import re
 import pytest
 import yaml
 
-from trainer.kube import role_rules, trainer_calls, wait_calls
+from trainer.rbac import role_rules, trainer_calls, wait_calls
 
 from chart import (
     BACKENDS, CHART, MATRIX, PUSH_JOB, PUSH_ON, RELEASE, RWX, api_access_of, by_kind, env_of,

@@ -241,10 +241,10 @@ def test_restricted_pod_security_is_enforced_by_the_api_server(cluster, make_nam
 
 
 def test_status_and_the_chart_roles_against_the_real_authorizer(cluster, make_namespace):
-    """`ddpm status` from a laptop with a user whose Role grants exactly what it calls (trainer.kube.STATUS_CALLS), and
+    """`ddpm status` from a laptop with a user whose Role grants exactly what it calls (trainer.rbac.STATUS_CALLS), and
     the training pods' ServiceAccount allowed exactly the calls the trainer makes, as the API server itself lists
     them (`kubectl auth can-i --list`). A user without the Events permission is refused, and says so."""
-    from trainer import kube
+    from trainer import rbac
 
     ns = make_namespace("status")
     release = Release(cluster, "ddpm", ns, values(gpus=1, storage={"size": "1Gi"}))
@@ -252,7 +252,7 @@ def test_status_and_the_chart_roles_against_the_real_authorizer(cluster, make_na
     release.wait_condition(JOBS, release.workload, ("Complete", "Failed"), 400)
 
     rules = [{"apiGroups": [group], "resources": [resource], "verbs": sorted(verbs)}
-             for (group, resource), verbs in sorted(kube.STATUS_CALLS.items())]
+             for (group, resource), verbs in sorted(rbac.STATUS_CALLS.items())]
     cluster.kubectl("-n", ns, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "status", "namespace": ns},
          "rules": rules},
@@ -286,6 +286,6 @@ def test_status_and_the_chart_roles_against_the_real_authorizer(cluster, make_na
     everyone = rules_of("default")
     granted = {key: verbs - everyone.get(key, set()) for key, verbs in rules_of("ddpm").items()}
     granted = {key: verbs for key, verbs in granted.items() if verbs}
-    expected = {key: set(verbs) for key, verbs in kube.trainer_calls("Job").items()}
+    expected = {key: set(verbs) for key, verbs in rbac.trainer_calls("Job").items()}
     assert granted == expected, f"the API server grants {granted}, the trainer calls {expected}"
 

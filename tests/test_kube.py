@@ -11,7 +11,7 @@ import pytest
 
 from fake_kube import (FakeKube, closed_port, condition, kube_server, pod_env, put_training_run,  # noqa: F401
                        workload)
-from trainer import kube
+from trainer import kube, rbac
 from trainer.events import MilestoneEvents
 from trainer.status import STATUS_OK, status
 from trainer.wait import WAIT_OK, wait_for_training
@@ -155,7 +155,7 @@ def test_workload_states_from_conditions(kind, conditions, status, expected):
 # ---- the declaration of every call ---------------------------------------------------------------------------------
 
 
-def flatten(calls: kube.Calls) -> set[tuple[str, str, str]]:
+def flatten(calls: rbac.Calls) -> set[tuple[str, str, str]]:
     return {(group, resource, verb) for (group, resource), verbs in calls.items() for verb in verbs}
 
 
@@ -194,41 +194,41 @@ def test_api_calls_declare_exactly_what_the_code_calls(kube_server, tmp_path):
     seen_in_cluster = set()
     for kind in kube.WORKLOAD_KINDS:
         training, waiting = in_cluster_calls(kube_server, tmp_path, kind)
-        assert training == flatten(kube.trainer_calls(kind)), kind
-        assert waiting == flatten(kube.wait_calls(kind)), kind
+        assert training == flatten(rbac.trainer_calls(kind)), kind
+        assert waiting == flatten(rbac.wait_calls(kind)), kind
         seen_in_cluster |= training | waiting
 
     config = kube_server.write_kubeconfig(tmp_path / "kubeconfig", namespace="job")
     before = len(kube_server.requests)
     assert status("ddpm", None, environ={"KUBECONFIG": str(config)}, out=io.StringIO()) == STATUS_OK
     seen_status = {r.call for r in kube_server.requests[before:]}
-    assert seen_status == flatten(kube.STATUS_CALLS)
+    assert seen_status == flatten(rbac.STATUS_CALLS)
 
-    assert seen_in_cluster | seen_status == kube_server.calls() == flatten(kube.API_CALLS)
+    assert seen_in_cluster | seen_status == kube_server.calls() == flatten(rbac.API_CALLS)
 
 
 def test_the_roles_for_each_backend():
     """The rules the chart's Roles must hold, spelled out: the training pods' (helm/templates/rbac.yaml) and the
     push Job's (its wait-for-training container)."""
-    assert kube.trainer_calls("Job") == {("", "events"): {"create", "patch"}, ("", "pods"): {"get"}}
-    assert kube.trainer_calls("PyTorchJob") == {("", "events"): {"create", "patch"}, ("", "pods"): {"get"}}
-    assert kube.trainer_calls("JobSet") == {("", "events"): {"create", "patch"}, ("", "pods"): {"get"},
+    assert rbac.trainer_calls("Job") == {("", "events"): {"create", "patch"}, ("", "pods"): {"get"}}
+    assert rbac.trainer_calls("PyTorchJob") == {("", "events"): {"create", "patch"}, ("", "pods"): {"get"}}
+    assert rbac.trainer_calls("JobSet") == {("", "events"): {"create", "patch"}, ("", "pods"): {"get"},
                                             ("batch", "jobs"): {"get"}}
-    assert kube.trainer_calls("TrainJob") == {("", "events"): {"create", "patch"}, ("", "pods"): {"get"},
+    assert rbac.trainer_calls("TrainJob") == {("", "events"): {"create", "patch"}, ("", "pods"): {"get"},
                                               ("batch", "jobs"): {"get"}, ("jobset.x-k8s.io", "jobsets"): {"get"}}
-    assert kube.wait_calls("Job") == {("batch", "jobs"): {"get", "watch"}}
-    assert kube.wait_calls("PyTorchJob") == {("kubeflow.org", "pytorchjobs"): {"get", "watch"}}
-    assert kube.wait_calls("JobSet") == {("jobset.x-k8s.io", "jobsets"): {"get", "watch"}}
-    assert kube.wait_calls("TrainJob") == {("trainer.kubeflow.org", "trainjobs"): {"get", "watch"}}
+    assert rbac.wait_calls("Job") == {("batch", "jobs"): {"get", "watch"}}
+    assert rbac.wait_calls("PyTorchJob") == {("kubeflow.org", "pytorchjobs"): {"get", "watch"}}
+    assert rbac.wait_calls("JobSet") == {("jobset.x-k8s.io", "jobsets"): {"get", "watch"}}
+    assert rbac.wait_calls("TrainJob") == {("trainer.kubeflow.org", "trainjobs"): {"get", "watch"}}
 
 
 def test_role_rules_are_the_calls_as_rbac_rules():
-    assert kube.role_rules(kube.trainer_calls("JobSet")) == [
+    assert rbac.role_rules(rbac.trainer_calls("JobSet")) == [
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]},
     ]
-    assert kube.role_rules(kube.wait_calls("Job")) == [
+    assert rbac.role_rules(rbac.wait_calls("Job")) == [
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "watch"]}]
 
 

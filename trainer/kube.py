@@ -1,5 +1,6 @@
-"""Cluster access through the official `kubernetes` client: configuration, calls, owner resolution, and every call as
-RBAC sees it (the chart's Roles are made from that table). A workload's state from its status is trainer.workload_state.
+"""Cluster access through the official `kubernetes` client: configuration, calls, owner resolution. Every call as RBAC
+sees it (the chart's Roles are made from that table) is trainer.rbac; a workload's state from its status is
+trainer.workload_state.
 
 Used by trainer.events (rank 0 posts Events), trainer.wait (the push Job's init container) and trainer.status
 (`ddpm status` on a laptop). Every call has short timeouts and no retries, and fails with a typed `KubeError`, so a
@@ -92,50 +93,6 @@ WORKLOAD_KINDS = {k.kind: k for k in (JOB, PYTORCHJOB, JOBSET, TRAINJOB)}
 OWNERS_BELOW = {"Job": (), "PyTorchJob": (), "JobSet": (JOB,), "TrainJob": (JOB, JOBSET)}
 # What `ddpm status` lists to find a release's workload: the kinds the chart creates.
 CHART_WORKLOAD_KINDS = (JOB, PYTORCHJOB, TRAINJOB, JOBSET)
-
-# ---- every API call this code makes, as RBAC sees it: (API group, resource) -> verbs -----------------------------
-Calls = dict[tuple[str, str], frozenset[str]]
-
-
-def _merge(*parts: Calls) -> Calls:
-    merged: dict[tuple[str, str], frozenset[str]] = {}
-    for part in parts:
-        for key, verbs in part.items():
-            merged[key] = merged.get(key, frozenset()) | verbs
-    return merged
-
-
-def trainer_calls(workload_kind: str) -> Calls:
-    """What the training pods call, for a backend whose workload is `workload_kind`: rank 0 creates Events (and
-    patches one to count a repeat), reads its own pod, and reads the owners between the pod and the workload
-    (resolve_workload). It never reads or watches the workload itself: TRAINING_WORKLOAD names it (the chart sets
-    it on every training pod), and resolve_workload stops at the ownerReference that matches it."""
-    return _merge({(EVENT.group, EVENT.plural): frozenset({"create", "patch"}),
-                   (POD.group, POD.plural): frozenset({"get"})},
-                  *({(k.group, k.plural): frozenset({"get"})} for k in OWNERS_BELOW[workload_kind]))
-
-
-def wait_calls(workload_kind: str) -> Calls:
-    """What `ddpm wait-for-training` (the push Job's init container, trainer/wait.py) calls: it reads the workload and
-    watches it (the collection filtered by metadata.name)."""
-    kind = WORKLOAD_KINDS[workload_kind]
-    return {(kind.group, kind.plural): frozenset({"get", "watch"})}
-
-
-def role_rules(calls: Calls) -> list[dict]:
-    """`calls` (trainer_calls, wait_calls) as the `rules` of an rbac.authorization.k8s.io/v1 Role: one rule per
-    resource, sorted. Each pod's service account gets a Role of exactly its own calls."""
-    return [{"apiGroups": [group], "resources": [resource], "verbs": sorted(verbs)}
-            for (group, resource), verbs in sorted(calls.items())]
-
-
-# `ddpm status` runs with the user's own kubeconfig rights: it lists the chart's workload kinds, pods and Events.
-STATUS_CALLS: Calls = _merge({(EVENT.group, EVENT.plural): frozenset({"list"}),
-                              (POD.group, POD.plural): frozenset({"list"})},
-                             *({(k.group, k.plural): frozenset({"list"})} for k in CHART_WORKLOAD_KINDS))
-API_CALLS: Calls = _merge(*(trainer_calls(kind) for kind in WORKLOAD_KINDS),
-                          *(wait_calls(kind) for kind in WORKLOAD_KINDS), STATUS_CALLS)
-
 
 # ---- which pod and workload ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -333,7 +290,9 @@ def _translated_errors():
 
 def _call(cluster: Cluster, fn, *args, **kwargs) -> dict:
     """One typed-API call, its answer as the API's JSON. The client's model classes are skipped on purpose: they
-    reject objects whose fields they think required (a newer server, an operator's partial status) with ValueError."""
+    reject objects whose fields they think required (a newer server, an operator's partial status) with ValueError.
+    So is its DynamicClient: its discovery (GET /api, /apis, each group; kubernetes/dynamic/discovery.py) sends no
+    request timeout and caches into the temp dir, where every call here must be bounded and write nothing."""
     kwargs.setdefault("_request_timeout", cluster.request_timeout)
     with _translated_errors():
         response = fn(*args, _preload_content=False, **kwargs)

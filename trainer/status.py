@@ -1,6 +1,6 @@
 """`ddpm status [--release NAME] [-n NAMESPACE]`: where a release's training run stands, from the user's kubeconfig.
 
-It reads, with the user's own rights (trainer.kube.STATUS_CALLS): the release's training workload, found by the
+It reads, with the user's own rights (trainer.rbac.STATUS_CALLS): the release's training workload, found by the
 chart's labels (app.kubernetes.io/instance=<release>, app.kubernetes.io/component=train, helm/templates/_helpers.tpl
 and _run.tpl) among the kinds the chart creates; the training pods by the same labels, each placed at its node rank
 by the label its controller adds (Job and JobSet: batch.kubernetes.io/job-completion-index, Kubernetes >= 1.28;
