@@ -72,6 +72,21 @@ def cluster(tmp_path_factory):
         started.stop()
 
 
+@pytest.fixture(scope="session")
+def api_server(tmp_path_factory):
+    """A real kube-apiserver and its etcd, without controllers or nodes (tests/cluster/apiserver.py), started once per
+    worker for the unit tests of the code's API calls; tests/kube_proxy.py stands in front of it."""
+    from cluster.apiserver import ApiServer
+    from cluster.controlplane import assets_dir
+    from kube_proxy import TOKEN
+
+    server = ApiServer(tmp_path_factory.mktemp("apiserver"), assets_dir(), (TOKEN,)).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def make_namespace(cluster):
     """Namespaces for one test on the cluster, deleted (their pods gone, their GPUs free) when it ends."""

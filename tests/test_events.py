@@ -1,7 +1,9 @@
-"""trainer/events.py against the fake API server (tests/fake_kube.py), reached as a pod reaches the real one: the
-in-cluster variables and a service-account folder (token, ca.crt, namespace) at K8S_SERVICE_ACCOUNT_DIR.
+"""trainer/events.py against a real API server (tests/kube_proxy.py: kube-apiserver, with the faults a test asks for),
+reached as a pod reaches it: the in-cluster variables and a service-account folder (token, ca.crt, namespace) at
+K8S_SERVICE_ACCOUNT_DIR.
 
-The MilestoneEvents methods are called as the training loop calls them; what the server recorded is the assertion."""
+The MilestoneEvents methods are called as the training loop calls them; the requests the code made and the Events the
+server then holds are the assertion."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import time
 import kubernetes_validate
 import pytest
 
-from fake_kube import TOKEN, FakeKube, closed_port, kube_server, pod_env, put_training_run  # noqa: F401 (fixture)
+from kube_proxy import TOKEN, KubeProxy, closed_port, kube_server, pod_env, put_training_run  # noqa: F401 (fixture)
 from trainer import events as ev
 from trainer.errors import EXIT_DIVERGED
 from trainer.events import MilestoneEvents
@@ -35,7 +37,7 @@ def warnings_from(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "trainer.events" and r.levelno >= logging.WARNING]
 
 
-def posted(fake: FakeKube) -> list[tuple[str, str, str]]:
+def posted(fake: KubeProxy) -> list[tuple[str, str, str]]:
     """(verb, involved kind, reason) of every Event write, in the order the server received them."""
     out, by_name = [], {e["metadata"]["name"]: e for e in fake.events()}
     for r in fake.requests:
@@ -265,8 +267,8 @@ def test_absent_api_server_turns_events_off_with_one_warning(kube_server, tmp_pa
     assert warning.startswith("Kubernetes events off: ") and "refused" in warning.lower()
 
 
-def test_a_timed_out_call_turns_events_off_with_one_warning(tmp_path, caplog):
-    with FakeKube(hang=True) as fake:
+def test_a_timed_out_call_turns_events_off_with_one_warning(api_server, tmp_path, caplog):
+    with KubeProxy(api_server, hang=True) as fake:
         run = put_training_run(fake, "Job", nodes=1)
         events = MilestoneEvents(pod_env(fake, fake.write_service_account(tmp_path / "sa"), run),
                            request_timeout=(1.0, 0.2))
@@ -277,8 +279,8 @@ def test_a_timed_out_call_turns_events_off_with_one_warning(tmp_path, caplog):
     assert warning.startswith("Kubernetes events off: ") and "timed out" in warning
 
 
-def test_a_hanging_api_server_never_blocks_the_caller(tmp_path, caplog):
-    with FakeKube(hang=True) as fake:
+def test_a_hanging_api_server_never_blocks_the_caller(api_server, tmp_path, caplog):
+    with KubeProxy(api_server, hang=True) as fake:
         run = put_training_run(fake, "Job", nodes=1)
         # the default timeouts: the events thread stays stuck in its first call for the whole test
         events = MilestoneEvents(pod_env(fake, fake.write_service_account(tmp_path / "sa"), run), queue_size=64)
@@ -348,7 +350,7 @@ def test_a_training_run_posts_its_milestones_and_is_unaffected_when_the_api_is_n
     refused_s = time.monotonic() - start
     assert refused.returncode == 0 and refused.stderr.count("Kubernetes events off") == 1, refused.stderr
     assert step_line(refused.stdout) == reference
-    with FakeKube(hang=True) as hanging:
+    with KubeProxy(kube_server.upstream, hang=True) as hanging:
         run = put_training_run(hanging, "Job", nodes=1)
         env = pod_env(hanging, hanging.write_service_account(tmp_path / "sa2"), run)
         start = time.monotonic()

@@ -1,6 +1,6 @@
-"""trainer/kube.py: configuration (in-cluster and kubeconfig), errors, owner resolution, workload states, and the
-declaration of every API call (API_CALLS; trainer_calls and wait_calls per pod identity) against what the fake API
-server saw."""
+"""trainer/kube.py: configuration (in-cluster and kubeconfig), errors, owner resolution and workload states, against a
+real API server (tests/kube_proxy.py); and trainer/rbac.py, the declaration of every API call (API_CALLS; trainer_calls
+and wait_calls per pod identity), against the requests the code made."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from fake_kube import (FakeKube, closed_port, condition, kube_server, pod_env, put_training_run,  # noqa: F401
+from kube_proxy import (KubeProxy, closed_port, condition, kube_server, pod_env, put_training_run,  # noqa: F401
                        workload)
 from trainer import kube, rbac
 from trainer.events import MilestoneEvents
@@ -83,7 +83,7 @@ def test_configuration_and_transport_problems_are_typed(kube_server, tmp_path, b
     elif broken == "wrong-token":
         (sa / "token").write_text("not-the-token")
     elif broken == "other-ca":
-        with FakeKube() as other:
+        with KubeProxy() as other:
             (sa / "ca.crt").write_bytes(other.ca_pem)
     else:
         env["KUBERNETES_SERVICE_PORT"] = str(closed_port())
@@ -92,7 +92,7 @@ def test_configuration_and_transport_problems_are_typed(kube_server, tmp_path, b
 
 
 def test_a_hanging_server_costs_one_read_timeout(tmp_path):
-    with FakeKube(hang=True) as fake:
+    with KubeProxy(hang=True) as fake:
         cluster = kube.connect(fake.in_cluster_env(fake.write_service_account(tmp_path / "sa")), in_cluster_only=True,
                                request_timeout=(1.0, 0.2))
         with pytest.raises(kube.Unreachable, match="timed out"):
@@ -116,7 +116,7 @@ def test_owner_resolution_without_training_workload_goes_to_the_top_known_owner(
 
 
 def test_a_bare_pod_has_no_workload(kube_server, tmp_path):
-    from fake_kube import TrainingRun, pod
+    from kube_proxy import TrainingRun, pod
 
     run = TrainingRun(workload={}, pods=[kube_server.put(pod("debug"))])
     env = pod_env(kube_server, kube_server.write_service_account(tmp_path / "sa"), run, workload_env=False)
@@ -159,7 +159,7 @@ def flatten(calls: rbac.Calls) -> set[tuple[str, str, str]]:
     return {(group, resource, verb) for (group, resource), verbs in calls.items() for verb in verbs}
 
 
-def in_cluster_calls(fake: FakeKube, tmp_path, kind: str) -> tuple[set, set]:
+def in_cluster_calls(fake: KubeProxy, tmp_path, kind: str) -> tuple[set, set]:
     """Everything the chart's pods do for a backend whose workload is `kind`, in its own namespace, per pod identity:
     rank 0's Events (two checkpoints: create, then patch), and the push Job's wait (get, then watch until it
     succeeds)."""

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from conftest import REPO, TINY, clean_env
-from fake_kube import kube_server, pod_env, put_training_run  # noqa: F401 (fixture)
+from kube_proxy import kube_server, pod_env, put_training_run  # noqa: F401 (fixture)
 from trainer.errors import EXIT_STALLED
 from trainer.signals import SIGNALS
 from trainer.stall import STALL_MARGIN_S, StallWatchdog

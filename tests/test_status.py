@@ -1,4 +1,4 @@
-"""trainer/status.py (`ddpm status`) through a kubeconfig, against objects held by the fake API server. The Events
+"""trainer/status.py (`ddpm status`) through a kubeconfig, against objects on a real API server (tests/kube_proxy.py). The Events
 it reads are the ones trainer.events posts in the cluster, so the two are tested together."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from fake_kube import condition, kube_server, pod_env, put_training_run  # noqa: F401 (fixture)
+from kube_proxy import condition, kube_server, pod_env, put_training_run  # noqa: F401 (fixture)
 from trainer.errors import EXIT_FAILED, exit_code
 from trainer.events import MilestoneEvents
 from trainer.status import STATUS_FAILED, STATUS_OK, STATUS_UNKNOWN, status
@@ -135,7 +135,7 @@ def test_a_worker_only_pytorchjob_ranks_worker_i_as_node_rank_i(kube_server, tmp
 def test_a_trainjob_is_found_when_the_pytorchjob_crd_is_missing_and_jobs_may_not_be_listed(kube_server, tmp_path):
     kube_server.uninstalled.add(("kubeflow.org", "pytorchjobs"))
     kube_server.deny(("batch", "jobs", "list"))
-    run = put_training_run(kube_server, "TrainJob")
+    put_training_run(kube_server, "TrainJob")
     code, lines = ddpm_status(kube_server, tmp_path)
     assert code == STATUS_OK
     assert lines[1] == "workload    TrainJob/ddpm-train: running"
@@ -174,8 +174,8 @@ def test_the_kubeconfig_context_and_its_namespace_are_honoured(kube_server, tmp_
     put_training_run(kube_server, "Job", namespace="ml")
     kubeconfig = tmp_path / "kubeconfig"
     kube_server.write_kubeconfig(kubeconfig, namespace="default")
-    text = kubeconfig.read_text().replace("contexts:\n", "contexts:\n- name: other\n  context: {cluster: fake, "
-                                                         "user: fake, namespace: ml}\n")
+    text = kubeconfig.read_text().replace("contexts:\n", "contexts:\n- name: other\n  context: {cluster: test, "
+                                                         "user: test, namespace: ml}\n")
     kubeconfig.write_text(text)
     out = io.StringIO()
     code = status("ddpm", None, environ={"KUBECONFIG": str(kubeconfig)}, out=out, context=context)

@@ -1,4 +1,4 @@
-"""trainer/wait.py (`ddpm wait-for-training`) against the fake API server: in-cluster (the push Job's service
+"""trainer/wait.py (`ddpm wait-for-training`) against a real API server (tests/kube_proxy.py): in-cluster (the push Job's service
 account) and through a kubeconfig; the completion marker check is a fake that counts its calls."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fake_kube import FakeKube, closed_port, condition, kube_server, put_training_run  # noqa: F401 (fixture)
+from kube_proxy import KubeProxy, closed_port, condition, kube_server, put_training_run  # noqa: F401 (fixture)
 from trainer.errors import EXIT_FAILED, exit_code
 from trainer.wait import WAIT_FAILED, WAIT_OK, WAIT_TIMEOUT, wait_for_training
 
@@ -26,7 +26,7 @@ class Marker:
         return True, "run 3f2a at step 6"
 
 
-def in_cluster(fake: FakeKube, tmp_path) -> dict:
+def in_cluster(fake: KubeProxy, tmp_path) -> dict:
     return fake.in_cluster_env(fake.write_service_account(tmp_path / "sa"))
 
 
@@ -35,7 +35,7 @@ def wait(env: dict, workload: str, marker: Marker, lines: list, **kwargs) -> int
     return wait_for_training(workload, None, marker, environ=env, say=lines.append, **options)
 
 
-def complete_after_watch_starts(fake: FakeKube, run, conditions: list[dict]) -> threading.Thread:
+def complete_after_watch_starts(fake: KubeProxy, run, conditions: list[dict]) -> threading.Thread:
     """Once the waiter watches, the controller marks the workload finished (as the API would stream it)."""
 
     def finish():
@@ -137,7 +137,7 @@ def test_without_any_api_access_falls_back_to_polling_the_marker(tmp_path):
 
 
 def test_an_unreachable_api_falls_back_to_polling_the_marker(tmp_path):
-    with FakeKube() as fake:
+    with KubeProxy() as fake:
         env = in_cluster(fake, tmp_path) | {"KUBERNETES_SERVICE_PORT": str(closed_port())}
     lines = []
     assert wait(env, "Job/ddpm-train", Marker(), lines) == WAIT_OK

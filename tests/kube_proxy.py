@@ -1,30 +1,22 @@
-"""A local stand-in for the Kubernetes API server: a real HTTPS server on 127.0.0.1 (a thread) answering the calls
-trainer/kube.py makes through the official client, reached through the in-cluster configuration
-(KUBERNETES_SERVICE_HOST/PORT, token and CA files) or a kubeconfig, in the unit tests of events, wait-for-training,
-`ddpm status`, the stall deadline and kube.py.
+"""The Kubernetes API as trainer/kube.py reaches it in the unit tests of events, wait-for-training, `ddpm status`, the
+stall deadline and kube.py: a real kube-apiserver (tests/cluster/apiserver.py: etcd and the API server, no controllers
+or nodes), behind a small HTTPS proxy of ours that adds the faults a real server cannot be made to show on demand.
 
-What it is for: what a real server cannot be made to do on demand, for the trainer's best-effort API use: every
-request hanging until the server stops (`hang = True`), calls refused with 403 (`deny`, `deny_all`), a resource that
-is not served (`uninstalled`: 404, like a missing CRD), and `closed_port()` for an absent API server. The chart on a
-real API server, with its real authorizer and controllers, is tested in tests/test_cluster_*.py. The plain API
-behaviour below (objects, owner chains, watches, Events) is still what these unit tests read and write through; it
-could move to the real control plane (tests/cluster) where a test needs no fault.
+Every plain answer is the real server's: authentication of the bearer token, validation of Events, pods, Jobs and the
+operators' custom resources (their CRDs' schemas), label and field selectors, strategic merge patches, watches (with
+their resourceVersion semantics), 404 for what does not exist. A test sets the objects' states itself, as the
+controllers would (`put`: the object created, its status written through the status subresource).
 
-  GET   /api/v1/namespaces/<ns>/pods/<name>                    get
-  GET   /api/v1/namespaces/<ns>/pods?labelSelector=...         list
-  POST  /api/v1/namespaces/<ns>/events                         create (409 if the name exists)
-  PATCH /api/v1/namespaces/<ns>/events/<name>                  patch (strategic/merge patch of plain fields)
-  GET   /api/v1/namespaces/<ns>/events?fieldSelector=...       list
-  GET   /apis/batch/v1/namespaces/<ns>/jobs[/<name>]           get, list, watch (?watch=true)
-  GET   /apis/kubeflow.org/v1/.../pytorchjobs[/<name>]          likewise; also jobset.x-k8s.io/v1alpha2 jobsets and
-                                                               trainer.kubeflow.org/v1alpha1 trainjobs
-Verbs are named as the API server's authorizer names them (GET on a name: get; on a collection: list, or watch with
-?watch=true; POST create; PATCH patch). A watch streams one JSON event per chunk (chunked transfer encoding, as the
-real server does), ADDED for what exists at the start, MODIFIED for each later change, until timeoutSeconds.
+What the proxy adds, and only on request: every request hanging until the proxy stops (`hang = True`), calls refused
+with the API server's 403 (`deny`, `deny_all`; what the chart's real Roles refuse is tested by the real authorizer in
+tests/test_cluster_job.py), a resource answered 404 as when its CRD is not installed (`uninstalled`: the CRDs are
+cluster-wide, shared by every test of the worker), and `closed_port()` for an absent API server. It also records
+every request the code made, with its (group, resource, verb) as the authorizer names it (GET on a name: get; on a
+collection: list, or watch with ?watch=true; POST create; PATCH patch), so a test can assert exactly what was called.
 
-TLS: the in-cluster loader only builds https URLs, so the server presents a certificate for 127.0.0.1 signed by a
-test CA (trustme); `write_service_account` and `write_kubeconfig` hand that CA to the client, as a cluster does.
-Every request is recorded in `requests` with its (group, resource, verb) and bearer token.
+TLS: the in-cluster loader only builds https URLs, so the proxy presents a certificate for 127.0.0.1 signed by a test
+CA (trustme); `write_service_account` and `write_kubeconfig` hand that CA to the client, as a cluster does. The proxy
+verifies the API server's own certificate and passes the bearer token through.
 """
 
 from __future__ import annotations
@@ -43,20 +35,31 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import trustme
+import urllib3
 import yaml
 
-TOKEN = "fake-sa-token-" + uuid.uuid4().hex  # unique per session, so a leak into a message is unmistakable
-# (group, plural) -> (apiVersion, kind) of everything the fake serves
-RESOURCES = {
-    ("", "pods"): ("v1", "Pod"),
-    ("", "events"): ("v1", "Event"),
-    ("batch", "jobs"): ("batch/v1", "Job"),
-    ("kubeflow.org", "pytorchjobs"): ("kubeflow.org/v1", "PyTorchJob"),
-    ("jobset.x-k8s.io", "jobsets"): ("jobset.x-k8s.io/v1alpha2", "JobSet"),
-    ("trainer.kubeflow.org", "trainjobs"): ("trainer.kubeflow.org/v1alpha1", "TrainJob"),
+from cluster.api import ApiError as UpstreamError
+
+TOKEN = "test-sa-token-" + uuid.uuid4().hex  # unique per session, so a leak into a message is unmistakable
+# kind -> (group, version, plural) of everything the tests create
+KINDS = {
+    "Pod": ("", "v1", "pods"),
+    "Event": ("", "v1", "events"),
+    "Job": ("batch", "v1", "jobs"),
+    "PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),
+    "JobSet": ("jobset.x-k8s.io", "v1alpha2", "jobsets"),
+    "TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
 }
-KIND_RESOURCE = {kind: (group, plural) for (group, plural), (_, kind) in RESOURCES.items()}
-VERBS = {("", "pods"): {"get", "list"}, ("", "events"): {"create", "patch", "list"}}  # others: get, list, watch
+
+
+def collection(kind: str, namespace: str) -> str:
+    group, version, plural = KINDS[kind]
+    return f"{'/apis/' + group if group else '/api'}/{version}/namespaces/{namespace}/{plural}"
+
+
+def api_version(kind: str) -> str:
+    group, version, _ = KINDS[kind]
+    return f"{group}/{version}" if group else version
 
 
 @dataclass
@@ -79,7 +82,7 @@ class Request:
         return self.group, self.resource, self.verb
 
 
-class ApiError(Exception):
+class Fault(Exception):
     def __init__(self, status: int, reason: str, message: str):
         super().__init__(message)
         self.status, self.reason, self.message = status, reason, message
@@ -93,8 +96,8 @@ def closed_port() -> int:
 
 
 @dataclass
-class FakeKube:
-    tokens: set[str] = field(default_factory=lambda: {TOKEN})
+class KubeProxy:
+    upstream: object | None = None  # cluster.apiserver.ApiServer; None: a proxy that only hangs or is never reached
     hang: bool = False  # every request waits until stop(): a server that accepts and never answers
     requests: list[Request] = field(default_factory=list)
     denied: set[tuple[str, str, str]] = field(default_factory=set)  # (group, resource, verb) answered 403
@@ -102,14 +105,19 @@ class FakeKube:
     uninstalled: set[tuple[str, str]] = field(default_factory=set)  # (group, plural) answered 404, like a missing CRD
 
     def __post_init__(self):
-        self.objects: dict[tuple[str, str, str, str], dict] = {}  # (group, plural, namespace, name) -> object
-        self._rv = 0
         self._changed = threading.Condition()
         self._stopping = threading.Event()
-        self.watches = 0  # watches that have sent their initial state
+        self.watches = 0  # watches the API server has accepted
+        self._streams: set = set()  # open upstream watch responses, closed by stop()
+        self._created_events: list[tuple[str, str]] = []  # (namespace, name), in the order they were created
+        self.namespaces: set[str] = set()  # every namespace a test wrote to or the code called in
         self._ca = trustme.CA()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._http = None
+        if self.upstream is not None:
+            context = ssl.create_default_context(cafile=str(self.upstream.ca.cert_path))
+            self._http = urllib3.PoolManager(ssl_context=context, maxsize=8, retries=False)
 
     # ---- control, for tests ------------------------------------------------------------------------------------
     @property
@@ -124,11 +132,11 @@ class FakeKube:
     def ca_pem(self) -> bytes:
         return self._ca.cert_pem.bytes()
 
-    def start(self) -> "FakeKube":
-        fake = self
+    def start(self) -> "KubeProxy":
+        proxy = self
 
         class Handler(_Handler):
-            kube = fake
+            kube = proxy
 
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
@@ -137,13 +145,16 @@ class FakeKube:
         # The handshake happens in the request's own thread, so a slow client cannot stall accept().
         self._server.socket = context.wrap_socket(self._server.socket, server_side=True,
                                                   do_handshake_on_connect=False)
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fake-kube", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="kube-proxy",
+                                        daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._stopping.set()  # releases hanging requests and ends watches
+        self._stopping.set()  # releases hanging requests
         with self._changed:
+            for stream in list(self._streams):  # ends the watches still open
+                stream.shutdown()  # urllib3 >= 2.3: unblocks the thread reading it
             self._changed.notify_all()
         if self._server is not None:
             self._server.shutdown()
@@ -151,35 +162,61 @@ class FakeKube:
             self._thread.join()
             self._server = None
 
-    def __enter__(self) -> "FakeKube":
+    def __enter__(self) -> "KubeProxy":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        if self.upstream is not None:
+            self.clean()
 
     def deny(self, *calls: tuple[str, str, str]) -> None:
         self.denied.update(calls)
 
     def put(self, obj: dict) -> dict:
-        """Store (or replace) an object as the API server would hold it: uid, resourceVersion, creationTimestamp."""
+        """Create `obj` on the API server as its controller would have (or, if one of its kind and name exists, only
+        replace its status): the object, then its status through the status subresource. Returns it as stored (uid,
+        resourceVersion, ...)."""
         obj = copy.deepcopy(obj)
-        group, plural = KIND_RESOURCE[obj["kind"]]
         meta = obj.setdefault("metadata", {})
-        key = (group, plural, meta.setdefault("namespace", "default"), meta["name"])
-        with self._changed:
-            old = self.objects.get(key)
-            meta.setdefault("uid", (old or {}).get("metadata", {}).get("uid") or str(uuid.uuid4()))
-            meta.setdefault("creationTimestamp", _now())
-            self._rv += 1
-            meta["resourceVersion"] = str(self._rv)
-            self.objects[key] = obj
-            self._changed.notify_all()
-        return copy.deepcopy(obj)
+        namespace, name = meta.setdefault("namespace", "default"), meta["name"]
+        self._ensure_namespace(namespace)
+        status = obj.pop("status", None)
+        path = collection(obj["kind"], namespace)
+        api = self.upstream.api
+        try:
+            stored = api.get(f"{path}/{name}")  # it exists (a test passing back what put returned): a status update
+        except UpstreamError as e:
+            if e.status != 404:
+                raise
+            stored = api.create(path, obj)
+        if status is not None:
+            if obj["kind"] == "Job":
+                status = finished_job_status(status)
+            stored = api.request("PUT", f"{path}/{name}/status", dict(stored, status=status))
+        return stored
+
+    def _ensure_namespace(self, namespace: str) -> None:
+        """The namespace and its `default` service account (the ServiceAccount admission plugin refuses a pod without
+        it, and no controller here creates it)."""
+        if namespace in self.namespaces:
+            return
+        for path, body in (("/api/v1/namespaces", {"metadata": {"name": namespace}}),
+                           (f"/api/v1/namespaces/{namespace}/serviceaccounts", {"metadata": {"name": "default"}})):
+            try:
+                self.upstream.api.create(path, body)
+            except UpstreamError as e:
+                if e.status != 409:
+                    raise
+        self.namespaces.add(namespace)
 
     def events(self) -> list[dict]:
-        """Every Event held, in the order they were created (a dict keeps insertion order; a patch keeps the place)."""
-        with self._changed:
-            return [copy.deepcopy(o) for (g, p, _, _), o in self.objects.items() if (g, p) == ("", "events")]
+        """Every Event held, in the order they were created (a patch keeps its place)."""
+        order = {key: i for i, key in enumerate(self._created_events)}
+        held = self.upstream.api.get("/api/v1/events").get("items") or []
+        held = [{"apiVersion": "v1", "kind": "Event", **e} for e in held]  # a list's items carry neither
+        return sorted(held, key=lambda e: (order.get((e["metadata"]["namespace"], e["metadata"]["name"]), len(order)),
+                                          int(e["metadata"]["resourceVersion"])))
 
     def calls(self) -> set[tuple[str, str, str]]:
         return {r.call for r in self.requests if r.verb}
@@ -187,6 +224,19 @@ class FakeKube:
     def wait_for_watches(self, count: int, timeout: float = 10.0) -> bool:
         with self._changed:
             return self._changed.wait_for(lambda: self.watches >= count, timeout)
+
+    def clean(self) -> None:
+        """Delete what the test left in its namespaces (no controller or garbage collector does it here)."""
+        api = self.upstream.api
+        for namespace in self.namespaces | {r.namespace for r in self.requests if r.namespace}:
+            for kind in KINDS:
+                try:
+                    # Background: the default for Jobs (orphan) adds a finalizer only a garbage collector removes
+                    api.request("DELETE", collection(kind, namespace),
+                                params={"gracePeriodSeconds": "0", "propagationPolicy": "Background"})
+                except UpstreamError as e:
+                    if e.status != 404:
+                        raise
 
     def write_service_account(self, folder: Path, namespace: str = "default", token: str = TOKEN) -> Path:
         """What the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount."""
@@ -201,143 +251,31 @@ class FakeKube:
                 "K8S_SERVICE_ACCOUNT_DIR": str(service_account), "NO_PROXY": "127.0.0.1"}
 
     def write_kubeconfig(self, path: Path, namespace: str | None = "default", token: str = TOKEN,
-                         context: str = "fake") -> Path:
-        ca = path.parent / "fake-kube-ca.crt"
+                         context: str = "test") -> Path:
+        ca = path.parent / "kube-proxy-ca.crt"
         ca.write_bytes(self.ca_pem)
-        ctx = {"cluster": "fake", "user": "fake"} | ({"namespace": namespace} if namespace else {})
+        ctx = {"cluster": "test", "user": "test"} | ({"namespace": namespace} if namespace else {})
         path.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": context,
-            "clusters": [{"name": "fake", "cluster": {"server": self.url, "certificate-authority": str(ca)}}],
-            "users": [{"name": "fake", "user": {"token": token}}],
+            "clusters": [{"name": "test", "cluster": {"server": self.url, "certificate-authority": str(ca)}}],
+            "users": [{"name": "test", "user": {"token": token}}],
             "contexts": [{"name": context, "context": ctx}],
         }))
         return path
 
-    # ---- the API -----------------------------------------------------------------------------------------------
-    def route(self, request: Request) -> tuple[str, dict | None]:
-        """("json", body) for a plain answer or ("watch", None) for a watch; raises ApiError."""
-        if request.token not in self.tokens:
-            raise ApiError(401, "Unauthorized", "Unauthorized")
-        key = (request.group, request.resource)
-        if request.resource is None or key not in RESOURCES or key in self.uninstalled:
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        allowed = VERBS.get(key, {"get", "list", "watch"})
-        if request.verb not in allowed:
-            raise ApiError(405, "MethodNotAllowed", f"the fake does not serve {request.verb} {request.resource}")
+    # ---- the faults ----------------------------------------------------------------------------------------------
+    def fault(self, request: Request) -> Fault | None:
+        if request.resource is not None and (request.group, request.resource) in self.uninstalled:
+            return Fault(404, "NotFound", "the server could not find the requested resource")
         if self.deny_all or request.call in self.denied:
             # the API server's wording (k8s.io/apiserver/pkg/endpoints/handlers/responsewriters/errors.go)
             resource = f"{request.resource}.{request.group}" if request.group else request.resource
             named = f' "{request.name}"' if request.name else ""
-            raise ApiError(403, "Forbidden", f'{resource}{named} is forbidden: User "system:serviceaccount:'
-                                             f'{request.namespace}:ddpm" cannot {request.verb} resource '
-                                             f'"{request.resource}" in API group "{request.group}" in the '
-                                             f'namespace "{request.namespace}"')
-        if request.verb == "get":
-            return "json", self._get(request)
-        if request.verb == "list":
-            items = self._select(request)
-            api_version, kind = RESOURCES[key]
-            return "json", {"apiVersion": api_version, "kind": f"{kind}List",
-                            "metadata": {"resourceVersion": str(self._rv)}, "items": items}
-        if request.verb == "watch":
-            return "watch", None
-        if request.verb == "create":
-            return "json", self._create(request)
-        return "json", self._patch(request)
-
-    def _get(self, request: Request) -> dict:
-        obj = self.objects.get((request.group, request.resource, request.namespace, request.name))
-        if obj is None:
-            raise ApiError(404, "NotFound", f'{request.resource} "{request.name}" not found')
-        return copy.deepcopy(obj)
-
-    def _select(self, request: Request) -> list[dict]:
-        labels = _selector(request.query.get("labelSelector"))
-        fields = _selector(request.query.get("fieldSelector"))
-        with self._changed:
-            matching = [o for (g, p, ns, _), o in sorted(self.objects.items())
-                        if (g, p, ns) == (request.group, request.resource, request.namespace)
-                        and all((o["metadata"].get("labels") or {}).get(k) == v for k, v in labels.items())
-                        and all(str(_dotted(o, k)) == v for k, v in fields.items())]
-            return copy.deepcopy(matching)
-
-    def _create(self, request: Request) -> dict:
-        body = request.body or {}
-        meta = body.get("metadata") or {}
-        involved = body.get("involvedObject") or {}
-        problems = [m for bad, m in (
-            (not meta.get("name"), "metadata.name: Required value"),
-            (meta.get("namespace", request.namespace) != request.namespace, "metadata.namespace does not match"),
-            (involved.get("namespace") != request.namespace, "involvedObject.namespace does not match"),
-            (not involved.get("kind") or not involved.get("name"), "involvedObject: kind and name required"),
-            (not body.get("reason"), "reason: Required value"),
-            (body.get("type") not in ("Normal", "Warning"), "type: must be Normal or Warning"),
-        ) if bad]
-        if problems:
-            raise ApiError(422, "Invalid", "Event is invalid: " + "; ".join(problems))
-        if (request.group, request.resource, request.namespace, meta["name"]) in self.objects:
-            raise ApiError(409, "AlreadyExists", f'events "{meta["name"]}" already exists')
-        body = dict(body, apiVersion="v1", kind="Event")
-        body["metadata"] = dict(meta, namespace=request.namespace)
-        return self.put(body)
-
-    def _patch(self, request: Request) -> dict:
-        if request.content_type not in ("application/strategic-merge-patch+json", "application/merge-patch+json"):
-            raise ApiError(415, "UnsupportedMediaType", f"the fake does not apply {request.content_type}")
-        current = self._get(request)
-        return self.put(_merge_patch(current, request.body or {}))
-
-    def stream_watch(self, request: Request, send) -> None:
-        """Send the matching objects' versions as watch events until timeoutSeconds or stop()."""
-        deadline = time.monotonic() + float(request.query.get("timeoutSeconds") or 1800)
-        since = int(request.query.get("resourceVersion") or 0)
-        sent: dict[str, int] = {}  # name -> resourceVersion sent
-        first = True
-        while not self._stopping.is_set():
-            for obj in self._select(request):
-                rv, name = int(obj["metadata"]["resourceVersion"]), obj["metadata"]["name"]
-                if rv > max(since, sent.get(name, 0)):
-                    kind = "ADDED" if first and since == 0 else "MODIFIED"
-                    send(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
-                    sent[name] = rv
-            with self._changed:
-                if first:
-                    self.watches += 1
-                    self._changed.notify_all()
-                    first = False
-                seen = self._rv
-                self._changed.wait_for(lambda: self._rv != seen or self._stopping.is_set(),
-                                       max(0.0, deadline - time.monotonic()))
-            if time.monotonic() >= deadline:
-                return
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _selector(text: str | None) -> dict[str, str]:
-    pairs = [part.replace("==", "=").split("=", 1) for part in (text or "").split(",") if part]
-    return {k.strip(): v.strip() for k, v in pairs}
-
-
-def _dotted(obj: dict, path: str):
-    for part in path.split("."):
-        obj = obj.get(part) if isinstance(obj, dict) else None
-    return obj
-
-
-def _merge_patch(target: dict, patch: dict) -> dict:
-    """RFC 7386 merge patch (the same as a strategic merge patch for maps and scalars, all an Event update uses)."""
-    result = copy.deepcopy(target)
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        elif isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = _merge_patch(result[key], value)
-        else:
-            result[key] = copy.deepcopy(value)
-    return result
+            return Fault(403, "Forbidden", f'{resource}{named} is forbidden: User "system:serviceaccount:'
+                                           f'{request.namespace}:ddpm" cannot {request.verb} resource '
+                                           f'"{request.resource}" in API group "{request.group}" in the '
+                                           f'namespace "{request.namespace}"')
+        return None
 
 
 def _parse(method: str, raw_path: str, headers) -> Request:
@@ -366,7 +304,7 @@ def _parse(method: str, raw_path: str, headers) -> Request:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms delayed-ACK stall between
-    kube: FakeKube
+    kube: KubeProxy
 
     def setup(self) -> None:
         super().setup()
@@ -388,47 +326,63 @@ class _Handler(BaseHTTPRequestHandler):
         request.body = json.loads(raw) if raw else None
         self.kube.requests.append(request)
         if self.kube.hang:
-            self.kube._stopping.wait()  # until the test stops the server
+            self.kube._stopping.wait()  # until the test stops the proxy
             self.close_connection = True
             return
-        try:
-            kind, payload = self.kube.route(request)
-        except ApiError as e:
-            request.status = e.status
-            return self._json(e.status, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                                         "message": e.message, "reason": e.reason, "code": e.status})
-        request.status = 201 if request.verb == "create" else 200
-        if kind == "watch":
-            return self._watch(request)
-        self._json(request.status, payload)
+        fault = self.kube.fault(request)
+        if fault is not None:
+            request.status = fault.status
+            return self._send(fault.status, "application/json", json.dumps({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": fault.message,
+                "reason": fault.reason, "code": fault.status}).encode())
+        headers = {k: v for k in ("Authorization", "Content-Type", "Accept", "User-Agent")
+                   if (v := self.headers.get(k))}
+        watch = request.verb == "watch"
+        response = self.kube._http.request(
+            self.command, self.kube.upstream.url + self.path, body=raw or None, headers=headers,
+            preload_content=not watch, timeout=urllib3.Timeout(connect=5.0, read=None if watch else 30.0))
+        request.status = response.status
+        if request.namespace:
+            self.kube.namespaces.add(request.namespace)
+        if request.resource == "events" and request.verb == "create" and response.status == 201:
+            self.kube._created_events.append((request.namespace, json.loads(response.data)["metadata"]["name"]))
+        if not watch or response.status != 200:
+            return self._send(response.status, response.headers.get("Content-Type", "application/json"),
+                              response.data if not watch else response.read())
+        self._relay_watch(response)
 
-    def _json(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
+    def _send(self, status: int, content_type: str, data: bytes) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
-    def _watch(self, request: Request) -> None:
+    def _relay_watch(self, response) -> None:
+        """The API server's watch stream, chunk by chunk as it arrives (one JSON event per line)."""
         self.send_response(200)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", response.headers.get("Content-Type", "application/json"))
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-
-        def send(data: bytes) -> None:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-
+        with self.kube._changed:
+            self.kube._streams.add(response)
+            self.kube.watches += 1
+            self.kube._changed.notify_all()
         try:
-            self.kube.stream_watch(request, send)
+            for chunk in response.read_chunked(decode_content=True):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.flush()
             self.wfile.write(b"0\r\n\r\n")
-        except (ConnectionError, ssl.SSLError, OSError):
+        except (ConnectionError, ssl.SSLError, OSError, urllib3.exceptions.HTTPError):
             self.close_connection = True
+        finally:
+            with self.kube._changed:
+                self.kube._streams.discard(response)
+            response.release_conn()
 
     do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
 
-    def log_message(self, format, *args) -> None:  # the request log is `FakeKube.requests`, not stderr
+    def log_message(self, format, *args) -> None:  # the request log is `KubeProxy.requests`, not stderr
         pass
 
 
@@ -439,15 +393,55 @@ def owner(obj: dict) -> dict:
             "uid": obj["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
 
 
+CONTAINER = {"name": "trainer", "image": "ddpm-trainer:test"}
+
+
+def pod_template(container: str = "trainer") -> dict:
+    return {"spec": {"restartPolicy": "Never", "containers": [dict(CONTAINER, name=container)]}}
+
+
+def minimal_spec(kind: str) -> dict:
+    """A spec the API server (and the operator's CRD schema) accepts, as small as the kind allows."""
+    return {
+        "Job": {"template": pod_template()},
+        "PyTorchJob": {"pytorchReplicaSpecs": {"Worker": {"replicas": 1, "template": pod_template("pytorch")}}},
+        "JobSet": {"replicatedJobs": [{"name": "node", "replicas": 1,
+                                       "template": {"spec": {"template": pod_template()}}}]},
+        "TrainJob": {"runtimeRef": {"name": "torch-distributed"}},
+    }[kind]
+
+
 def workload(kind: str, name: str, namespace: str = "default", *, labels: dict | None = None,
-             conditions: list[dict] | None = None, status: dict | None = None, owned_by: dict | None = None) -> dict:
-    group, plural = KIND_RESOURCE[kind]
-    api_version = RESOURCES[(group, plural)][0]
+             conditions: list[dict] | None = None, status: dict | None = None, owned_by: dict | None = None,
+             spec: dict | None = None) -> dict:
     meta = {"name": name, "namespace": namespace, "labels": labels or {}}
     if owned_by is not None:
         meta["ownerReferences"] = [owner(owned_by)]
-    return {"apiVersion": api_version, "kind": kind, "metadata": meta, "spec": {},
+    return {"apiVersion": api_version(kind), "kind": kind, "metadata": meta, "spec": spec or minimal_spec(kind),
             "status": dict(status or {}, conditions=conditions or [])}
+
+
+def finished_job_status(status: dict) -> dict:
+    """A Job status with a Complete or Failed condition, completed with what the Job controller writes alongside it
+    and the API server requires (k8s.io/kubernetes pkg/apis/batch/validation: validateJobStatusUpdate): a start time,
+    no active pods, SuccessCriteriaMet or FailureTarget before the terminal condition, and a completion time when
+    Complete."""
+    conditions = status.get("conditions") or []
+    done = {c["type"] for c in conditions if c.get("status") == "True"} & {"Complete", "Failed"}
+    if not done:
+        return status
+    first = "SuccessCriteriaMet" if "Complete" in done else "FailureTarget"
+    if first not in {c["type"] for c in conditions}:
+        terminal = next(c for c in conditions if c["type"] in done)
+        conditions = [dict(terminal, type=first)] + conditions
+    now = _now()
+    return {k: v for k, v in status.items() if k != "active"} | {
+        "conditions": conditions, "startTime": status.get("startTime") or now,
+        **({"completionTime": status.get("completionTime") or now} if "Complete" in done else {})}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def condition(type_: str, reason: str = "", message: str = "", status: str = "True") -> dict:
@@ -461,7 +455,7 @@ def pod(name: str, namespace: str = "default", *, labels: dict | None = None, ow
     if owned_by is not None:
         meta["ownerReferences"] = [owner(owned_by)]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
-            "spec": {"nodeName": node, "containers": [{"name": container, "image": "ddpm-trainer:test"}]},
+            "spec": pod_template(container)["spec"] | {"nodeName": node},
             "status": {"phase": phase, "containerStatuses": [
                 {"name": container, "image": "ddpm-trainer:test", "imageID": "", "ready": phase == "Running",
                  "restartCount": restarts}]}}
@@ -486,7 +480,7 @@ class TrainingRun:
         return f"{self.workload['kind']}/{self.workload['metadata']['name']}"
 
 
-def put_training_run(fake: FakeKube, kind: str, *, release: str = "ddpm", namespace: str = "default",
+def put_training_run(fake: KubeProxy, kind: str, *, release: str = "ddpm", namespace: str = "default",
                      nodes: int = 2, name: str | None = None, conditions: list[dict] | None = None,
                      restarts: dict[int, int] | None = None, phases: dict[int, str] | None = None,
                      master: bool = True) -> TrainingRun:
@@ -509,7 +503,8 @@ def put_training_run(fake: FakeKube, kind: str, *, release: str = "ddpm", namesp
     top = workload(kind, name, namespace, labels=labels, conditions=conditions, status=status)
     if kind == "PyTorchJob":  # the replica specs as the operator's API has them (pod templates left out)
         replicas = {"Master": 1, "Worker": nodes - 1} if master else {"Worker": nodes}
-        top["spec"] = {"pytorchReplicaSpecs": {role: {"replicas": n} for role, n in replicas.items() if n}}
+        top["spec"] = {"pytorchReplicaSpecs": {role: {"replicas": n, "template": pod_template("pytorch")}
+                                               for role, n in replicas.items() if n}}
     top = fake.put(top)
     pods = []
     if kind == "PyTorchJob":
@@ -537,7 +532,7 @@ def put_training_run(fake: FakeKube, kind: str, *, release: str = "ddpm", namesp
     return TrainingRun(top, pods)
 
 
-def pod_env(fake: FakeKube, service_account: Path, run: TrainingRun, rank: int = 0,
+def pod_env(fake: KubeProxy, service_account: Path, run: TrainingRun, rank: int = 0,
             workload_env: bool = True) -> dict[str, str]:
     """The environment of rank `rank`'s trainer container: in-cluster API access, the downward API's POD_NAME,
     POD_NAMESPACE and POD_UID, and the chart's TRAINING_WORKLOAD."""
@@ -547,7 +542,7 @@ def pod_env(fake: FakeKube, service_account: Path, run: TrainingRun, rank: int =
     return env | ({"TRAINING_WORKLOAD": run.ref} if workload_env else {})
 
 
-def undeclared_calls(fake: FakeKube) -> set[tuple[str, str, str]]:
+def undeclared_calls(fake: KubeProxy) -> set[tuple[str, str, str]]:
     """Calls the server saw that trainer.rbac.API_CALLS does not declare."""
     from trainer.rbac import API_CALLS
 
@@ -555,11 +550,13 @@ def undeclared_calls(fake: FakeKube) -> set[tuple[str, str, str]]:
 
 
 @pytest.fixture
-def kube_server():
-    """A started FakeKube; afterwards, every call the code made must be one trainer.rbac.API_CALLS declares."""
-    fake = FakeKube().start()
+def kube_server(api_server):
+    """The API as the code reaches it (a KubeProxy in front of this worker's API server); afterwards, every call the
+    code made must be one trainer.rbac.API_CALLS declares, and what the test created is deleted."""
+    proxy = KubeProxy(api_server).start()
     try:
-        yield fake
+        yield proxy
     finally:
-        fake.stop()
-    assert not undeclared_calls(fake), f"calls not in trainer.rbac.API_CALLS: {undeclared_calls(fake)}"
+        proxy.stop()
+        proxy.clean()
+    assert not undeclared_calls(proxy), f"calls not in trainer.rbac.API_CALLS: {undeclared_calls(proxy)}"
