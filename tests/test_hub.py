@@ -194,12 +194,15 @@ def test_offline_mode_is_exit_2_with_the_fix(run, hub):
 # ---- in-process: selection, backoff and redaction ------------------------------------------------------------------
 
 def test_upload_plan_picks_the_numerically_last_grid_and_complete_checkpoints_only(tmp_path):
+    """Not a save that never finished (.tmp-), nor a checkpoint a resume found damaged or a rollback abandoned: those
+    are kept on the volume for the user, never published as the run's checkpoints."""
     from trainer.hub import PushOptions, upload_plan
     from trainer.run_dir import RunDir
 
     for name in ("model_index.json", "unet/config.json", "samples/9999.png", "samples/10000.png", "samples/grid.png",
                  "checkpoints/checkpoint-3/model.safetensors", "checkpoints/.tmp-checkpoint-4/model.safetensors",
-                 "logs/train/events.out.tfevents.1.host"):
+                 "checkpoints/damaged-checkpoint-2/model.safetensors",
+                 "checkpoints/abandoned-checkpoint-5.2/model.safetensors", "logs/train/events.out.tfevents.1.host"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     run_dir = RunDir(tmp_path)

@@ -29,11 +29,10 @@ from accelerate import Accelerator
 
 from trainer.errors import CheckpointError
 from trainer.outputs import ABANDONED_PREFIX, DAMAGED_PREFIX, inside
-from trainer.run_dir import RunDir, disk_full, sha256_file
+from trainer.run_dir import CHECKPOINT_NAME, RunDir, disk_full, sha256_file
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -56,13 +55,13 @@ class TrainState:
 
 
 def step_of(path: Path) -> int:
-    return int(_NAME.match(path.name).group(1))
+    return int(CHECKPOINT_NAME.fullmatch(path.name).group(1))
 
 
 def complete_checkpoints(run_dir: RunDir) -> list[Path]:
     """Checkpoints renamed into place (not .tmp, not set aside as damaged), oldest first."""
     root = run_dir.checkpoints
-    found = [p for p in root.iterdir() if _NAME.match(p.name) and p.is_dir()] if root.is_dir() else []
+    found = [p for p in root.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()] if root.is_dir() else []
     return sorted(found, key=step_of)
 
 

@@ -37,8 +37,8 @@ from trainer.config import TrainingConfig
 from trainer.errors import DdpmError, PushError, PushFailed, causes
 from trainer.hf_token import TOKEN_ENV, TOKEN_HELP, redact_token, token as hf_token
 from trainer.retry import describe, status_code, with_retries, within
-from trainer.run_dir import (CHECKPOINTS_NAME, CONFIG_NAME, LOGS_NAME, MODEL_CARD_NAME, PIPELINE_FOLDERS,
-                             PIPELINE_INDEX, RunDir, all_finite)
+from trainer.run_dir import (CHECKPOINT_NAME, CHECKPOINTS_NAME, CONFIG_NAME, LOGS_NAME, MODEL_CARD_NAME,
+                             PIPELINE_FOLDERS, PIPELINE_INDEX, RunDir, all_finite)
 
 
 
@@ -107,8 +107,8 @@ def upload_plan(run_dir: RunDir, options: PushOptions) -> list[str]:
     wanted += [name for name in (MODEL_CARD_NAME, CONFIG_NAME) if (out / name).is_file()]
     if grid := run_dir.last_grid():
         wanted.append(grid.relative_to(out).as_posix())
-    if options.include_checkpoints:  # complete ones only: .tmp-checkpoint-* is a save that never finished
-        wanted += [f for f in _files_under(out, CHECKPOINTS_NAME) if not f.split("/")[1].startswith(".tmp-")]
+    if options.include_checkpoints:  # complete ones only: not a save that never finished, nor one set aside
+        wanted += [f for f in _files_under(out, CHECKPOINTS_NAME) if CHECKPOINT_NAME.fullmatch(f.split("/")[1])]
     if options.include_logs:
         wanted += _files_under(out, LOGS_NAME)
     # upload_folder's own filter, with the patterns push() gives it: the plan is what it really selects.

@@ -48,6 +48,7 @@ PIPELINE_INDEX = "model_index.json"
 PIPELINE_FOLDERS = ("unet", "scheduler")  # with the index: what DDPMPipeline.save_pretrained writes
 PIPELINE_ENTRIES = (PIPELINE_INDEX, *PIPELINE_FOLDERS)
 SAMPLES_NAME, LOGS_NAME, CHECKPOINTS_NAME = "samples", "logs", "checkpoints"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # a complete checkpoint's folder (others are .tmp-, damaged-, ...)
 TRACKER_RUN_NAME = "train"  # accelerator.init_trackers(TRACKER_RUN_NAME): TensorBoard writes under logs/train/
 PIPELINE_TMP = ".tmp-pipeline"  # save_pretrained writes here, then each part is renamed into place
 GRID_NAME = re.compile(r"\d{4,}\.png")  # samples/<epoch:04d>.png; a user's samples/my.png is not one of ours
@@ -125,7 +126,7 @@ class RunDir:
         return (self.root / PIPELINE_INDEX).is_file()
 
     def checkpoint(self, step: int) -> Path:
-        return self.checkpoints / f"checkpoint-{step}"
+        return self.checkpoints / f"checkpoint-{step}"  # CHECKPOINT_NAME
 
     def grid(self, epoch: int) -> Path:
         return self.samples / f"{epoch:04d}.png"
