@@ -17,7 +17,7 @@ import signal
 import pytest
 
 from cluster.testing import (
-    SHARED, Release, ddpm_status, evict, marker, port_forward_get, ready, token_secret, values, wait_for, with_hub,
+    SHARED, Release, ddpm_status, evict_paused, marker, paused, port_forward_get, ready, token_secret, values, wait_for, with_hub,
 )
 from conftest import CLUSTER_GROUP
 
@@ -147,9 +147,10 @@ def test_evicted_training_pods_are_replaced_uncounted_and_the_run_resumes(cluste
     for round_ in range(2):
         last = wait_for(f"a checkpoint after step {last}", lambda: (n := release.newest_checkpoint()) > last and n,
                         300, release.describe)
-        victim = next(p for p in release.pods() if p["status"].get("phase") == "Running" and
-                      p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "1")
-        evict(cluster, ns, victim["metadata"]["name"])
+        with paused(cluster, release, 60):  # mid-run however fast this machine trains
+            victim = next(p for p in release.pods() if p["status"].get("phase") == "Running" and
+                          p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "1")
+            evict_paused(cluster, release, victim["metadata"]["name"])
         victims.append(victim["metadata"]["uid"])
         wait_for("the evicted pod's replacement running", lambda: any(
             p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "1"
@@ -187,8 +188,9 @@ def test_a_config_error_fails_the_job_at_once_and_a_crash_is_retried(cluster, ma
     assert job["status"].get("failed", 0) <= 2 and len(bad.pods()) <= 2, "a config error was retried"
 
     wait_for("a checkpoint", lambda: "CheckpointSaved" in crash.reasons(crash.workload), 300, crash.describe)
-    victim = next(p for p in crash.pods() if p["status"]["phase"] == "Running")
-    cluster.kubelet.kill_container(ns, victim["metadata"]["name"], "trainer")
+    with paused(cluster, crash, 40):  # mid-run however fast this machine trains
+        victim = next(p for p in crash.pods() if p["status"]["phase"] == "Running")
+        cluster.kubelet.kill_container(ns, victim["metadata"]["name"], "trainer")
     crash.wait_condition(JOBS, crash.workload, ("Complete", "Failed"), 400)
     assert crash.condition(JOBS, crash.workload, "Complete"), crash.describe()
     assert crash.get(JOBS, crash.workload)["status"].get("failed", 0) >= 1, "the crash was not counted"

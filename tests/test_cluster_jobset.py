@@ -8,7 +8,8 @@ import datetime as dt
 
 import pytest
 
-from cluster.testing import Release, ddpm_status, evict, marker, status_ranks, values, wait_for
+from cluster.testing import (Release, ddpm_status, evict_paused, marker, paused, resumed, status_ranks, values,
+                             wait_for)
 from conftest import CLUSTER_GROUP
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(CLUSTER_GROUP)]
@@ -49,16 +50,17 @@ def test_the_leader_starts_first_the_gang_survives_a_preemption_uncounted_and_co
     assert spec["failurePolicy"]["maxRestarts"] == 6
 
     wait_for("a checkpoint", lambda: release.newest_checkpoint() > 0, 300, release.describe)
-    running = wait_for("the worker running", lambda: [
-        p for p in release.pods() if p["metadata"]["labels"].get("jobset.sigs.k8s.io/replicatedjob-name") == "workers"
-        and p["status"].get("phase") == "Running"], 120, release.describe)[0]
-    # Issue 19 point 12's kind for the JobSet: node 0 is the leader's pod, worker i is node rank i + 1.
-    shown = status_ranks(ddpm_status(cluster, ns))
-    assert shown == {leader["metadata"]["name"]: "0", running["metadata"]["name"]: "1"}, shown
-    evict(cluster, ns, running["metadata"]["name"])
+    with paused(cluster, release, 40):  # mid-run however fast this machine trains
+        running = next(p for p in release.pods() if p["status"].get("phase") == "Running"
+                       and p["metadata"]["labels"].get("jobset.sigs.k8s.io/replicatedjob-name") == "workers")
+        # Issue 19 point 12's kind for the JobSet: node 0 is the leader's pod, worker i is node rank i + 1.
+        shown = status_ranks(ddpm_status(cluster, ns))
+        assert shown == {leader["metadata"]["name"]: "0", running["metadata"]["name"]: "1"}, shown
+        evict_paused(cluster, release, running["metadata"]["name"])
 
     done = release.wait_condition(JOBSETS, release.workload, ("Completed", "Failed"), 600)
     status = release.get(JOBSETS, release.workload)["status"]
     assert done["type"] == "Completed", release.describe()
     assert status.get("restarts", 0) >= 1 and status.get("restartsCountTowardsMax", 0) == 0, status
+    assert resumed(release), release.describe()
     assert marker(release)["global_step"] == 40

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from cluster.testing import Release, evict, marker, values, wait_for
+from cluster.testing import Release, evict_paused, marker, paused, resumed, values, wait_for
 from conftest import CLUSTER_GROUP
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(CLUSTER_GROUP)]
@@ -30,15 +30,16 @@ def test_pytorchjob_trains_survives_a_preemption_and_status_ranks_worker_0_first
     release = Release(cluster, "ddpm", ns, values(backend="pytorchjob", config={"max_train_steps": 40}))
     release.install()
     wait_for("a checkpoint", lambda: release.newest_checkpoint() > 0, 300, release.describe)
-    status = subprocess.run([sys.executable, "-m", "trainer", "status", "--release", "ddpm", "-n", ns],
-                            capture_output=True, text=True, env=cluster.env())
-    rows = {line.split()[1]: line.split()[0] for line in status.stdout.splitlines()
-            if line.startswith("  ") and "ddpm-train-worker-" in line}
-    assert rows.get("ddpm-train-worker-0") == "0" and rows.get("ddpm-train-worker-1") == "1", status.stdout
-    victim = next(p for p in release.pods() if p["metadata"]["name"] == "ddpm-train-worker-1")
-    evict(cluster, ns, victim["metadata"]["name"])
+    with paused(cluster, release, 40):  # mid-run however fast this machine trains
+        status = subprocess.run([sys.executable, "-m", "trainer", "status", "--release", "ddpm", "-n", ns],
+                                capture_output=True, text=True, env=cluster.env())
+        rows = {line.split()[1]: line.split()[0] for line in status.stdout.splitlines()
+                if line.startswith("  ") and "ddpm-train-worker-" in line}
+        assert rows.get("ddpm-train-worker-0") == "0" and rows.get("ddpm-train-worker-1") == "1", status.stdout
+        evict_paused(cluster, release, "ddpm-train-worker-1")
     done = release.wait_condition(PYTORCHJOBS, release.workload, ("Succeeded", "Failed"), 600)
     assert done["type"] == "Succeeded", release.describe()
+    assert resumed(release), release.describe()
     assert marker(release)["global_step"] == 40
 
 
@@ -53,12 +54,13 @@ def test_trainjob_installs_on_the_trainers_webhook_trains_and_survives_a_preempt
     release = Release(cluster, "ddpm", ns, values(backend="trainjob", config={"max_train_steps": 40}))
     release.install()
     wait_for("a checkpoint", lambda: release.newest_checkpoint() > 0, 300, release.describe)
-    victim = wait_for("node 1's pod running", lambda: [
-        p for p in release.pods() if p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "1"
-        and p["status"].get("phase") == "Running"], 120, release.describe)[0]
-    evict(cluster, ns, victim["metadata"]["name"])
+    with paused(cluster, release, 40):  # mid-run however fast this machine trains
+        victim = next(p for p in release.pods() if p["status"].get("phase") == "Running"
+                      and p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "1")
+        evict_paused(cluster, release, victim["metadata"]["name"])
     done = release.wait_condition(TRAINJOBS, release.workload, ("Complete", "Failed"), 600)
     assert done["type"] == "Complete", release.describe()
+    assert resumed(release), release.describe()
     jobs = release.list("apis/batch/v1/jobs")
     assert all(job["status"].get("failed", 0) == 0 for job in jobs), [job["status"] for job in jobs]
     assert marker(release)["global_step"] == 40

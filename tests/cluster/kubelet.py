@@ -162,6 +162,7 @@ class Container:
     log: Path | None = None
     previous_log: Path | None = None
     terminating: bool = False
+    stop_signalled: bool = False  # SIGTERM sent by a deletion (after `terminating` is set)
 
     @property
     def name(self) -> str:
@@ -496,6 +497,7 @@ class PodWorker(threading.Thread):
         container.terminating = True
         self.event("Killing", f"Stopping container {container.name}")
         container.popen.send_signal(signal.SIGTERM)
+        container.stop_signalled = True
         try:
             container.popen.wait(max(grace_s, 0.0))
         except subprocess.TimeoutExpired:
@@ -1230,6 +1232,21 @@ class ProcessKubelet:
             raise KeyError(f"no pod {namespace}/{pod} on this kubelet")
         target = next(c for c in worker.inits + worker.containers if c.name == container)
         worker.kill_tree(target, sig)
+
+    def signal_pod(self, namespace: str, pod: str, sig: int) -> None:
+        """`sig` to every process of every running container of the pod: SIGSTOP and SIGCONT pause and resume it, as
+        a paused container (tests/cluster/testing.py: paused)."""
+        worker = self.worker_of(namespace, pod)
+        if worker is None:
+            raise KeyError(f"no pod {namespace}/{pod} on this kubelet")
+        for container in worker.inits + worker.containers:
+            if container.running:
+                worker.kill_tree(container, sig)
+
+    def stop_signalled(self, namespace: str, pod: str) -> bool:
+        """The pod is being deleted and its containers were sent SIGTERM."""
+        worker = self.worker_of(namespace, pod)
+        return worker is None or any(c.stop_signalled for c in worker.containers)
 
     def worker_of(self, namespace: str, name: str) -> PodWorker | None:
         with self.lock:

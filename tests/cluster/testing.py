@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,6 +179,38 @@ class Release:
 
     def logs(self, pod: str, container: str, *extra: str) -> str:
         return self.cluster.kubectl("-n", self.namespace, "logs", pod, "-c", container, *extra).stdout
+
+
+@contextmanager
+def paused(cluster: Cluster, release: "Release", final_step: int):
+    """Every running training pod of the release paused (SIGSTOP to each of its processes, as a paused container)
+    until the block ends (SIGCONT): the run cannot advance while the test reads its state or preempts one of its
+    pods, so a preemption lands mid-run however fast this machine trains. Fails if the run had already reached
+    `final_step` (its last checkpoint) before it was paused."""
+    pods = [p["metadata"]["name"] for p in release.pods() if p["status"].get("phase") == "Running"]
+    for pod in pods:
+        cluster.kubelet.signal_pod(release.namespace, pod, signal.SIGSTOP)
+    try:
+        step = release.newest_checkpoint()
+        assert step < final_step, f"the run reached step {step} of {final_step} before it was paused: lengthen it"
+        yield pods
+    finally:
+        for pod in pods:
+            with suppress(KeyError):  # deleted meanwhile
+                cluster.kubelet.signal_pod(release.namespace, pod, signal.SIGCONT)
+
+
+def evict_paused(cluster: Cluster, release: "Release", pod: str) -> None:
+    """Evict `pod` of a paused run (inside paused()), and wait until the kubelet has sent its processes SIGTERM: the
+    first thing they see when the run resumes is the preemption."""
+    evict(cluster, release.namespace, pod)
+    wait_for(f"the kubelet stopping {pod}", lambda: cluster.kubelet.stop_signalled(release.namespace, pod), 60,
+             release.describe)
+
+
+def resumed(release: "Release") -> bool:
+    """Rank 0 posted a RunStarted Event for a start from a checkpoint (trainer.events)."""
+    return any(e["reason"] == "RunStarted" and "training resumed from" in e["message"] for e in release.events())
 
 
 def evict(cluster: Cluster, namespace: str, pod: str) -> None:
