@@ -48,7 +48,7 @@ $(TOOLS)/checkov-venv/.installed-$(CHECKOV_VERSION):
 checkov: $(TOOLS)/checkov-venv/.installed-$(CHECKOV_VERSION)
 
 # The test cluster's control plane and operators, built from the Go modules under tests/cluster/ (Go and the module
-# proxy) into ~/.cache/ddpm-trainer/cluster/<key>/, keyed by their sources and the Go version: 20-25 minutes on 2
+# proxy) into ~/.cache/ddpm-trainer/cluster/<key>/, keyed by their sources and the Go version: 10-25 minutes on 2
 # cores the first time on a machine, instant after (tests/cluster/README.md). build.py prints the folder last.
 CLUSTER_BUILD := $(PYTHON) tests/cluster/build.py
 cluster-bins:
