@@ -225,9 +225,8 @@ class HTTPFailure(Exception):
 
 def test_with_retries_backs_off_exponentially_and_only_on_transient_errors():
     from trainer.hub import is_transient
-    from trainer.retry import backoff_delays, with_retries
+    from trainer.retry import MAX_RETRY_DELAY_S, with_retries
 
-    assert backoff_delays(6, 0.5, cap_s=4) == [0.5, 1, 2, 4, 4]
     errors = [HTTPFailure(503), ConnectionResetError(), HTTPFailure(429, {"Retry-After": "7"}), HTTPFailure(502)]
     slept, logged = [], []
 
@@ -240,6 +239,15 @@ def test_with_retries_backs_off_exponentially_and_only_on_transient_errors():
                         sleep=slept.append) == "done"
     assert slept == [1, 2, 7, 8]  # the backoff, except where the server's Retry-After asks for longer
     assert len(logged) == 4 and "retry 1/4 in 1s" in logged[0]
+
+    errors = [HTTPFailure(503) for _ in range(5)]
+    slept.clear()
+    assert with_retries(action, 6, 16, logged.append, is_transient, slept.append) == "done"
+    assert slept == [16, 32, MAX_RETRY_DELAY_S, MAX_RETRY_DELAY_S, MAX_RETRY_DELAY_S]  # doubling, capped
+    with pytest.raises(HTTPFailure) as caught:  # five errors, four attempts: the last error, counted
+        errors = [HTTPFailure(503) for _ in range(5)]
+        with_retries(action, 4, 1, logged.append, is_transient, slept.append)
+    assert caught.value.attempts == 4
 
     for permanent in (HTTPFailure(401), HTTPFailure(404), ValueError("bad card")):
         def fail(error=permanent):

@@ -1,8 +1,9 @@
-"""Retries with exponential backoff, and a deadline for work that may hang below every timeout.
+"""Retries with exponential backoff (tenacity), and a deadline for work that may hang below every timeout.
 
 Which errors are worth retrying is the caller's to say (trainer.hub: connection problems, HTTP 408/429/5xx). The
-whole push, create_repo + upload_folder, is one action here; huggingface_hub's own `http_backoff` retries single
-requests only (its LFS uploads), and tenacity is not among the dependencies, so these few lines stay.
+whole push, create_repo + upload_folder, is one action here: huggingface_hub's own `http_backoff` retries single
+requests only (its LFS uploads). Ours on top of tenacity: the server's Retry-After, and no retry whose wait would end
+past the push's deadline.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from trainer.errors import causes
 
@@ -35,31 +38,38 @@ def retry_after_s(error: BaseException) -> float | None:
     return None
 
 
-def backoff_delays(attempts: int, base_s: float, cap_s: float = MAX_RETRY_DELAY_S) -> list[float]:
-    """The waits before attempts 2..attempts: base, 2 base, 4 base, ..., at most cap_s."""
-    return [min(cap_s, base_s * 2**i) for i in range(max(attempts - 1, 0))]
-
-
 def with_retries(action: Callable[[], object], attempts: int, base_delay_s: float, log: Callable[[str], None],
                  retryable: Callable[[BaseException], bool], sleep: Callable[[float], None] = time.sleep,
                  deadline: float | None = None):
     """Run `action`; after an error that is `retryable` wait (the backoff, or the server's Retry-After if longer)
-    and rerun it. No retry starts whose wait would end after `deadline` (time.monotonic()): the last error is raised
-    instead."""
-    delays = backoff_delays(attempts, base_delay_s)
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except Exception as error:
-            error.attempts = attempt  # how many were made, for the message
-            if attempt == attempts or not retryable(error):
+    and rerun it, `attempts` times at most. No retry starts whose wait would end after `deadline`
+    (time.monotonic()): the last error is raised instead. The error raised carries `attempts` (how many were made)
+    and, when the deadline stopped it, `deadline = True`, for the message."""
+    backoff = wait_exponential(multiplier=base_delay_s, max=MAX_RETRY_DELAY_S)  # base, 2 base, 4 base, ...
+
+    def wait(state: RetryCallState) -> float:
+        return max(backoff(state), min(retry_after_s(state.outcome.exception()) or 0.0, MAX_RETRY_DELAY_S))
+
+    def past_deadline(state: RetryCallState) -> bool:
+        late = deadline is not None and time.monotonic() + wait(state) >= deadline
+        if late:
+            state.outcome.exception().deadline = True
+        return late
+
+    def before_sleep(state: RetryCallState) -> None:
+        log(f"transient error ({describe(state.outcome.exception())}); retry {state.attempt_number}/{attempts - 1} "
+            f"in {state.next_action.sleep:g}s")
+
+    retrying = Retrying(stop=stop_after_attempt(attempts) | past_deadline, wait=wait, sleep=sleep, reraise=True,
+                        retry=retry_if_exception(lambda e: isinstance(e, Exception) and retryable(e)),
+                        before_sleep=before_sleep)
+    for attempt in retrying:
+        with attempt:
+            try:
+                return action()
+            except Exception as error:
+                error.attempts = attempt.retry_state.attempt_number
                 raise
-            delay = max(delays[attempt - 1], min(retry_after_s(error) or 0.0, MAX_RETRY_DELAY_S))
-            if deadline is not None and time.monotonic() + delay >= deadline:
-                error.deadline = True
-                raise
-            log(f"transient error ({describe(error)}); retry {attempt}/{attempts - 1} in {delay:g}s")
-            sleep(delay)
 
 
 def describe(error: BaseException) -> str:
