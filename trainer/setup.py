@@ -31,9 +31,9 @@ from trainer.data_cache import cache_path, training_dataset
 from trainer.distributed import decided_by_main, local_world_size
 from trainer.errors import ConfigError, OutputDirError
 from trainer.events import MilestoneEvents
-from trainer.outputs import OutputDirLock, holder_info
 from trainer.model import (ModelSpec, build_ema, build_noise_scheduler, build_unet, model_spec, peak_flops,
                            set_backend_flags, training_flops_per_image)
+from trainer.outputs import OutputDirLock, holder_info
 from trainer.run_dir import (HISTORY_NAME, TRACKER_RUN_NAME, RecordedStart, RunDir, config_values, config_yaml,
                              kubernetes_workload, record_start)
 from trainer.signals import SIGNALS
